@@ -1,0 +1,52 @@
+"""Which Stable Diffusion architecture a checkpoint is, from its key names (and one shape)."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .errors import MergeError
+
+ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+UNET = "model.diffusion_model."
+_CTX_KEY = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+def detect_arch(shapes: Mapping[str, object], name: str = "checkpoint") -> str:
+    """Return "sd1", "sd2" or "sdxl" for a mapping of LDM key -> tensor (or shape).
+
+    Text-encoder prefixes decide (``cond_stage_model.transformer.`` = SD1 CLIP-L,
+    ``cond_stage_model.model.`` = SD2 OpenCLIP, ``conditioner.embedders.1.model.`` = SDXL base);
+    a U-Net-only file is told apart by ``label_emb`` (SDXL) or its cross-attention width.
+    """
+    keys = shapes.keys()
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if not has(UNET):
+        hint = " (it looks like a LoRA)" if any("lora_" in k or "hada_" in k for k in keys) else ""
+        hint = hint or (" (it looks like a VAE)" if has("encoder.") or has("decoder.") else "")
+        raise MergeError(f"{name} is not a Stable Diffusion checkpoint: no U-Net keys{hint}")
+    if has("conditioner.embedders.1.model.") or has(UNET + "label_emb."):
+        if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
+            raise MergeError(f"{name} is an SDXL refiner, which is not supported")
+        return "sdxl"
+    if has("conditioner.embedders.0.model."):
+        raise MergeError(f"{name} is an SDXL refiner, which is not supported")
+    if has("cond_stage_model.model."):
+        return "sd2"
+    if has("cond_stage_model.transformer."):
+        return "sd1"
+    ctx = shapes.get(_CTX_KEY)
+    width = tuple(getattr(ctx, "shape", ctx) or ())[-1:] if ctx is not None else ()
+    if width == (1024,):
+        return "sd2"
+    return "sd1"
+
+
+def check_same_arch(named: Mapping[str, str]) -> str:
+    """``named`` maps file name -> arch; all must agree, else a clear error naming two of them."""
+    items = list(named.items())
+    first_name, first = items[0]
+    for other_name, other in items[1:]:
+        if other != first:
+            raise MergeError(
+                f"cannot merge different architectures: {first_name} is {ARCH_NAMES[first]}, "
+                f"{other_name} is {ARCH_NAMES[other]}")
+    return first

@@ -1,0 +1,24 @@
+"""smoothAdd: add a median- then Gaussian-filtered B-C (SuperMerger)."""
+import scipy.ndimage
+import torch
+
+from . import calcmode
+
+
+def smooth_difference(b, c):
+    """median_filter(B-C, size=3) then gaussian_filter(sigma=1), over every tensor axis,
+    on float32 (B-C itself rounded to the model dtype first, as SuperMerger stores it)."""
+    diff = torch.sub(b, c).float().numpy()
+    filtered = scipy.ndimage.median_filter(diff, size=3)
+    return torch.from_numpy(scipy.ndimage.gaussian_filter(filtered, sigma=1))
+
+
+def smooth_add_tensor(a, b, c, alpha):
+    return (a.float() + alpha * smooth_difference(b, c)).to(a.dtype)
+
+
+@calcmode("smoothAdd", modes=("add_difference",),
+          reference="SuperMerger mergers.py smerge(), calcmode 'smoothAdd'")
+def smooth_add(a, b, c, alpha, beta, *, mode, out, ctx):
+    """A + α · gaussian(median(B-C, 3), σ=1)."""
+    return smooth_add_tensor(a, b, c, alpha)

@@ -1,0 +1,200 @@
+"""Reading checkpoints: zero-copy ``.safetensors``, safe ``.ckpt``/``.pt``, short hashes.
+
+``.safetensors`` files are memory-mapped privately (copy-on-write) and every tensor is a view
+of the mapping: loading costs no copy, and page-cache pages are shared between processes.
+``.ckpt``/``.pt`` files go through ``torch.load(weights_only=True)``: a pickle that needs code to
+load is refused with a clear message instead of being executed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import MergeError
+
+ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+CHECKPOINT_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class Checkpoint:
+    """A loaded state dict plus where it came from."""
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """Parse the JSON header; returns (header, offset of the data section)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise MergeError(f"{path.name} is not a safetensors file (truncated header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n <= 1 or n > min(size - 8, 100 << 20):
+            raise MergeError(f"{path.name} is not a valid safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise MergeError(f"{path.name} is corrupt: its safetensors header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{path.name} is corrupt: bad safetensors header")
+    return header, 8 + n
+
+
+def load_safetensors(path: Path, populate: bool = True) -> Checkpoint:
+    header, start = read_safetensors_header(path)
+    metadata = header.pop("__metadata__", None) or {}
+    size = path.stat().st_size
+    end_max = max((v.get("data_offsets", [0, 0])[1] for v in header.values()), default=0)
+    if start + end_max > size:
+        raise MergeError(f"{path.name} is truncated: {size} bytes on disk, header describes "
+                         f"{start + end_max} (an unfinished download?)")
+    tensors: dict[str, torch.Tensor] = {}
+    if size == 0 or not header:
+        return Checkpoint(path, tensors, dict(metadata))
+    flags = mmap.MAP_PRIVATE | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    for key, info in header.items():
+        try:
+            dtype = ST_DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise MergeError(f"{path.name} is corrupt: bad header entry for {key!r}") from None
+        count = 1
+        for s in shape:
+            count *= s
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if end - begin != count * itemsize or begin < 0:
+            raise MergeError(f"{path.name} is corrupt: size of {key!r} does not match its shape")
+        if count == 0:
+            tensors[key] = torch.empty(shape, dtype=dtype)
+        elif (start + begin) % itemsize:
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=start + begin)
+            tensors[key] = raw.clone().view(dtype).reshape(shape)
+        else:
+            tensors[key] = torch.frombuffer(mm, dtype=dtype, count=count,
+                                            offset=start + begin).reshape(shape)
+    return Checkpoint(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+
+
+def _unwrap(obj, name: str) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise MergeError(f"{name} does not contain a state dict")
+    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+
+
+def load_pickle_checkpoint(path: Path) -> Checkpoint:
+    use_mmap = zipfile.is_zipfile(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except pickle.UnpicklingError as e:
+        raise MergeError(f"refused to load {path.name}: it is a pickle that needs code to load "
+                         f"(only plain tensors are allowed; convert it to .safetensors). "
+                         f"Detail: {str(e).splitlines()[0][:160]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        raise MergeError(f"{path.name} is corrupt or truncated: {str(e).splitlines()[0][:160]}") from None
+    return Checkpoint(path, _unwrap(obj, path.name))
+
+
+def load_checkpoint(path: str | os.PathLike, populate: bool = True) -> Checkpoint:
+    """Load any supported checkpoint file; every failure is a :class:`MergeError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise MergeError(f"file not found: {path}")
+    if path.suffix.lower() == ".safetensors":
+        return load_safetensors(path, populate=populate)
+    if path.suffix.lower() in CHECKPOINT_EXTS:
+        return load_pickle_checkpoint(path)
+    raise MergeError(f"{path.name}: unsupported file type (use .safetensors or .ckpt)")
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class HashCache:
+    """sha256 of model files, computed once per (path, size, mtime) and kept in a JSON file.
+
+    The short hash is A1111's: the first 10 hex digits of the file's sha256."""
+
+    def __init__(self, cache_file: str | os.PathLike | None = None):
+        default = Path(os.environ.get("SDMW_CACHE_DIR", Path.home() / ".cache" / "sd-merge-workstation"))
+        self.file = Path(cache_file) if cache_file else default / "hashes.json"
+        self._data: dict[str, dict] | None = None
+
+    def _load(self) -> dict[str, dict]:
+        if self._data is None:
+            try:
+                self._data = json.loads(self.file.read_text())
+            except (OSError, ValueError):
+                self._data = {}
+        return self._data
+
+    def sha256(self, path: str | os.PathLike) -> str:
+        p = Path(path).resolve()
+        st = p.stat()
+        data = self._load()
+        entry = data.get(str(p))
+        if entry and entry.get("size") == st.st_size and entry.get("mtime") == st.st_mtime_ns:
+            return entry["sha256"]
+        digest = file_sha256(p)
+        data[str(p)] = {"size": st.st_size, "mtime": st.st_mtime_ns, "sha256": digest}
+        self._save()
+        return digest
+
+    def short_hash(self, path: str | os.PathLike) -> str:
+        return self.sha256(path)[:10]
+
+    def _save(self) -> None:
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.file.with_name(f"{self.file.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(self._data, indent=0))
+            os.replace(tmp, self.file)
+        except OSError:
+            pass  # the cache is an optimisation; a read-only home must not break merging
+
+
+_default_hashes: HashCache | None = None
+
+
+def short_hash(path: str | os.PathLike) -> str:
+    """A1111 short hash of a file (cached on disk, see :class:`HashCache`)."""
+    global _default_hashes
+    if _default_hashes is None or _default_hashes.file != HashCache().file:
+        _default_hashes = HashCache()
+    return _default_hashes.short_hash(path)

@@ -1,0 +1,239 @@
+"""The merge loop: plan which keys merge with which ratios, then stream merged tensors.
+
+``plan_merge`` checks everything that can be checked before any arithmetic (architectures,
+shapes, MBW lengths, elemental syntax). ``iter_merge`` then yields ``(key, tensor)`` in output
+order, computing each merged tensor straight into a caller-supplied buffer when there is one
+(the resident pipeline's parameter, a reusable arena) and never copying kept tensors of A.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from .adjust import adjust_factors, apply_adjust
+from .arch import check_same_arch, detect_arch
+from .calcmodes import CalcContext, get_calcmode
+from .checkpoint_io import Checkpoint
+from .errors import MergeError, MergeStopped
+from .ratios import RatioPlan
+from .recipe import Recipe
+from .tensor_ops import same_dtype
+
+POSITION_IDS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
+Progress = Callable[[int, int, str], None]
+OutFor = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass
+class KeyJob:
+    key: str
+    source: str = "a"                     # "a": A's tensor (maybe merged), "b": B-only key
+    ratios: tuple[float, float] | None = None   # None: keep A (or B for source "b")
+    channels: int | None = None           # inpainting: merge only [:, :channels]
+    adjust: float | list | None = None
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    arch: str
+    a: Checkpoint
+    b: Checkpoint | None
+    c: Checkpoint | None
+    jobs: list[KeyJob] = field(default_factory=list)
+
+    @property
+    def merged_keys(self) -> list[str]:
+        return [j.key for j in self.jobs if j.ratios is not None]
+
+    def output_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """key -> (shape, dtype) of the merged state dict, known before merging."""
+        spec = {}
+        for j in self.jobs:
+            t = (self.b if j.source == "b" else self.a).tensors[j.key]
+            spec[j.key] = (tuple(t.shape), t.dtype)
+        return spec
+
+
+def _is_candidate(key: str, t: torch.Tensor) -> bool:
+    """SuperMerger merges keys whose name contains "model" and "weight" or "bias"."""
+    return "model" in key and ("weight" in key or "bias" in key) and t.is_floating_point()
+
+
+def _inpaint_channels(key: str, shapes: dict[str, torch.Size]) -> int | None:
+    """None when all shapes agree; the common channel count when A is an inpainting /
+    instruct-pix2pix model (8 or 9 input channels) merged with 4-channel models."""
+    a = shapes["A"]
+    if all(s == a for s in shapes.values()):
+        return None
+    chans = {n: s[1] if len(s) > 1 else None for n, s in shapes.items()}
+    same_rest = all(len(s) == len(a) and s[:1] + s[2:] == a[:1] + a[2:] for s in shapes.values())
+    if same_rest and len(a) == 4:
+        low = min(chans.values())
+        if chans["A"] == max(chans.values()) and low == 4:
+            return low
+        if chans["A"] == 4:
+            other = next(n for n, c in chans.items() if c != 4)
+            kind = "instruct-pix2pix" if chans[other] == 8 else "inpainting"
+            raise MergeError(f"model {other} is an {kind} model: when merging it with a normal "
+                             f"model, it must be model A")
+    desc = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
+    raise MergeError(f"shape mismatch for {key}: {desc}")
+
+
+def plan_merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None,
+               c: Checkpoint | None = None) -> MergePlan:
+    recipe.check()
+    cm = get_calcmode(recipe.calcmode)
+    needed = {"A": a}
+    if cm.needs_b:
+        needed["B"] = b
+    if recipe.uses_c():
+        needed["C"] = c
+    for n, ck in needed.items():
+        if ck is None:
+            raise MergeError(f"model {n} is not loaded")
+    present = {n: ck for n, ck in (("A", a), ("B", b), ("C", c)) if ck is not None}
+    arch = check_same_arch({ck.name: detect_arch(ck.tensors, ck.name) for ck in present.values()})
+    ratios = RatioPlan(recipe, arch)
+    adjust = adjust_factors(recipe.adjust, arch)
+    plan = MergePlan(recipe, arch, a, b, c)
+    for key, t in a.tensors.items():
+        job = KeyJob(key)
+        plan.jobs.append(job)
+        if not _is_candidate(key, t) or (cm.skip_key and cm.skip_key(key)):
+            continue
+        if any(key not in ck.tensors for ck in needed.values()):
+            continue
+        job.ratios = ratios.ratios(key)
+        if job.ratios is None:
+            continue
+        job.channels = _inpaint_channels(key, {n: ck.tensors[key].shape for n, ck in needed.items()})
+        job.adjust = adjust.get(key)
+    if b is not None:
+        for key in b.tensors:
+            if key not in a.tensors and "model" in key and key not in POSITION_IDS:
+                plan.jobs.append(KeyJob(key, source="b"))
+    return plan
+
+
+def _nonfinite(t: torch.Tensor) -> bool:
+    return not math.isfinite(torch.sum(t, dtype=torch.float32).item())
+
+
+class _Runner:
+    """Computes one key of a plan."""
+
+    def __init__(self, plan: MergePlan, check_finite: bool):
+        self.plan, self.check_finite = plan, check_finite
+        self.cm = get_calcmode(plan.recipe.calcmode)
+        self.ctx = CalcContext(gamma=plan.recipe.gamma)
+
+    def compute(self, job: KeyJob, out: torch.Tensor | None) -> torch.Tensor:
+        p, r = self.plan, self.plan.recipe
+        a = p.a.tensors[job.key]
+        b = same_dtype(p.b.tensors[job.key], a) if p.b is not None and job.key in p.b.tensors else None
+        c = same_dtype(p.c.tensors[job.key], a) if p.c is not None and r.uses_c() else None
+        alpha, beta = job.ratios
+        ctx = CalcContext(key=job.key, gamma=self.ctx.gamma, stats=self.ctx.stats)
+        if job.channels is None:
+            res = self.cm.fn(a, b, c, alpha, beta, mode=r.mode, out=out, ctx=ctx)
+        else:
+            n = job.channels
+            part = lambda x: None if x is None else x[:, :n].contiguous()  # noqa: E731
+            merged = self.cm.fn(part(a), part(b), part(c), alpha, beta, mode=r.mode, out=None, ctx=ctx)
+            res = out if out is not None else torch.empty_like(a)
+            res.copy_(a)
+            res[:, :n] = merged
+        if job.adjust is not None:
+            res = apply_adjust(res, job.adjust)
+        if res.dtype != a.dtype:
+            res = res.to(a.dtype)
+        if self.check_finite and _nonfinite(res):
+            self._blame(job.key)
+        return res
+
+    def _blame(self, key: str):
+        for n, ck in (("A", self.plan.a), ("B", self.plan.b), ("C", self.plan.c)):
+            if ck is not None and key in ck.tensors and ck.tensors[key].is_floating_point() \
+                    and _nonfinite(ck.tensors[key]):
+                raise MergeError(f"model {n} ({ck.name}) contains NaN/Inf values in {key}")
+        raise MergeError(f"the merge produced NaN/Inf values in {key} "
+                         f"(calcmode {self.cm.name}; check the ratios)")
+
+
+def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Progress | None = None,
+               should_stop: Callable[[], bool] | None = None,
+               check_finite: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` for every output key, in order.
+
+    ``out_for(key, like)`` may return a buffer (shape and dtype of ``like``) that receives the
+    key's value; otherwise merged keys get fresh tensors and kept keys are A's (or B's) own
+    tensors, shared, not copied. ``should_stop()`` is polled before each key; a stop raises
+    :class:`MergeStopped`."""
+    runner = _Runner(plan, check_finite)
+    cm = runner.cm
+    if cm.prepare is not None:
+        if progress:
+            progress(0, len(plan.jobs), "computing similarities")
+        runner.ctx.stats = cm.prepare(plan.a.tensors, plan.b.tensors)
+    total = len(plan.jobs)
+    pool = ThreadPoolExecutor(os.cpu_count() or 2) if cm.parallel else None
+    pending: dict[int, object] = {}
+    try:
+        for i, job in enumerate(plan.jobs):
+            if should_stop is not None and should_stop():
+                raise MergeStopped()
+            if pool is not None:  # keep a window of parallel jobs in flight
+                for k in range(i, min(i + 2 * pool._max_workers, total)):
+                    jk = plan.jobs[k]
+                    if k not in pending and jk.ratios is not None:
+                        pending[k] = pool.submit(runner.compute, jk, None)
+            src = plan.b if job.source == "b" else plan.a
+            like = src.tensors[job.key]
+            out = out_for(job.key, like) if out_for is not None else None
+            if job.ratios is None:
+                value = like
+            elif i in pending:
+                value = pending.pop(i).result()
+            else:
+                value = runner.compute(job, out)
+            if out is not None and value is not out:
+                out.copy_(value)
+                value = out
+            if progress:
+                progress(i + 1, total, job.key)
+            yield job.key, value
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class MergeResult:
+    tensors: dict[str, torch.Tensor]
+    plan: MergePlan
+    seconds: float
+
+    @property
+    def arch(self) -> str:
+        return self.plan.arch
+
+    @property
+    def recipe(self) -> Recipe:
+        return self.plan.recipe
+
+
+def merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None, c: Checkpoint | None = None,
+          **options) -> MergeResult:
+    """Merge into a new state dict (kept keys share A's tensors). Options as :func:`iter_merge`."""
+    t0 = time.perf_counter()
+    plan = plan_merge(recipe, a, b, c)
+    tensors = dict(iter_merge(plan, **options))
+    return MergeResult(tensors, plan, time.perf_counter() - t0)

@@ -1,0 +1,36 @@
+"""Streaming helpers for memory-bound elementwise merging.
+
+Multi-step formulas run over cache-sized chunks so intermediates never travel to RAM: a chunk
+of A, B (and C) is read once and the result written once, whatever the number of steps.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+CHUNK = 1 << 18  # elements: 512 KiB of fp16, 1 MiB of fp32 per operand — stays in L2
+
+
+def out_like(a: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty_like(a, memory_format=torch.contiguous_format) if out is None else out
+
+
+def chunked(out: torch.Tensor, inputs: tuple[torch.Tensor, ...],
+            body: Callable[..., None], chunk: int = CHUNK) -> torch.Tensor:
+    """Call ``body(out_chunk, *input_chunks)`` over flat chunks; ``body`` writes ``out_chunk``.
+
+    ``out`` must be contiguous; inputs are made contiguous (and cast to ``out``'s dtype only
+    if ``body`` needs it: they are passed as they are)."""
+    flat_out = out.view(-1)
+    flat_in = [x.contiguous().view(-1) for x in inputs]
+    n = flat_out.numel()
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        body(flat_out[s:e], *(x[s:e] for x in flat_in))
+    return out
+
+
+def same_dtype(x: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
+    """``x`` in ``ref``'s dtype (SuperMerger converts B and C to A's precision)."""
+    return x if x is None or x.dtype == ref.dtype else x.to(ref.dtype)
