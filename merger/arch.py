@@ -7,7 +7,7 @@ from .errors import MergeError
 
 ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 UNET = "model.diffusion_model."
-_CTX_KEY = UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+_PROJ_IN = UNET + "input_blocks.1.1.proj_in.weight"
 
 
 def detect_arch(shapes: Mapping[str, object], name: str = "checkpoint") -> str:
@@ -15,7 +15,8 @@ def detect_arch(shapes: Mapping[str, object], name: str = "checkpoint") -> str:
 
     Text-encoder prefixes decide (``cond_stage_model.transformer.`` = SD1 CLIP-L,
     ``cond_stage_model.model.`` = SD2 OpenCLIP, ``conditioner.embedders.1.model.`` = SDXL base);
-    a U-Net-only file is told apart by ``label_emb`` (SDXL) or its cross-attention width.
+    a U-Net-only file is told apart by ``label_emb`` (SDXL) or its linear ``proj_in`` (SD2; SD1
+    uses 1×1 convolutions).
     """
     keys = shapes.keys()
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
@@ -33,9 +34,8 @@ def detect_arch(shapes: Mapping[str, object], name: str = "checkpoint") -> str:
         return "sd2"
     if has("cond_stage_model.transformer."):
         return "sd1"
-    ctx = shapes.get(_CTX_KEY)
-    width = tuple(getattr(ctx, "shape", ctx) or ())[-1:] if ctx is not None else ()
-    if width == (1024,):
+    proj = shapes.get(_PROJ_IN)
+    if proj is not None and len(tuple(getattr(proj, "shape", proj))) == 2:
         return "sd2"
     return "sd1"
 

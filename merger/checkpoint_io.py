@@ -152,8 +152,8 @@ class HashCache:
     The short hash is A1111's: the first 10 hex digits of the file's sha256."""
 
     def __init__(self, cache_file: str | os.PathLike | None = None):
-        default = Path(os.environ.get("SDMW_CACHE_DIR", Path.home() / ".cache" / "sd-merge-workstation"))
-        self.file = Path(cache_file) if cache_file else default / "hashes.json"
+        from .paths import data_dir
+        self.file = Path(cache_file) if cache_file else data_dir() / "cache" / "hashes.json"
         self._data: dict[str, dict] | None = None
 
     def _load(self) -> dict[str, dict]:

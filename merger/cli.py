@@ -1,0 +1,132 @@
+"""Command line: ``python -m merger merge ...`` (see README) and ``python -m merger elements``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .calcmodes import calcmode_names
+from .checkpoint_io import load_checkpoint, short_hash
+from .elements import list_elements
+from .engine import plan_merge
+from .errors import MergeError
+from .presets import parse_vector
+from .recipe import MODES, Recipe
+from .saving import SaveOptions, auto_filename, save_merge
+
+
+def _floats(text: str, n: int, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise MergeError(f"{what} must be {n} comma-separated numbers") from None
+    if len(values) != n:
+        raise MergeError(f"{what} needs {n} values, got {len(values)}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m merger", description="Merge SD checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="merge two or three checkpoints into a file")
+    m.add_argument("--model-a", required=True)
+    m.add_argument("--model-b")
+    m.add_argument("--model-c")
+    m.add_argument("--mode", required=True, choices=MODES)
+    m.add_argument("--calcmode", default="normal", choices=calcmode_names() + ["smoothAdd MT"])
+    m.add_argument("--alpha", type=float, default=0.5)
+    m.add_argument("--beta", type=float, default=0.25)
+    m.add_argument("--gamma", type=float, default=1.0, help="extra value of calcmode extract")
+    m.add_argument("--mbw-alpha", metavar="V", help="26/20 comma-separated values (BASE first) or a preset name")
+    m.add_argument("--mbw-beta", metavar="V")
+    m.add_argument("--elemental", metavar="TEXT", default="")
+    g = m.add_mutually_exclusive_group()
+    g.add_argument("--include", metavar="TEXT", help="only these blocks / key substrings are merged")
+    g.add_argument("--exclude", metavar="TEXT", help="these blocks / key substrings keep model A")
+    m.add_argument("--adjust", metavar="V", help="8 values: IN,OUT,OUT2,CONT,BRI,COL1,COL2,COL3")
+    m.add_argument("--output", required=True, help="file path, or a folder for an automatic name")
+    m.add_argument("--fp16", action="store_true")
+    m.add_argument("--prune", action="store_true")
+    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--vae", help="VAE file to bake in")
+    m.add_argument("--reset-clip-ids", action="store_true")
+    m.add_argument("--no-metadata", action="store_true", help="do not write the recipe into the file")
+    m.add_argument("--seed", type=int, default=-1)
+    m.add_argument("--history", help="merge history CSV to append to (default: the app's)")
+    m.add_argument("--no-history", action="store_true")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    e = sub.add_parser("elements", help="list a checkpoint's tensors with block, shape and dtype")
+    e.add_argument("model")
+    e.add_argument("--filter", default="")
+    return p
+
+
+def _recipe_from_args(args, arch: str) -> Recipe:
+    from .ratios import split_inex
+    inex, text = ("include", args.include) if args.include else ("exclude", args.exclude) \
+        if args.exclude else ("off", "")
+    blocks, elements = split_inex(text or "", arch)
+    names = {s: getattr(args, f"model_{s}") for s in "abc"}
+    return Recipe(
+        model_a=Path(names["a"]).name, model_b=Path(names["b"]).name if names["b"] else "",
+        model_c=Path(names["c"]).name if names["c"] else "",
+        hash_a=short_hash(names["a"]), hash_b=short_hash(names["b"]) if names["b"] else "",
+        hash_c=short_hash(names["c"]) if names["c"] else "",
+        mode=args.mode, calcmode="smoothAddMT" if args.calcmode == "smoothAdd MT" else args.calcmode,
+        alpha=args.alpha, beta=args.beta, gamma=args.gamma, seed=args.seed,
+        mbw_alpha=parse_vector(args.mbw_alpha, arch, "MBW alpha") if args.mbw_alpha else None,
+        mbw_beta=parse_vector(args.mbw_beta, arch, "MBW beta") if args.mbw_beta else None,
+        elemental=args.elemental, inex=inex, inex_blocks=blocks, inex_elements=elements,
+        adjust=_floats(args.adjust, 8, "--adjust") if args.adjust else None)
+
+
+def run_merge(args) -> Path:
+    from .arch import detect_arch
+    from tqdm import tqdm
+    paths = {s: getattr(args, f"model_{s}") for s in "abc" if getattr(args, f"model_{s}")}
+    loaded = {s: load_checkpoint(p) for s, p in paths.items()}
+    arch = detect_arch(loaded["a"].tensors, loaded["a"].name)
+    recipe = _recipe_from_args(args, arch)
+    recipe.check()
+    plan = plan_merge(recipe, loaded["a"], loaded.get("b"), loaded.get("c"))
+    options = SaveOptions(fmt="ckpt" if args.output.lower().endswith((".ckpt", ".pt")) else "safetensors",
+                          fp16=args.fp16, prune=args.prune, overwrite=args.overwrite, vae=args.vae,
+                          reset_clip_ids=args.reset_clip_ids, save_metadata=not args.no_metadata)
+    out = Path(args.output)
+    if out.is_dir():
+        out = out / auto_filename(recipe, options)
+    bar = None if args.quiet else tqdm(total=len(plan.jobs), unit="key", desc="merging", file=sys.stderr)
+
+    def progress(done, total, key):
+        if bar is not None:
+            bar.update(done - bar.n)
+    t0 = time.perf_counter()
+    try:
+        saved = save_merge(plan, out, options, paths=paths, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.no_history:
+        from mergehistory import MergeHistory
+        MergeHistory(args.history).append(recipe, source="cli", saved_to=str(saved),
+                                          seconds=time.perf_counter() - t0)
+    return saved
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "merge":
+            print(run_merge(args))
+        else:
+            ck = load_checkpoint(args.model)
+            for el in list_elements(ck.tensors, contains=args.filter):
+                print(f"{el.block:6} {el.dtype:9} {str(list(el.shape)):22} {el.key}")
+        return 0
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no file was written", file=sys.stderr)
+        return 130

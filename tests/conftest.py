@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random checkpoints with real LDM key names, an isolated data folder,
+and no network."""
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+
+from merger.checkpoint_io import Checkpoint  # noqa: E402
+from merger.synthetic import random_checkpoint  # noqa: E402
+
+
+class _NoNetwork(socket.socket):
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            raise AssertionError(f"test tried to open a network connection to {address}")
+        return super().connect(address)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SDMW_DATA_DIR", str(tmp_path_factory.mktemp("data")))
+    monkeypatch.setattr(socket, "socket", _NoNetwork)
+
+
+def tiny(arch="sd1", seed=0, dtype=torch.float32, name=None, **kw) -> Checkpoint:
+    return Checkpoint(Path(name or f"{arch}_{seed}.safetensors"),
+                      random_checkpoint(arch, seed=seed, dtype=dtype, **kw))
+
+
+def write(tmp_path, name, tensors, metadata=None) -> Path:
+    import safetensors.torch as st
+    path = tmp_path / name
+    if name.endswith(".safetensors"):
+        st.save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+    else:
+        torch.save({"state_dict": tensors}, path)
+    return path
+
+
+@pytest.fixture
+def models(tmp_path):
+    """Three tiny SD1 checkpoint files A, B, C (fp16) on disk."""
+    return {s: write(tmp_path, f"model_{s}.safetensors", random_checkpoint("sd1", seed=i + 1, dtype=torch.float16))
+            for i, s in enumerate("abc")}

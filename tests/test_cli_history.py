@@ -1,0 +1,125 @@
+"""The command line (exact interface of the issue) and the CSV merge history."""
+import csv
+import multiprocessing
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch as st
+import torch
+
+from merger.checkpoint_io import load_checkpoint
+from merger.engine import merge
+from merger.recipe import Recipe
+from mergehistory import MergeHistory
+from tests.conftest import ROOT, write
+from merger.synthetic import random_checkpoint
+
+
+def cli(*args, env_dir=None):
+    import os
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "merger", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_merge_matches_engine_and_records_history(models, tmp_path):
+    out = tmp_path / "out.safetensors"
+    hist = tmp_path / "h.csv"
+    r = cli("merge", "--model-a", models["a"], "--model-b", models["b"], "--model-c", models["c"],
+            "--mode", "add_difference", "--alpha", "0.6", "--mbw-alpha", "GRAD_V", "--exclude", "BASE attn2",
+            "--adjust", "0,0,0,0,1,0,0,0", "--output", out, "--fp16", "--prune", "--history", hist)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)
+    m = {s: load_checkpoint(p) for s, p in models.items()}
+    row = MergeHistory(hist).get(-1)
+    recipe = Recipe.from_line(row["recipe"])
+    assert recipe.inex == "exclude" and recipe.inex_blocks == ["BASE"] and recipe.inex_elements == ["attn2"]
+    assert row["source"] == "cli" and row["saved_to"] == str(out) and len(row["hash_a"]) == 10
+    want = merge(recipe, m["a"], m["b"], m["c"]).tensors
+    got = st.load_file(str(out))
+    assert "model_ema.decay" not in got
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_cli_folder_output_gets_automatic_name(models, tmp_path):
+    r = cli("merge", "--model-a", models["a"], "--model-b", models["b"], "--mode", "weight_sum",
+            "--alpha", "0.3", "--output", tmp_path, "--no-history", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("model_ax0.7+model_bx0.3.safetensors")
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (["--mbw-alpha", "0.1,0.2"], "26 needed"),
+    (["--calcmode", "cosineA", "--mode", "add_difference"], "works only with Weight sum"),
+    (["--adjust", "1,2"], "--adjust needs 8 values"),
+    (["--model-b", "/nonexistent.safetensors"], "file not found"),
+    (["--model-b", "SDXL"], "is SD 1.x"),
+])
+def test_cli_bad_input_one_line_reason(models, tmp_path, extra, msg):
+    xl = write(tmp_path, "xl.safetensors", random_checkpoint("sdxl", seed=1))
+    extra = [str(xl) if e == "SDXL" else e for e in extra]
+    base = {"--model-a": models["a"], "--model-b": models["b"], "--model-c": models["c"], "--mode": "weight_sum"}
+    args = ["merge"]
+    for k, v in base.items():
+        if k not in extra:
+            args += [k, v]
+    out = tmp_path / "o.safetensors"
+    r = cli(*args, *extra, "--output", out, "--no-history")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], r.stderr
+    assert not out.exists()
+
+
+def test_cli_existing_output_refused(models, tmp_path):
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"x")
+    r = cli("merge", "--model-a", models["a"], "--model-b", models["b"], "--mode", "weight_sum",
+            "--output", out, "--no-history")
+    assert r.returncode == 1 and "already exists" in r.stderr and out.read_bytes() == b"x"
+
+
+def test_cli_elements(models):
+    r = cli("elements", models["a"], "--filter", "time_embed")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 4 and "IN00" in r.stdout
+
+
+# ----------------------------------------------------------------------------- history
+def test_history_ids_lookup_and_search(tmp_path):
+    h = MergeHistory(tmp_path / "h.csv")
+    ids = [h.append(Recipe(f"m{i}.safetensors", "cat.safetensors" if i % 2 else "dog.safetensors", alpha=i / 10),
+                    source="ui") for i in range(5)]
+    assert ids == [1, 2, 3, 4, 5]
+    assert h.recipe(-1).alpha == 0.4 and h.recipe(-2).alpha == 0.3 and h.recipe(2).alpha == 0.1
+    assert [r["id"] for r in h.search("cat")] == ["2", "4"]
+    assert [r["id"] for r in h.search("m1 or m3")] == ["2", "4"]
+    assert [r["id"] for r in h.search("dog and m4")] == ["5"]
+    assert h.search("m1 and dog") == []
+    with pytest.raises(Exception, match="no merge with ID 9"):
+        h.get(9)
+
+
+def _writer(path, n, tag):
+    h = MergeHistory(path)
+    for i in range(n):
+        h.append(Recipe(f"{tag}_{i}.safetensors", "b.safetensors"), source=tag)
+
+
+def test_history_concurrent_writers_and_torn_rows(tmp_path):
+    path = tmp_path / "h.csv"
+    procs = [multiprocessing.get_context("fork").Process(target=_writer, args=(path, 25, f"p{j}")) for j in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    rows = MergeHistory(path).rows()
+    assert sorted(int(r["id"]) for r in rows) == list(range(1, 101))
+    with open(path, "a") as f:          # a crash in the middle of a row
+        f.write('101,2026-01-01,"half a row')
+    h = MergeHistory(path)
+    assert len(h.rows()) == 100
+    assert h.append(Recipe("after.safetensors", "b")) == 101
+    assert h.recipe(-1).model_a == "after.safetensors"
+    with open(path) as f:
+        assert sum(1 for _ in csv.reader(f)) >= 102

@@ -1,0 +1,121 @@
+"""Saving: streamed safetensors equal to the in-memory merge, ckpt, fp16, prune, metadata, CLIP
+ids, VAE bake-in, atomic writes, no silent overwrite, stop and full disk leave nothing behind."""
+import errno
+import json
+
+import pytest
+import safetensors
+import safetensors.torch as st
+import torch
+
+from merger import saving
+from merger.checkpoint_io import load_checkpoint
+from merger.engine import merge, plan_merge
+from merger.errors import MergeError, MergeStopped
+from merger.recipe import Recipe
+from merger.saving import SaveOptions, auto_filename, model_label, save_merge, save_tensors
+from merger.synthetic import random_checkpoint, random_vae
+from tests.conftest import write
+
+CLIP_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+
+
+def loaded(models):
+    return {s: load_checkpoint(p) for s, p in models.items()}
+
+
+def leftovers(folder):
+    return [p.name for p in folder.iterdir() if ".tmp-" in p.name]
+
+
+def test_streamed_file_equals_in_memory_merge(models, tmp_path):
+    m = loaded(models)
+    r = Recipe("model_a.safetensors", "model_b.safetensors", "model_c.safetensors", mode="add_difference", alpha=0.7)
+    want = merge(r, m["a"], m["b"], m["c"]).tensors
+    out = save_merge(plan_merge(r, m["a"], m["b"], m["c"]), tmp_path / "out.safetensors", SaveOptions(), paths=models)
+    got = st.load_file(str(out))
+    assert list(got) == list(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with safetensors.safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert Recipe.from_line(meta["sdmw_recipe"]) == r
+    assert json.loads(meta["sd_merge_recipe"])["mode"] == "Add"
+    assert {v["name"] for v in json.loads(meta["sd_merge_models"]).values()} == {p.name for p in models.values()}
+
+
+def test_fp16_prune_and_reset_clip_ids(tmp_path):
+    sd = random_checkpoint("sd1", seed=1)
+    sd[CLIP_IDS] = torch.tensor([[0, 1, 2] + [5] * 74])
+    opts = SaveOptions(fp16=True, prune=True, reset_clip_ids=True, save_metadata=False)
+    out = st.load_file(str(save_tensors(tmp_path / "p.safetensors", sd, opts)))
+    assert "model_ema.decay" not in out and "alphas_cumprod" not in out and "model_ema.num_updates" not in out
+    assert all(k.startswith(("model.diffusion_model.", "cond_stage_model.", "first_stage_model.")) for k in out)
+    assert out["model.diffusion_model.out.2.weight"].dtype == torch.float16
+    assert torch.equal(out[CLIP_IDS], torch.arange(77)[None])
+    with safetensors.safe_open(str(tmp_path / "p.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_bake_vae(models, tmp_path):
+    vae = random_vae(seed=9)
+    vae_path = write(tmp_path, "my.vae.safetensors", vae)
+    m = loaded(models)
+    p = save_merge(plan_merge(Recipe("a", "b", alpha=0.5), m["a"], m["b"]), tmp_path / "v.safetensors",
+                   SaveOptions(vae=str(vae_path)))
+    out = st.load_file(str(p))
+    k = "decoder.conv_out.weight"
+    assert torch.equal(out["first_stage_model." + k], vae[k].half())
+    bad = write(tmp_path, "bad.safetensors", {"encoder.conv_in.weight": torch.ones(2, 3, 3, 3)})
+    with pytest.raises(MergeError, match="VAE does not fit"):
+        save_merge(plan_merge(Recipe("a", "b"), m["a"], m["b"]), tmp_path / "w.safetensors", SaveOptions(vae=str(bad)))
+    assert not (tmp_path / "w.safetensors").exists()
+
+
+def test_ckpt_output_loads_with_weights_only(models, tmp_path):
+    m = loaded(models)
+    r = Recipe("a", "b", alpha=0.25)
+    p = save_merge(plan_merge(r, m["a"], m["b"]), tmp_path / "o.ckpt", SaveOptions(fmt="ckpt"))
+    sd = torch.load(p, weights_only=True)["state_dict"]
+    want = merge(r, m["a"], m["b"]).tensors
+    assert all(torch.equal(sd[k], want[k]) for k in want)
+
+
+def test_never_overwrites_unless_asked(models, tmp_path):
+    m = loaded(models)
+    target = tmp_path / "exists.safetensors"
+    target.write_bytes(b"precious")
+    plan = plan_merge(Recipe("a", "b"), m["a"], m["b"])
+    with pytest.raises(MergeError, match="already exists"):
+        save_merge(plan, target, SaveOptions())
+    assert target.read_bytes() == b"precious"
+    save_merge(plan, target, SaveOptions(overwrite=True))
+    assert len(st.load_file(str(target))) == len(plan.jobs)
+    assert leftovers(tmp_path) == []
+
+
+def test_stop_mid_merge_leaves_no_file(models, tmp_path):
+    m = loaded(models)
+    n = []
+    with pytest.raises(MergeStopped, match="no file was written"):
+        save_merge(plan_merge(Recipe("a", "b"), m["a"], m["b"]), tmp_path / "s.safetensors", SaveOptions(),
+                   should_stop=lambda: len(n) > 100 or n.append(1))
+    assert not (tmp_path / "s.safetensors").exists() and leftovers(tmp_path) == []
+
+
+def test_full_disk_gives_clear_error_and_no_file(models, tmp_path, monkeypatch):
+    m = loaded(models)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(saving, "_tensor_bytes", full)
+    with pytest.raises(MergeError, match="not enough disk space"):
+        save_merge(plan_merge(Recipe("a", "b"), m["a"], m["b"]), tmp_path / "f.safetensors", SaveOptions())
+    assert not (tmp_path / "f.safetensors").exists() and leftovers(tmp_path) == []
+
+
+def test_auto_names():
+    r = Recipe("a.safetensors", "b.safetensors", alpha=0.3)
+    assert model_label(r) == "a x 0.7 + b x 0.3"
+    assert auto_filename(r, SaveOptions(fp16=True)) == "ax0.7+bx0.3.fp16.safetensors"
+    r = Recipe("a.ckpt", "b.ckpt", "c.ckpt", mode="add_difference", calcmode="trainDifference", alpha=1)
+    assert auto_filename(r, SaveOptions(fmt="ckpt"), 9) == "a+_b-c_x1_trainDifference-inpainting.ckpt"
