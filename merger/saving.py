@@ -216,7 +216,10 @@ def save_merge(plan, path: str | os.PathLike, options: SaveOptions,
                progress=None, should_stop=None) -> Path:
     """Merge ``plan`` (see :mod:`merger.engine`) straight into a file."""
     from .engine import iter_merge
-    items = iter_merge(plan, progress=progress, should_stop=should_stop)
+    from .tensor_ops import ReusableBuffer
+    # a streamed safetensors write consumes each tensor at once: compute into one reused buffer
+    alloc = ReusableBuffer() if options.fmt == "safetensors" else None
+    items = iter_merge(plan, progress=progress, should_stop=should_stop, alloc=alloc)
     try:
         return save_stream(path, plan.output_spec(), items, options, recipe_metadata(plan.recipe, paths))
     except MergeStopped:

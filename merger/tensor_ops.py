@@ -9,7 +9,9 @@ from collections.abc import Callable
 
 import torch
 
-CHUNK = 1 << 18  # elements: 512 KiB of fp16, 1 MiB of fp32 per operand — stays in L2
+# elements per chunk: 8 MiB of fp16 per operand stays in the last-level cache; measured on the
+# 2-core dev machine, 2^22 beats 2^18 (1.3x vs 1.7x of the bound on 300 M elements)
+CHUNK = 1 << 22
 
 
 def out_like(a: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -34,3 +36,21 @@ def chunked(out: torch.Tensor, inputs: tuple[torch.Tensor, ...],
 def same_dtype(x: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
     """``x`` in ``ref``'s dtype (SuperMerger converts B and C to A's precision)."""
     return x if x is None or x.dtype == ref.dtype else x.to(ref.dtype)
+
+
+
+class ReusableBuffer:
+    """``alloc(shape, dtype)`` that hands out views of one growing flat buffer per dtype, for
+    consumers that use each tensor before asking for the next (streaming a merge to a file).
+    Fresh memory costs a page fault per 4 KiB on first write — about as long as the merge
+    arithmetic itself — so reusing one buffer keeps a streamed merge at memory speed."""
+
+    def __init__(self):
+        self.bufs: dict[torch.dtype, torch.Tensor] = {}
+
+    def __call__(self, shape, dtype) -> torch.Tensor:
+        n = torch.Size(shape).numel()
+        buf = self.bufs.get(dtype)
+        if buf is None or buf.numel() < n:
+            buf = self.bufs[dtype] = torch.empty(n, dtype=dtype)
+        return buf[:n].view(shape)

@@ -1,0 +1,223 @@
+"""Merge speed against the memory-bandwidth bound and against sd-mecha, measured in one run.
+
+    python bench/merge_bench.py            # SD1.5 shapes (1.07 B params), fp16
+    python bench/merge_bench.py --xl       # SDXL shapes (3.47 B params), weight sum only
+    python bench/merge_bench.py --no-mecha # skip the sd-mecha comparison
+
+Models are random values with the real key names and shapes, held in RAM. Printed: the time of
+weight sum and add difference (fresh output tensors, and into preallocated buffers as the
+resident pipeline does), the bound for the same bytes (one ``torch.add`` / ``torch.addcmul``
+over flat buffers as large as the whole model), their ratios, peak RSS of each phase, and
+sd-mecha's weighted sum of the same two models saved as files (with ours from the same files).
+SDXL is benchmarked one component at a time (U-Net, text encoders, VAE) so three full copies
+never need to be in RAM together on a 24 GiB machine.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from merger.checkpoint_io import Checkpoint, load_checkpoint  # noqa: E402
+from merger.engine import iter_merge, merge, plan_merge  # noqa: E402
+from merger.ldm_layout import checkpoint_layout  # noqa: E402
+from merger.recipe import Recipe  # noqa: E402
+
+
+def reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def best(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        gc.collect()
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def build(layout: dict, seed: int, name: str) -> Checkpoint:
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in layout.items():
+        t = torch.empty(shape, dtype=torch.float16)
+        t.uniform_(-0.05, 0.05, generator=g)
+        sd[k] = t
+    return Checkpoint(Path(name), sd)
+
+
+def bound(numel: int, inputs: int, repeat: int) -> tuple[float, float]:
+    """One elementwise op over flat fp16 buffers of the model's size: (into a preallocated
+    output, into a freshly allocated output)."""
+    bufs = [torch.empty(numel, dtype=torch.float16).uniform_(-1, 1) for _ in range(inputs + 1)]
+    op = (lambda **o: torch.add(bufs[0], bufs[1], **o)) if inputs == 2 else \
+        (lambda **o: torch.addcmul(bufs[0], bufs[1], bufs[2], **o))
+    pre = best(lambda: op(out=bufs[-1]), repeat)
+    del bufs[-1]
+    fresh = best(lambda: op(), repeat)
+    del bufs
+    gc.collect()
+    return pre, fresh
+
+
+def ours(recipe, A, B, C, repeat: int) -> tuple[float, float, float]:
+    """(fresh-output seconds, preallocated-output seconds, peak GiB of the fresh run)."""
+    reset_peak()
+    fresh = best(lambda: merge(recipe, A, B, C), 1)
+    pk = peak_gib()
+    fresh = min(fresh, best(lambda: merge(recipe, A, B, C), repeat - 1) if repeat > 1 else fresh)
+    plan = plan_merge(recipe, A, B, C)
+    bufs = {k: torch.empty_like(v) for k, v in A.tensors.items()}
+
+    def into():
+        for _ in iter_merge(plan, out_for=lambda k, like: bufs[k]):
+            pass
+    into()
+    pre = best(into, repeat)
+    del bufs
+    gc.collect()
+    return fresh, pre, pk
+
+
+def row(label: str, t: float, b: float, gb: float, extra: str = "") -> None:
+    print(f"  {label:38} {t:7.3f} s  {gb / t:6.1f} GB/s  {t / b:5.2f}x bound  {extra}")
+
+
+def bench_layout(layout: dict, modes: list[str], repeat: int, title: str) -> dict:
+    numel = sum(math.prod(s) for s in layout.values())
+    gbytes = numel * 2 / 1e9
+    print(f"\n{title}: {len(layout)} tensors, {numel / 1e9:.3f} B params, {gbytes:.2f} GB per fp16 model")
+    results = {}
+    for mode in modes:
+        n_in = 2 if mode == "weight_sum" else 3
+        reset_peak()
+        b, b_fresh = bound(numel, n_in, repeat)
+        moved = gbytes * (n_in + 1)
+        op = "torch.add" if n_in == 2 else "torch.addcmul"
+        print(f" {mode}: bound = one {op} over flat buffers, {moved:.1f} GB moved: {b:.3f} s into a "
+              f"preallocated output ({moved / b:.1f} GB/s), {b_fresh:.3f} s into a fresh one")
+        A, B = build(layout, 1, "a"), build(layout, 2, "b")
+        C = build(layout, 3, "c") if n_in == 3 else None
+        recipe = Recipe("a", "b", "c" if C else "", mode=mode, alpha=0.3)
+        fresh, pre, pk = ours(recipe, A, B, C, repeat)
+        row("ours, fresh output tensors", fresh, b_fresh, moved, f"(vs fresh bound) peak RSS {pk:.1f} GiB")
+        row("ours, into preallocated buffers", pre, b, moved, "(vs preallocated bound)")
+        results[mode] = (fresh, pre, b, b_fresh)
+        del A, B, C
+        gc.collect()
+    return results
+
+
+def bench_mecha(layout: dict, repeat: int) -> None:
+    try:
+        import sd_mecha
+    except ImportError:
+        print("\nsd-mecha not installed (pip install sd-mecha): comparison skipped")
+        return
+
+    class Silent:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+        def update(self, *a, **k):
+            pass
+
+        def set_postfix(self, *a, **k):
+            pass
+
+        def close(self):
+            pass
+
+    import safetensors.torch as st
+    recipe = Recipe("a", "b", alpha=0.3)
+    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as d:
+        paths = []
+        for seed, name in ((1, "a"), (2, "b")):
+            ck = build(layout, seed, name)
+            p = Path(d) / f"{name}.safetensors"
+            st.save_file(ck.tensors, str(p))
+            paths.append(p)
+            del ck
+        gc.collect()
+        print("\nweighted sum α=0.3 of two SD1.5 fp16 models, sd-mecha vs ours:")
+
+        def mecha(a, b):
+            out: dict = {}
+            r = sd_mecha.weighted_sum(sd_mecha.model(a, "sd1-ldm"), sd_mecha.model(b, "sd1-ldm"), alpha=0.3)
+            sd_mecha.merge(r, output=out, tqdm=Silent, merge_device="cpu", output_device="cpu")
+            return out
+
+        def ours_files():
+            return merge(recipe, load_checkpoint(paths[0]), load_checkpoint(paths[1]))
+
+        results = {}
+        A, B = load_checkpoint(paths[0]), load_checkpoint(paths[1])
+        for label, fn, n in (
+                ("sd-mecha, from the .safetensors files", lambda: mecha(str(paths[0]), str(paths[1])), 1),
+                ("sd-mecha, from state dicts in RAM", lambda: mecha(A.tensors, B.tensors), 1),
+                ("ours, load (mmap) + merge from the files", ours_files, repeat),
+                ("ours, inputs in RAM", lambda: merge(recipe, A, B), repeat)):
+            fn()  # warm-up: page cache, first-touch
+            reset_peak()
+            results[label] = best(fn, n)
+            print(f"  {label:42} {results[label]:7.2f} s  peak RSS {peak_gib():.1f} GiB")
+        ver = getattr(sd_mecha, "__version__", "")
+        t_m = min(v for k, v in results.items() if k.startswith("sd-mecha"))
+        print(f"  speed-up over sd-mecha {ver} (its best vs ours): files {t_m / results['ours, load (mmap) + merge from the files']:.0f}x, "
+              f"in RAM {t_m / results['ours, inputs in RAM']:.0f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--xl", action="store_true")
+    ap.add_argument("--no-mecha", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.xl:
+        full = checkpoint_layout("sdxl")
+        parts = {"U-Net": "model.diffusion_model.", "text encoders": "conditioner.", "VAE": "first_stage_model."}
+        total = {}
+        for title, prefix in parts.items():
+            res = bench_layout({k: v for k, v in full.items() if k.startswith(prefix)}, ["weight_sum"],
+                               args.repeat, f"SDXL {title}")
+            for k, v in res.items():
+                total[k] = [x + y for x, y in zip(total.get(k, (0, 0, 0, 0)), v)]
+        for mode, (fresh, pre, b, bf) in total.items():
+            print(f"\nSDXL whole model, {mode}: ours {fresh:.2f} s fresh / {pre:.2f} s preallocated, "
+                  f"bound {bf:.2f} s fresh / {b:.2f} s preallocated -> {fresh / bf:.2f}x / {pre / b:.2f}x")
+        return
+    layout = checkpoint_layout("sd1")
+    bench_layout(layout, ["weight_sum", "add_difference"], args.repeat, "SD1.5")
+    if not args.no_mecha:
+        bench_mecha(layout, args.repeat)
+    print(f"\npeak RSS of the whole run: {peak_gib():.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
