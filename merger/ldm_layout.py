@@ -233,14 +233,16 @@ def checkpoint_layout(arch: str, **overrides) -> Layout:
     return d
 
 
-# Small but structurally complete sizes (all blocks, all key names) for tests and demos.
+# Small but structurally complete sizes (all blocks, all key names) for tests and demos. The
+# cross-attention width equals the text width (SDXL: both encoders, 32 + 32), and SDXL's
+# label_emb input is the pooled width 32 + 6 time ids x 8 (diffusers addition_time_embed_dim=8).
 TINY = {
-    "sd1": dict(unet=dict(model_channels=8), text=dict(width=32, layers=2),
+    "sd1": dict(unet=dict(model_channels=8, context_dim=32), text=dict(width=32, layers=2),
                 vae=dict(ch=8, ch_mult=[1, 2, 2, 2])),
     "sd2": dict(unet=dict(model_channels=8, context_dim=32), text=dict(width=32, layers=2),
                 vae=dict(ch=8, ch_mult=[1, 2, 2, 2])),
     "sdxl": dict(unet=dict(model_channels=8, transformer_depth=[0, 2, 3], mid_depth=3,
-                           context_dim=64, adm_in_channels=96),
+                           context_dim=64, adm_in_channels=80),
                  text=dict(width=32, layers=2), text2=dict(width=32, layers=2),
                  vae=dict(ch=8, ch_mult=[1, 2, 2, 2])),
 }

@@ -119,3 +119,35 @@ def test_auto_names():
     assert auto_filename(r, SaveOptions(fp16=True)) == "ax0.7+bx0.3.fp16.safetensors"
     r = Recipe("a.ckpt", "b.ckpt", "c.ckpt", mode="add_difference", calcmode="trainDifference", alpha=1)
     assert auto_filename(r, SaveOptions(fmt="ckpt"), 9) == "a+_b-c_x1_trainDifference-inpainting.ckpt"
+
+
+def test_saved_merge_loads_in_diffusers_single_file_loader(models, tmp_path):
+    """The file we write is read by diffusers' own from_single_file (offline, local configs)
+    and every weight it puts in the pipeline is the merged one."""
+    from diffusers import StableDiffusionPipeline
+
+    from tests.tiny_diffusers import tiny_sd1_config
+    m = loaded(models)
+    r = Recipe("model_a.safetensors", "model_b.safetensors", "model_c.safetensors", mode="sum_twice",
+               alpha=0.4, beta=0.3, mbw_alpha=[0.1 * (i % 10) for i in range(26)])
+    want = merge(r, m["a"], m["b"], m["c"]).tensors
+    path = save_merge(plan_merge(r, m["a"], m["b"], m["c"]), tmp_path / "merged.safetensors",
+                      SaveOptions(prune=True))
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(path), config=str(tiny_sd1_config(tmp_path / "cfg")), local_files_only=True,
+        safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float16)
+    p = "model.diffusion_model."
+    checks = {
+        pipe.unet.down_blocks[0].attentions[0].proj_in.weight: want[p + "input_blocks.1.1.proj_in.weight"],
+        pipe.unet.up_blocks[3].resnets[2].conv2.weight: want[p + "output_blocks.11.0.out_layers.3.weight"],
+        pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn2.to_k.weight:
+            want[p + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"],
+        pipe.unet.conv_out.bias: want[p + "out.2.bias"],
+        pipe.vae.decoder.conv_out.weight: want["first_stage_model.decoder.conv_out.weight"],
+        dict(pipe.text_encoder.named_parameters())["encoder.layers.1.mlp.fc2.weight"]:
+            want["cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc2.weight"],
+    }
+    for got, exp in checks.items():
+        assert torch.equal(got.detach().reshape(exp.shape), exp)
+    n_unet = sum(v.numel() for k, v in want.items() if k.startswith(p))
+    assert sum(t.numel() for t in pipe.unet.parameters()) == n_unet
