@@ -135,16 +135,16 @@ def _nonfinite(t: torch.Tensor) -> bool:
 class _Runner:
     """Computes one key of a plan."""
 
-    def __init__(self, plan: MergePlan, check_finite: bool):
-        self.plan, self.check_finite = plan, check_finite
+    def __init__(self, plan: MergePlan, check_finite: bool, device: str | None = None):
+        self.plan, self.check_finite, self.device = plan, check_finite, device
         self.cm = get_calcmode(plan.recipe.calcmode)
         self.ctx = CalcContext(gamma=plan.recipe.gamma)
 
     def compute(self, job: KeyJob, out: torch.Tensor | None) -> torch.Tensor:
         p, r = self.plan, self.plan.recipe
-        a = p.a.tensors[job.key]
-        b = same_dtype(p.b.tensors[job.key], a) if p.b is not None and job.key in p.b.tensors else None
-        c = same_dtype(p.c.tensors[job.key], a) if p.c is not None and r.uses_c() else None
+        a = self._fetch(p.a.tensors[job.key])
+        b = same_dtype(self._fetch(p.b.tensors[job.key]), a) if p.b is not None and job.key in p.b.tensors else None
+        c = same_dtype(self._fetch(p.c.tensors[job.key]), a) if p.c is not None and r.uses_c() else None
         alpha, beta = job.ratios
         ctx = CalcContext(key=job.key, gamma=self.ctx.gamma, stats=self.ctx.stats)
         if job.channels is None:
@@ -164,6 +164,11 @@ class _Runner:
             self._blame(job.key)
         return res
 
+    def _fetch(self, t: torch.Tensor) -> torch.Tensor:
+        """Inputs move to the merge device key by key (the models stay cached on the CPU)."""
+        return t if self.device is None or t.device.type == torch.device(self.device).type \
+            else t.to(self.device, non_blocking=True)
+
     def _blame(self, key: str):
         for n, ck in (("A", self.plan.a), ("B", self.plan.b), ("C", self.plan.c)):
             if ck is not None and key in ck.tensors and ck.tensors[key].is_floating_point() \
@@ -175,15 +180,16 @@ class _Runner:
 
 def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Progress | None = None,
                should_stop: Callable[[], bool] | None = None, check_finite: bool = True,
-               alloc: Callable | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+               alloc: Callable | None = None, device: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` for every output key, in order.
 
     ``out_for(key, like)`` may return a buffer (shape and dtype of ``like``) that receives the
     key's value; otherwise merged keys get fresh tensors (from ``alloc(shape, dtype)`` when
     given; a calcmode may still return an input unchanged, which is then shared) and kept keys
     are A's (or B's) own tensors, shared, not copied. ``should_stop()`` is polled before each key; a stop raises
-    :class:`MergeStopped`."""
-    runner = _Runner(plan, check_finite)
+    :class:`MergeStopped`. ``device`` (e.g. "cuda") is where the arithmetic runs; inputs are
+    moved there one key at a time."""
+    runner = _Runner(plan, check_finite, device)
     cm = runner.cm
     if cm.prepare is not None:
         if progress:
@@ -202,7 +208,7 @@ def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Prog
                     if k not in pending and jk.ratios is not None:
                         pending[k] = pool.submit(runner.compute, jk, None)
             src = plan.b if job.source == "b" else plan.a
-            like = src.tensors[job.key]
+            like = runner._fetch(src.tensors[job.key])
             out = out_for(job.key, like) if out_for is not None else None
             if job.ratios is None:
                 value = like

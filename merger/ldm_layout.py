@@ -25,7 +25,7 @@ def arch_params(arch: str, **overrides) -> dict:
         raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(table)}")
     params = {k: v for k, v in table[arch].items() if not k.startswith("_")}
     for section, values in overrides.items():
-        params[section] = {**params[section], **values}
+        params[section] = {**params[section], **values} if isinstance(values, dict) else values
     return params
 
 
@@ -234,17 +234,20 @@ def checkpoint_layout(arch: str, **overrides) -> Layout:
 
 
 # Small but structurally complete sizes (all blocks, all key names) for tests and demos. The
-# cross-attention width equals the text width (SDXL: both encoders, 32 + 32), and SDXL's
-# label_emb input is the pooled width 32 + 6 time ids x 8 (diffusers addition_time_embed_dim=8).
+# cross-attention width equals the text width (SDXL: both encoders, 32 + 48; they must differ,
+# diffusers tells them apart by width), and SDXL's label_emb input is the pooled width 48 + 6
+# time ids x 8 (diffusers addition_time_embed_dim=8).
+_TINY_TEXT = dict(width=32, layers=2, heads=4, projection_dim=32)
 TINY = {
-    "sd1": dict(unet=dict(model_channels=8, context_dim=32), text=dict(width=32, layers=2),
-                vae=dict(ch=8, ch_mult=[1, 2, 2, 2])),
-    "sd2": dict(unet=dict(model_channels=8, context_dim=32), text=dict(width=32, layers=2),
-                vae=dict(ch=8, ch_mult=[1, 2, 2, 2])),
-    "sdxl": dict(unet=dict(model_channels=8, transformer_depth=[0, 2, 3], mid_depth=3,
-                           context_dim=64, adm_in_channels=80),
-                 text=dict(width=32, layers=2), text2=dict(width=32, layers=2),
-                 vae=dict(ch=8, ch_mult=[1, 2, 2, 2])),
+    "sd1": dict(unet=dict(model_channels=8, context_dim=32, heads=2),
+                text=dict(_TINY_TEXT, pipeline_layers=2), vae=dict(ch=8, ch_mult=[1, 2, 2, 2]), image_size=64),
+    "sd2": dict(unet=dict(model_channels=8, context_dim=32, heads=2, head_channels=None),
+                text=dict(_TINY_TEXT, pipeline_layers=1), vae=dict(ch=8, ch_mult=[1, 2, 2, 2]), image_size=64),
+    "sdxl": dict(unet=dict(model_channels=8, transformer_depth=[0, 2, 3], mid_depth=3, heads=2,
+                           head_channels=None, context_dim=80, adm_in_channels=96, addition_time_embed_dim=8),
+                 text=dict(_TINY_TEXT, pipeline_layers=2),
+                 text2=dict(_TINY_TEXT, width=48, projection_dim=48, pipeline_layers=2),
+                 vae=dict(ch=8, ch_mult=[1, 2, 2, 2]), image_size=64),
 }
 
 

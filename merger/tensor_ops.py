@@ -45,12 +45,13 @@ class ReusableBuffer:
     Fresh memory costs a page fault per 4 KiB on first write — about as long as the merge
     arithmetic itself — so reusing one buffer keeps a streamed merge at memory speed."""
 
-    def __init__(self):
+    def __init__(self, device: str | torch.device = "cpu"):
+        self.device = device
         self.bufs: dict[torch.dtype, torch.Tensor] = {}
 
     def __call__(self, shape, dtype) -> torch.Tensor:
         n = torch.Size(shape).numel()
         buf = self.bufs.get(dtype)
         if buf is None or buf.numel() < n:
-            buf = self.bufs[dtype] = torch.empty(n, dtype=dtype)
+            buf = self.bufs[dtype] = torch.empty(n, dtype=dtype, device=self.device)
         return buf[:n].view(shape)

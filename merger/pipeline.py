@@ -1,0 +1,257 @@
+"""The resident Diffusers pipeline and the in-place swap of merged weights into it.
+
+The pipeline is built once per architecture from offline configs (``pipeline_config``) with
+uninitialised storage, then every merge streams its tensors straight into the parameters:
+where dtype and device agree the merge arithmetic writes into the parameter's own memory, so
+no second full copy of the model ever exists. A merge that is stopped or fails part-way leaves
+the pipeline marked *incomplete* (generation refuses, the UI says so) until the next merge.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from .arch import ARCH_NAMES, detect_arch
+from .checkpoint_io import Checkpoint
+from .engine import MergePlan, iter_merge
+from .errors import MergeError
+from .keymap import Target, targets_for
+from .ldm_layout import TINY, arch_params, checkpoint_layout
+from .pipeline_config import pipeline_folder
+from .tensor_ops import ReusableBuffer
+
+
+def default_device() -> tuple[str, torch.dtype]:
+    """CUDA in fp16 when present, else CPU in fp32."""
+    if torch.cuda.is_available():
+        return "cuda", torch.float16
+    return "cpu", torch.float32
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What pipeline a checkpoint needs: architecture, sizes, prediction type."""
+    arch: str
+    size: str                 # "full" or "tiny"
+    in_channels: int = 4
+    prediction_type: str = "epsilon"
+
+    def params(self) -> dict:
+        p = arch_params(self.arch, **(TINY[self.arch] if self.size == "tiny" else {}))
+        p["unet"] = {**p["unet"], "in_channels": self.in_channels}
+        return p
+
+
+def spec_for(tensors, name: str = "checkpoint", prediction_type: str | None = None) -> Spec:
+    arch = detect_arch(tensors, name)
+    probe = "model.diffusion_model.time_embed.0.weight"
+    if probe not in tensors:
+        raise MergeError(f"{name} has no {probe}: not a complete checkpoint")
+    for size in ("full", "tiny"):
+        want = (checkpoint_layout(arch) if size == "full" else
+                checkpoint_layout(arch, **TINY[arch]))[probe]
+        if tuple(tensors[probe].shape) == want:
+            cin = tensors["model.diffusion_model.input_blocks.0.0.weight"].shape[1]
+            pred = prediction_type or ("v_prediction" if arch == "sd2" and size == "full" else "epsilon")
+            return Spec(arch, size, int(cin), pred)
+    raise MergeError(f"{name}: {ARCH_NAMES[arch]} model with unexpected sizes "
+                     f"({probe} is {list(tensors[probe].shape)})")
+
+
+def _build_components(spec: Spec, device: str, dtype: torch.dtype):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.schedulers import EulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = pipeline_folder(spec.arch, spec.params(), spec.prediction_type)
+
+    def empty(make):
+        with torch.device("meta"):
+            module = make()
+        module = module.to(dtype=dtype).to_empty(device=device)
+        for name, buf in module.named_buffers():
+            if name.endswith("position_ids"):
+                buf.copy_(torch.arange(buf.shape[-1], device=device).expand_as(buf))
+        return module.eval().requires_grad_(False)
+
+    parts = {
+        "unet": empty(lambda: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))),
+        "vae": empty(lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))),
+        "text_encoder": empty(lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))),
+        "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        "scheduler": EulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+    }
+    if spec.arch == "sdxl":
+        parts["text_encoder_2"] = empty(lambda: CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+        return StableDiffusionXLPipeline(**parts), folder
+    return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False), folder
+
+
+@dataclass
+class SwapStats:
+    keys: int = 0
+    in_place: int = 0
+    copied: int = 0
+    unused: list[str] = field(default_factory=list)
+
+
+class ResidentPipeline:
+    """One loaded pipeline that merges are swapped into. Thread-safe (one swap or generation
+    at a time)."""
+
+    def __init__(self, device: str | None = None, dtype: torch.dtype | None = None):
+        dev, dt = default_device()
+        self.device, self.dtype = device or dev, dtype or dt
+        self.pipe = None
+        self.spec: Spec | None = None
+        self.folder = None
+        self.targets: dict[str, list[tuple[Target, torch.Tensor]]] = {}
+        self.extras: dict[str, torch.Tensor] = {}   # LDM keys the pipeline has no parameter for
+        self.state = "empty"                          # empty | ok | incomplete
+        self.problem = ""
+        self.recipe = None
+        self.label = ""
+        self.builds = 0
+        self.lock = threading.RLock()
+
+    # ------------------------------------------------------------------ building
+    def ensure(self, spec: Spec) -> bool:
+        """Build the pipeline for ``spec`` unless the current one fits; True if rebuilt."""
+        if self.pipe is not None and self.spec == spec:
+            return False
+        self.pipe = None
+        self.targets = {}
+        self.pipe, self.folder = _build_components(spec, self.device, self.dtype)
+        self.spec, self.builds = spec, self.builds + 1
+        self.state, self.problem = "incomplete", "no weights loaded yet"
+        return True
+
+    def _targets(self, key: str) -> list[tuple[Target, torch.Tensor]]:
+        hit = self.targets.get(key)
+        if hit is None:
+            comps = {n: getattr(self.pipe, n) for n in ("unet", "vae", "text_encoder", "text_encoder_2")
+                     if getattr(self.pipe, n, None) is not None}
+            prefixes = {n: "text_model." if hasattr(m, "text_model") else "" for n, m in comps.items()
+                        if n.startswith("text")}
+            widths = {n: m.config.hidden_size for n, m in comps.items() if n.startswith("text")}
+            hit = []
+            for t in targets_for(key, self.spec.arch, widths, prefixes):
+                try:
+                    hit.append((t, comps[t.component].get_parameter(t.param)))
+                except AttributeError:
+                    pass  # e.g. SD2's last text layer, which diffusers does not use
+            self.targets[key] = hit
+        return hit
+
+    def parameter_names(self) -> set[tuple[str, str]]:
+        return {(n, p) for n in ("unet", "vae", "text_encoder", "text_encoder_2")
+                if getattr(self.pipe, n, None) is not None for p, _ in getattr(self.pipe, n).named_parameters()}
+
+    # ------------------------------------------------------------------ swapping
+    def _out_for(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
+        hit = self._targets(key)
+        if len(hit) == 1 and hit[0][0].kind in ("copy", "reshape"):
+            p = hit[0][1]
+            if p.dtype == like.dtype and p.device == like.device and p.numel() == like.numel():
+                return p.data.view(like.shape)
+        return None
+
+    def write(self, items: Iterable[tuple[str, torch.Tensor]], out_for=None) -> SwapStats:
+        stats = SwapStats()
+        covered = set()
+        for key, value in items:
+            stats.keys += 1
+            hit = self._targets(key)
+            if not hit:
+                if value.is_floating_point() or key.endswith("position_ids"):
+                    self.extras[key] = value.detach().to("cpu", copy=True)
+                stats.unused.append(key)
+                continue
+            for target, param in hit:
+                covered.add(id(param))
+                if out_for is not None and param.data.data_ptr() == value.data_ptr():
+                    stats.in_place += 1
+                    continue
+                src = target.view_of(value)
+                if src.numel() != param.numel():
+                    raise MergeError(f"{key}: {list(src.shape)} does not fit the pipeline's "
+                                     f"{target.component}.{target.param} {list(param.shape)}")
+                param.data.copy_(src.reshape(param.shape))
+                stats.copied += 1
+        missing = [n for n in self._all_params() if id(n[1]) not in covered]
+        if missing:
+            raise MergeError(f"the checkpoint has no weights for {len(missing)} pipeline parameters "
+                             f"(e.g. {missing[0][0]}): it is incomplete")
+        return stats
+
+    def _all_params(self):
+        for n in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            m = getattr(self.pipe, n, None)
+            if m is not None:
+                for name, p in m.named_parameters():
+                    yield f"{n}.{name}", p
+
+    def _run(self, spec: Spec, items_factory: Callable, label: str, recipe) -> SwapStats:
+        with self.lock:
+            self.ensure(spec)
+            self.state, self.problem = "incomplete", f"loading {label} did not finish"
+            self.extras = {}
+            try:
+                stats = items_factory()
+            except BaseException as e:
+                self.problem = f"the last merge ({label}) did not finish: {e}"
+                raise
+            self.state, self.problem, self.recipe, self.label = "ok", "", recipe, label
+            return stats
+
+    def load_checkpoint(self, ck: Checkpoint, prediction_type: str | None = None) -> SwapStats:
+        """Show one model as it is (no merge)."""
+        spec = spec_for(ck.tensors, ck.name, prediction_type)
+        return self._run(spec, lambda: self.write(ck.tensors.items()), ck.name, None)
+
+    def swap(self, plan: MergePlan, progress=None, should_stop=None, prediction_type: str | None = None,
+             label: str = "") -> SwapStats:
+        """Merge ``plan`` directly into the pipeline's parameters."""
+        spec = spec_for(plan.a.tensors, plan.a.name, prediction_type)
+
+        def run():
+            items = iter_merge(plan, out_for=self._out_for, alloc=ReusableBuffer(self.device), progress=progress,
+                               should_stop=should_stop, device=self.device)
+            return self.write(items, out_for=self._out_for)
+        return self._run(spec, run, label or plan.a.name, plan.recipe)
+
+    # ------------------------------------------------------------------ reading back
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights the pipeline holds, in LDM layout (plus the keys it has no parameter
+        for, kept from the last merge), for "Save current merge"."""
+        with self.lock:
+            if self.state != "ok":
+                raise MergeError(f"nothing to save: {self.problem or 'no model loaded'}")
+            out: dict[str, torch.Tensor] = {}
+            for key, hit in self.targets.items():
+                if not hit:
+                    continue
+                parts = []
+                for target, param in hit:
+                    v = param.detach().to("cpu")
+                    if target.kind == "transpose":
+                        v = v.T
+                    parts.append(v)
+                out[key] = torch.cat(parts) if hit[0][0].kind == "rows" else parts[0]
+            layout = checkpoint_layout(self.spec.arch, **(TINY[self.spec.arch] if self.spec.size == "tiny" else {}))
+            for key, v in list(out.items()):  # VAE attention: linear back to 1x1 conv
+                want = layout.get(key)
+                if want is not None and tuple(v.shape) != want and v.numel() == torch.Size(want).numel():
+                    out[key] = v.reshape(want)
+            out.update(self.extras)
+            return out
+
+    def check_ready(self) -> None:
+        if self.state != "ok":
+            raise MergeError(f"the loaded model is incomplete: {self.problem}. Merge again before generating")
