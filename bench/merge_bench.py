@@ -79,13 +79,13 @@ def bound(numel: int, inputs: int, repeat: int) -> tuple[float, float]:
     return pre, fresh
 
 
-def ours(recipe, A, B, C, repeat: int) -> tuple[float, float, float]:
+def ours(recipe, A, B, C, repeat: int, arch: str) -> tuple[float, float, float]:
     """(fresh-output seconds, preallocated-output seconds, peak GiB of the fresh run)."""
     reset_peak()
-    fresh = best(lambda: merge(recipe, A, B, C), 1)
+    fresh = best(lambda: merge(recipe, A, B, C, arch=arch), 1)
     pk = peak_gib()
-    fresh = min(fresh, best(lambda: merge(recipe, A, B, C), repeat - 1) if repeat > 1 else fresh)
-    plan = plan_merge(recipe, A, B, C)
+    fresh = min(fresh, best(lambda: merge(recipe, A, B, C, arch=arch), repeat - 1) if repeat > 1 else fresh)
+    plan = plan_merge(recipe, A, B, C, arch=arch)
     bufs = {k: torch.empty_like(v) for k, v in A.tensors.items()}
 
     def into():
@@ -102,7 +102,7 @@ def row(label: str, t: float, b: float, gb: float, extra: str = "") -> None:
     print(f"  {label:38} {t:7.3f} s  {gb / t:6.1f} GB/s  {t / b:5.2f}x bound  {extra}")
 
 
-def bench_layout(layout: dict, modes: list[str], repeat: int, title: str) -> dict:
+def bench_layout(layout: dict, modes: list[str], repeat: int, title: str, arch: str = "sd1") -> dict:
     numel = sum(math.prod(s) for s in layout.values())
     gbytes = numel * 2 / 1e9
     print(f"\n{title}: {len(layout)} tensors, {numel / 1e9:.3f} B params, {gbytes:.2f} GB per fp16 model")
@@ -118,7 +118,7 @@ def bench_layout(layout: dict, modes: list[str], repeat: int, title: str) -> dic
         A, B = build(layout, 1, "a"), build(layout, 2, "b")
         C = build(layout, 3, "c") if n_in == 3 else None
         recipe = Recipe("a", "b", "c" if C else "", mode=mode, alpha=0.3)
-        fresh, pre, pk = ours(recipe, A, B, C, repeat)
+        fresh, pre, pk = ours(recipe, A, B, C, repeat, arch)
         row("ours, fresh output tensors", fresh, b_fresh, moved, f"(vs fresh bound) peak RSS {pk:.1f} GiB")
         row("ours, into preallocated buffers", pre, b, moved, "(vs preallocated bound)")
         results[mode] = (fresh, pre, b, b_fresh)
@@ -205,7 +205,7 @@ def main() -> None:
         total = {}
         for title, prefix in parts.items():
             res = bench_layout({k: v for k, v in full.items() if k.startswith(prefix)}, ["weight_sum"],
-                               args.repeat, f"SDXL {title}")
+                               args.repeat, f"SDXL {title}", "sdxl")
             for k, v in res.items():
                 total[k] = [x + y for x, y in zip(total.get(k, (0, 0, 0, 0)), v)]
         for mode, (fresh, pre, b, bf) in total.items():

@@ -88,7 +88,9 @@ def _inpaint_channels(key: str, shapes: dict[str, torch.Size]) -> int | None:
 
 
 def plan_merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None,
-               c: Checkpoint | None = None) -> MergePlan:
+               c: Checkpoint | None = None, arch: str | None = None) -> MergePlan:
+    """Check everything and resolve every key's ratios. ``arch`` skips detection (for partial
+    state dicts such as one component of a model)."""
     recipe.check()
     cm = get_calcmode(recipe.calcmode)
     needed = {"A": a}
@@ -100,7 +102,7 @@ def plan_merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None,
         if ck is None:
             raise MergeError(f"model {n} is not loaded")
     present = {n: ck for n, ck in (("A", a), ("B", b), ("C", c)) if ck is not None}
-    arch = check_same_arch({ck.name: detect_arch(ck.tensors, ck.name) for ck in present.values()})
+    arch = arch or check_same_arch({ck.name: detect_arch(ck.tensors, ck.name) for ck in present.values()})
     ratios = RatioPlan(recipe, arch)
     adjust = adjust_factors(recipe.adjust, arch)
     plan = MergePlan(recipe, arch, a, b, c)
@@ -248,6 +250,6 @@ def merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None, c: Checkpo
           **options) -> MergeResult:
     """Merge into a new state dict (kept keys share A's tensors). Options as :func:`iter_merge`."""
     t0 = time.perf_counter()
-    plan = plan_merge(recipe, a, b, c)
+    plan = plan_merge(recipe, a, b, c, arch=options.pop("arch", None))
     tensors = dict(iter_merge(plan, **options))
     return MergeResult(tensors, plan, time.perf_counter() - t0)

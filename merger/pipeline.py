@@ -55,10 +55,20 @@ def spec_for(tensors, name: str = "checkpoint", prediction_type: str | None = No
                 checkpoint_layout(arch, **TINY[arch]))[probe]
         if tuple(tensors[probe].shape) == want:
             cin = tensors["model.diffusion_model.input_blocks.0.0.weight"].shape[1]
-            pred = prediction_type or ("v_prediction" if arch == "sd2" and size == "full" else "epsilon")
-            return Spec(arch, size, int(cin), pred)
+            return Spec(arch, size, int(cin), prediction_type or ("auto" if arch == "sd2" else "epsilon"))
     raise MergeError(f"{name}: {ARCH_NAMES[arch]} model with unexpected sizes "
                      f"({probe} is {list(tensors[probe].shape)})")
+
+
+@torch.no_grad()
+def detect_v_prediction(unet) -> bool:
+    """A1111's test for SD2 v-parameterisation: at t=999, an epsilon model's output minus its
+    input averages above -1 for a constant input of 0.5, a v model's far below."""
+    p = next(unet.parameters())
+    x = torch.ones((1, unet.config.in_channels, 8, 8), device=p.device, dtype=p.dtype) / 2
+    ctx = torch.ones((1, 2, unet.config.cross_attention_dim), device=p.device, dtype=p.dtype) / 2
+    out = unet(x, torch.tensor([999], device=p.device), encoder_hidden_states=ctx).sample
+    return (out[:, :4].float() - x[:, :4].float()).mean().item() < -1
 
 
 def _build_components(spec: Spec, device: str, dtype: torch.dtype):
@@ -66,7 +76,8 @@ def _build_components(spec: Spec, device: str, dtype: torch.dtype):
     from diffusers.schedulers import EulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    folder = pipeline_folder(spec.arch, spec.params(), spec.prediction_type)
+    pred = "epsilon" if spec.prediction_type == "auto" else spec.prediction_type
+    folder = pipeline_folder(spec.arch, spec.params(), pred)
 
     def empty(make):
         with torch.device("meta"):
@@ -109,6 +120,8 @@ class ResidentPipeline:
         dev, dt = default_device()
         self.device, self.dtype = device or dev, dtype or dt
         self.pipe = None
+        self.modules: dict = {}
+        self.prediction_type = "epsilon"
         self.spec: Spec | None = None
         self.folder = None
         self.targets: dict[str, list[tuple[Target, torch.Tensor]]] = {}
@@ -128,15 +141,16 @@ class ResidentPipeline:
         self.pipe = None
         self.targets = {}
         self.pipe, self.folder = _build_components(spec, self.device, self.dtype)
+        self.modules = {n: getattr(self.pipe, n) for n in ("unet", "vae", "text_encoder", "text_encoder_2")
+                        if getattr(self.pipe, n, None) is not None}
         self.spec, self.builds = spec, self.builds + 1
-        self.state, self.problem = "incomplete", "no weights loaded yet"
+        self.state, self.problem, self.vae_name = "incomplete", "no weights loaded yet", ""
         return True
 
     def _targets(self, key: str) -> list[tuple[Target, torch.Tensor]]:
         hit = self.targets.get(key)
         if hit is None:
-            comps = {n: getattr(self.pipe, n) for n in ("unet", "vae", "text_encoder", "text_encoder_2")
-                     if getattr(self.pipe, n, None) is not None}
+            comps = self.modules
             prefixes = {n: "text_model." if hasattr(m, "text_model") else "" for n, m in comps.items()
                         if n.startswith("text")}
             widths = {n: m.config.hidden_size for n, m in comps.items() if n.startswith("text")}
@@ -149,9 +163,33 @@ class ResidentPipeline:
             self.targets[key] = hit
         return hit
 
-    def parameter_names(self) -> set[tuple[str, str]]:
-        return {(n, p) for n in ("unet", "vae", "text_encoder", "text_encoder_2")
-                if getattr(self.pipe, n, None) is not None for p, _ in getattr(self.pipe, n).named_parameters()}
+    def use_vae(self, vae: dict[str, torch.Tensor] | None, name: str = "") -> None:
+        """Decode with a separate VAE (``first_stage_model.``-keyed tensors), or with the
+        model's own (baked) VAE when ``vae`` is None. The merged weights are not touched."""
+        from diffusers import AutoencoderKL
+
+        from .keymap import VAE, vae_param
+        with self.lock:
+            if self.pipe is None:
+                raise MergeError("load or merge a model first")
+            if vae is None:
+                self.pipe.vae, self.vae_name = self.modules["vae"], ""
+                return
+            with torch.device("meta"):
+                ext = AutoencoderKL.from_config(AutoencoderKL.load_config(self.folder / "vae"))
+            ext = ext.to(dtype=self.dtype).to_empty(device=self.device).eval().requires_grad_(False)
+            params = dict(ext.named_parameters())
+            filled = set()
+            for key, value in vae.items():
+                hit = vae_param(key[len(VAE):]) if key.startswith(VAE) else None
+                if hit and hit[0] in params:
+                    if params[hit[0]].numel() != value.numel():
+                        raise MergeError(f"VAE {name} does not fit this model ({key}: {list(value.shape)})")
+                    params[hit[0]].data.copy_(value.reshape(params[hit[0]].shape))
+                    filled.add(hit[0])
+            if len(filled) != len(params):
+                raise MergeError(f"VAE {name} is missing {len(params) - len(filled)} of {len(params)} tensors")
+            self.pipe.vae, self.vae_name = ext, name
 
     # ------------------------------------------------------------------ swapping
     def _out_for(self, key: str, like: torch.Tensor) -> torch.Tensor | None:
@@ -191,11 +229,9 @@ class ResidentPipeline:
         return stats
 
     def _all_params(self):
-        for n in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            m = getattr(self.pipe, n, None)
-            if m is not None:
-                for name, p in m.named_parameters():
-                    yield f"{n}.{name}", p
+        for n, m in self.modules.items():
+            for name, p in m.named_parameters():
+                yield f"{n}.{name}", p
 
     def _run(self, spec: Spec, items_factory: Callable, label: str, recipe) -> SwapStats:
         with self.lock:
@@ -207,8 +243,18 @@ class ResidentPipeline:
             except BaseException as e:
                 self.problem = f"the last merge ({label}) did not finish: {e}"
                 raise
+            if spec.prediction_type == "auto":
+                self._set_prediction("v_prediction" if detect_v_prediction(self.pipe.unet) else "epsilon")
+            else:
+                self._set_prediction(spec.prediction_type)
             self.state, self.problem, self.recipe, self.label = "ok", "", recipe, label
             return stats
+
+    def _set_prediction(self, kind: str) -> None:
+        if self.pipe.scheduler.config.prediction_type != kind:
+            self.pipe.scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config,
+                                                                       prediction_type=kind)
+        self.prediction_type = kind
 
     def load_checkpoint(self, ck: Checkpoint, prediction_type: str | None = None) -> SwapStats:
         """Show one model as it is (no merge)."""

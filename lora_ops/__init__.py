@@ -1,0 +1,1 @@
+"""LoRA operations (kohya / LyCORIS formats): naming, loading, merging, extracting."""

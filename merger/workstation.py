@@ -1,0 +1,173 @@
+"""The app's state and actions (model folders, cache, resident pipeline, history, outputs).
+
+The UI, the XYZ runner and tests call these methods; none of them does arithmetic itself.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .checkpoint_io import short_hash
+from .engine import plan_merge
+from .errors import MergeError
+from .generate import GenParams, GenResult, generate
+from .model_cache import ModelCache
+from .model_dirs import ModelDirs
+from .paths import data_dir
+from .pipeline import ResidentPipeline
+from .pnginfo import save_png
+from .recipe import Recipe
+from .saving import SaveOptions, auto_filename, model_label, recipe_metadata, save_merge, save_tensors
+
+
+@dataclass
+class Timings:
+    load: float = 0.0
+    merge: float = 0.0
+    generate: float = 0.0
+    save: float = 0.0
+
+    def line(self) -> str:
+        parts = [f"{k} {v:.2f} s" for k, v in (("loading", self.load), ("merging+swapping", self.merge),
+                                              ("generating", self.generate), ("saving", self.save)) if v]
+        return ", ".join(parts)
+
+
+@dataclass
+class Outcome:
+    message: str
+    timings: Timings = field(default_factory=Timings)
+    history_id: int | None = None
+    result: GenResult | None = None
+    path: Path | None = None
+
+
+class Workstation:
+    def __init__(self, dirs: ModelDirs, cache_bytes: int = 12 << 30, device: str | None = None,
+                 dtype=None, outputs: Path | None = None, history=None):
+        from mergehistory import MergeHistory
+        self.dirs = dirs
+        self.cache = ModelCache(cache_bytes)
+        self.pipeline = ResidentPipeline(device, dtype)
+        self.history = history or MergeHistory()
+        self.outputs = Path(outputs) if outputs else data_dir() / "outputs"
+        self.stop_event = threading.Event()
+        self.history_id: int | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def should_stop(self) -> bool:
+        return self.stop_event.is_set()
+
+    def recipe(self, model_a: str, model_b: str = "", model_c: str = "", **settings) -> Recipe:
+        """A recipe naming models by file name with their short hashes."""
+        paths = {s: self.dirs.resolve("ckpt", n) for s, n in (("a", model_a), ("b", model_b), ("c", model_c)) if n}
+        return Recipe(model_a=model_a, model_b=model_b or "", model_c=model_c or "",
+                      hash_a=short_hash(paths["a"]), hash_b=short_hash(paths["b"]) if "b" in paths else "",
+                      hash_c=short_hash(paths["c"]) if "c" in paths else "", **settings)
+
+    def _load(self, recipe: Recipe):
+        from .calcmodes import get_calcmode
+        needed = {"a": recipe.model_a}
+        if get_calcmode(recipe.calcmode).needs_b or recipe.model_b:
+            needed["b"] = recipe.model_b
+        if recipe.uses_c():
+            needed["c"] = recipe.model_c
+        paths = {s: self.dirs.resolve("ckpt", n) for s, n in needed.items() if n}
+        for s, n in needed.items():
+            h = getattr(recipe, f"hash_{s}")
+            if n and h and short_hash(paths[s]) != h:
+                raise MergeError(f"{n} has changed since this merge was recorded "
+                                 f"(hash {short_hash(paths[s])}, recorded {h})")
+        pinned = tuple(paths.values())
+        return {s: self.cache.get(p, pinned=pinned) for s, p in paths.items()}, paths
+
+    # ------------------------------------------------------------------ actions
+    def merge(self, recipe: Recipe, progress=None, source: str = "ui") -> Outcome:
+        """Merge into the resident pipeline and record the merge in the history."""
+        self.stop_event.clear()
+        t = Timings()
+        t0 = time.perf_counter()
+        recipe.check()
+        models, _ = self._load(recipe)
+        t.load = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plan = plan_merge(recipe, models["a"], models.get("b"), models.get("c"))
+        self.pipeline.swap(plan, progress=progress, should_stop=self.should_stop, label=model_label(recipe))
+        t.merge = time.perf_counter() - t0
+        self.history_id = self.history.append(recipe, source=source, seconds=t.load + t.merge)
+        return Outcome(f"merged #{self.history_id}: {model_label(recipe)}", t, self.history_id)
+
+    def load_model(self, name: str) -> Outcome:
+        """Show one checkpoint unmerged."""
+        t0 = time.perf_counter()
+        ck = self.cache.get(self.dirs.resolve("ckpt", name))
+        self.pipeline.load_checkpoint(ck)
+        self.history_id = None
+        return Outcome(f"loaded {name}", Timings(load=time.perf_counter() - t0))
+
+    def set_vae(self, name: str | None) -> None:
+        from .saving import load_vae
+        self.pipeline.use_vae(load_vae(self.dirs.resolve("vae", name)) if name else None, name or "")
+
+    def generate(self, params: GenParams, progress=None, save: bool = True) -> Outcome:
+        self.stop_event.clear()
+        rp = self.pipeline
+        recipe = rp.recipe
+        extra = {}
+        if self.history_id is not None:
+            extra["Merge ID"] = self.history_id
+        if rp.vae_name:
+            extra["VAE"] = rp.vae_name
+        label = model_label(recipe) if recipe else rp.label
+        res = generate(rp, params, model_label=label, model_hash=recipe.hash_a if recipe else "",
+                       extra_info=extra, progress=progress, should_stop=self.should_stop)
+        if save:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for i, im in enumerate(res.images):
+                save_png(im.image, self.outputs / "images" / f"{stamp}-{i:03}-{im.seed}.png", im.infotext,
+                         recipe.to_line() if recipe else "", self.history_id if self.history_id else "")
+        for im in res.images:
+            im.image.info["parameters"] = im.infotext
+        return Outcome(f"generated {len(res.images)} image(s)", Timings(generate=res.seconds), self.history_id, res)
+
+    def save_current(self, name: str = "", options: SaveOptions | None = None) -> Outcome:
+        """Write exactly the weights the pipeline holds (LDM layout)."""
+        options = options or SaveOptions()
+        t0 = time.perf_counter()
+        rp = self.pipeline
+        tensors = rp.state_dict()
+        recipe = rp.recipe
+        fname = name or (auto_filename(recipe, options) if recipe else Path(rp.label).stem + "-copy.safetensors")
+        path = self.dirs.ckpt / _with_ext(fname, options)
+        meta = recipe_metadata(recipe) if recipe else {}
+        saved = save_tensors(path, tensors, options, meta)
+        return Outcome(f"saved {saved}", Timings(save=time.perf_counter() - t0), path=saved)
+
+    def save_recipe(self, recipe: Recipe, name: str = "", options: SaveOptions | None = None,
+                    progress=None) -> Outcome:
+        """Merge a recipe straight to a file (e.g. a history row), without touching the pipeline."""
+        options = options or SaveOptions()
+        self.stop_event.clear()
+        t0 = time.perf_counter()
+        models, paths = self._load(recipe)
+        plan = plan_merge(recipe, models["a"], models.get("b"), models.get("c"))
+        path = self.dirs.ckpt / _with_ext(name or auto_filename(recipe, options), options)
+        saved = save_merge(plan, path, options, paths=paths, progress=progress, should_stop=self.should_stop)
+        return Outcome(f"saved {saved}", Timings(save=time.perf_counter() - t0), path=saved)
+
+    def unload(self) -> str:
+        self.pipeline = ResidentPipeline(self.pipeline.device, self.pipeline.dtype)
+        return "pipeline unloaded"
+
+    def clear_cache(self) -> str:
+        return f"cleared {self.cache.clear()} cached model(s)"
+
+
+def _with_ext(name: str, options: SaveOptions) -> str:
+    ext = ".safetensors" if options.fmt == "safetensors" else ".ckpt"
+    return name if name.lower().endswith(ext) else name + ext

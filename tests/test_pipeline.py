@@ -1,0 +1,239 @@
+"""Resident pipeline: offline build, in-place swap equal to diffusers' own single-file loader,
+consistency under stop/errors, generation, PNG info, VAE choice, demo models."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from merger.checkpoint_io import Checkpoint, load_checkpoint
+from merger.demo import DEMO_CHECKPOINTS, DEMO_LORA, DEMO_VAE, ensure_demo_models
+from merger.engine import merge, plan_merge
+from merger.errors import MergeError, MergeStopped
+from merger.generate import SAMPLERS, GenParams, encode_prompt, generate
+from merger.model_dirs import ModelDirs
+from merger.pipeline import ResidentPipeline, spec_for
+from merger.pipeline_config import clip_vocab
+from merger.pnginfo import read_png_info
+from merger.recipe import Recipe
+from merger.saving import SaveOptions, save_tensors
+from merger.synthetic import random_checkpoint
+from merger.workstation import Workstation
+
+
+def ck(arch, seed, dtype=torch.float16):
+    return Checkpoint(Path(f"{arch}_{seed}.safetensors"), random_checkpoint(arch, seed=seed, dtype=dtype))
+
+
+def small(**kw):
+    return GenParams(**{"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 1, **kw})
+
+
+def img(res, i=0):
+    return np.asarray(res.images[i].image, dtype=np.float32)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl"])
+def test_swap_equals_diffusers_single_file_loader(arch, tmp_path):
+    """Every pipeline parameter after a swap equals what diffusers' from_single_file loads
+    from the same merge saved to disk (fp32, exact)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    A, B = ck(arch, 1), ck(arch, 2)
+    r = Recipe("a", "b", alpha=0.3)
+    rp = ResidentPipeline("cpu", torch.float32)
+    rp.swap(plan_merge(r, A, B))
+    path = save_tensors(tmp_path / "m.safetensors", merge(r, A, B).tensors, SaveOptions())
+    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    kw = {} if arch == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    ref = cls.from_single_file(str(path), config=str(rp.folder), local_files_only=True,
+                               torch_dtype=torch.float32, **kw)
+    n = 0
+    for comp, mine in rp.modules.items():
+        theirs = dict(getattr(ref, comp).named_parameters())
+        for name, p in mine.named_parameters():
+            assert torch.equal(p, theirs[name]), f"{comp}.{name}"
+            n += 1
+    assert n == sum(1 for c in rp.modules for _ in getattr(ref, c).parameters())
+
+
+def test_swap_is_in_place_and_rebuilds_only_on_arch_change():
+    A, B = ck("sd1", 1, torch.float32), ck("sd1", 2, torch.float32)
+    rp = ResidentPipeline("cpu", torch.float32)
+    stats = rp.swap(plan_merge(Recipe("a", "b", alpha=0.5), A, B))
+    ptrs = {n: p.data_ptr() for n, p in rp.modules["unet"].named_parameters()}
+    stats = rp.swap(plan_merge(Recipe("a", "b", alpha=0.7), A, B))
+    # every U-Net/VAE/text tensor that maps 1:1 was computed inside the parameter's memory
+    assert stats.in_place >= 900 and stats.copied == 0
+    assert ptrs == {n: p.data_ptr() for n, p in rp.modules["unet"].named_parameters()}
+    assert rp.builds == 1
+    k = "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+    want = torch.lerp(A.tensors[k], B.tensors[k], 0.7)
+    assert torch.equal(rp.modules["unet"].down_blocks[0].attentions[0].proj_in.weight, want)
+    rp.swap(plan_merge(Recipe("a", "b"), ck("sdxl", 1), ck("sdxl", 2)))
+    assert rp.builds == 2 and rp.spec.arch == "sdxl"
+
+
+def test_stop_or_error_marks_incomplete_until_next_merge():
+    A, B = ck("sd1", 1), ck("sd1", 2)
+    rp = ResidentPipeline("cpu", torch.float32)
+    rp.swap(plan_merge(Recipe("a", "b"), A, B))
+    assert rp.state == "ok"
+    n = []
+    with pytest.raises(MergeStopped):
+        rp.swap(plan_merge(Recipe("a", "b", alpha=0.9), A, B), should_stop=lambda: len(n) > 50 or n.append(1))
+    assert rp.state == "incomplete" and "did not finish" in rp.problem
+    with pytest.raises(MergeError, match="incomplete"):
+        generate(rp, small())
+    B.tensors["model.diffusion_model.out.2.weight"] = B.tensors["model.diffusion_model.out.2.weight"].clone()
+    B.tensors["model.diffusion_model.out.2.weight"][0, 0, 0, 0] = float("inf")
+    with pytest.raises(MergeError, match="NaN/Inf"):
+        rp.swap(plan_merge(Recipe("a", "b"), A, B))
+    assert rp.state == "incomplete"
+    rp.swap(plan_merge(Recipe("a", "b"), A, ck("sd1", 3)))
+    assert rp.state == "ok" and len(generate(rp, small()).images) == 1
+
+
+def test_save_current_merge_is_what_the_pipeline_holds(tmp_path):
+    A, B = ck("sd2", 1, torch.float32), ck("sd2", 2, torch.float32)
+    r = Recipe("a", "b", alpha=0.25)
+    rp = ResidentPipeline("cpu", torch.float32)
+    rp.swap(plan_merge(r, A, B))
+    sd = rp.state_dict()
+    want = merge(r, A, B).tensors
+    for k, v in want.items():
+        if v.is_floating_point():
+            assert torch.equal(sd[k], v), k   # incl. fused q/k/v, VAE 1x1 convs, SD2's unused last layer
+    rp2 = ResidentPipeline("cpu", torch.float32)
+    rp2.load_checkpoint(Checkpoint(Path("x"), sd))
+    for comp, m in rp.modules.items():
+        other = dict(rp2.modules[comp].named_parameters())
+        assert all(torch.equal(p, other[n]) for n, p in m.named_parameters())
+
+
+def test_generation_seeds_batches_samplers_and_prompt_options():
+    rp = ResidentPipeline("cpu", torch.float32)
+    rp.load_checkpoint(ck("sd1", 1))
+    a, b = generate(rp, small()), generate(rp, small())
+    assert np.array_equal(img(a), img(b))                          # same seed, same image
+    assert not np.array_equal(img(a), img(generate(rp, small(seed=2))))
+    r = generate(rp, small(seed=-1))
+    assert 0 <= r.images[0].seed < 2**32 and f"Seed: {r.images[0].seed}" in r.images[0].infotext
+    r = generate(rp, small(seed=10, batch_count=2, batch_size=2))
+    assert [i.seed for i in r.images] == [10, 11, 12, 13]
+    # image 3 of the run is seed 12's image (up to batched-arithmetic rounding of a pixel level)
+    assert np.abs(img(r, 2) - img(generate(rp, small(seed=12)))).max() <= 2
+    for s in SAMPLERS:
+        assert generate(rp, small(sampler=s)).images[0].image.size == (64, 64)
+    r = generate(rp, small(prompt="a dog --n ugly --w 96 --h 64 --d 5 --l 4.5 --s 3"))
+    info = r.images[0].infotext
+    assert r.images[0].image.size == (96, 64) and r.images[0].seed == 5
+    assert info.startswith("a dog\nNegative prompt: ugly\nSteps: 3, Sampler: Euler a, CFG scale: 4.5, Seed: 5, Size: 96x64")
+    with pytest.raises(MergeError, match="multiples of 8"):
+        generate(rp, small(width=100))
+    with pytest.raises(MergeError, match="unknown sampler"):
+        generate(rp, small(sampler="Nope"))
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_prompt_weights_clip_skip_and_long_prompts(arch):
+    rp = ResidentPipeline("cpu", torch.float32)
+    rp.load_checkpoint(ck(arch, 1))
+    pipe = rp.pipe
+    plain, _, n = encode_prompt(pipe, arch, "a cat on a mat", 1)
+    weighted, _, _ = encode_prompt(pipe, arch, "a (cat:1.5) on a mat", 1)
+    assert n == 1 and plain.shape[1] == 77 and not torch.equal(plain, weighted)
+    same, _, _ = encode_prompt(pipe, arch, "a (cat:1.0) on a mat", 1)
+    torch.testing.assert_close(plain, same)
+    skip2, _, _ = encode_prompt(pipe, arch, "a cat on a mat", 2)
+    assert not torch.equal(plain, skip2)
+    long, pooled, n = encode_prompt(pipe, arch, " ".join(["cat"] * 100), 1)
+    assert n == 2 and long.shape[1] == 154
+    brk, _, n = encode_prompt(pipe, arch, "a cat BREAK a mat", 1)
+    assert n == 2
+    if arch == "sdxl":
+        assert plain.shape[-1] == 32 + 48 and pooled.shape == (1, 48)
+
+
+def test_tokenizers_are_the_real_clip_ones():
+    vocab, merges = clip_vocab()
+    assert len(vocab) == 49408 and len(merges) == 48894
+    rp = ResidentPipeline("cpu", torch.float32)
+    rp.ensure(spec_for(random_checkpoint("sdxl", seed=1)))
+    assert rp.pipe.tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    pad1 = rp.pipe.tokenizer("a cat", padding="max_length", max_length=6).input_ids
+    pad2 = rp.pipe.tokenizer_2("a cat", padding="max_length", max_length=6).input_ids
+    assert pad1 == [49406, 320, 2368, 49407, 49407, 49407] and pad2 == [49406, 320, 2368, 49407, 0, 0]
+
+
+def test_prediction_type_override_and_detection():
+    rp = ResidentPipeline("cpu", torch.float32)
+    rp.load_checkpoint(ck("sd2", 1), prediction_type="v_prediction")
+    assert rp.pipe.scheduler.config.prediction_type == "v_prediction"
+    rp.load_checkpoint(ck("sd2", 1))            # auto: A1111's test decides
+    assert rp.prediction_type in ("epsilon", "v_prediction")
+    rp.load_checkpoint(ck("sd1", 1))
+    assert rp.pipe.scheduler.config.prediction_type == "epsilon"
+
+
+# ----------------------------------------------------------------------------- workstation
+@pytest.fixture
+def ws(tmp_path):
+    dirs = ModelDirs.from_models_dir(tmp_path / "models")
+    ensure_demo_models(dirs)
+    return Workstation(dirs, device="cpu", dtype=torch.float32, outputs=tmp_path / "out")
+
+
+def test_demo_models_written_once(tmp_path):
+    dirs = ModelDirs.from_models_dir(tmp_path / "m")
+    first = ensure_demo_models(dirs)
+    assert {p.name for p in first} == set(DEMO_CHECKPOINTS) | {DEMO_LORA, DEMO_VAE}
+    assert ensure_demo_models(dirs) == []
+    assert all(n.startswith("demo-") for n in dirs.checkpoints() + dirs.loras() + dirs.vaes())
+
+
+def test_merge_and_gen_png_info_reloads_the_merge(ws):
+    names = sorted(n for n in ws.dirs.checkpoints() if "sd1" in n)
+    r = ws.recipe(names[0], names[1], alpha=0.35)
+    out = ws.merge(r)
+    assert out.history_id == 1 and out.timings.merge > 0
+    g = ws.generate(small())
+    pngs = list((ws.outputs / "images").glob("*.png"))
+    assert len(pngs) == 1
+    info = read_png_info(pngs[0])
+    assert "Merge ID: 1" in info["parameters"] and Recipe.from_line(info["sdmw_recipe"]) == r
+    assert info["sdmw_merge_id"] == "1" and g.result.images[0].image.info["parameters"] == info["parameters"]
+    assert ws.history.recipe(-1) == r
+
+
+def test_alpha_changes_the_image_and_vae_choice(ws):
+    names = sorted(n for n in ws.dirs.checkpoints() if "sd1" in n)
+    ws.merge(ws.recipe(names[0], names[1], alpha=0.2))
+    a = img(ws.generate(small(), save=False).result)
+    ws.merge(ws.recipe(names[0], names[1], alpha=0.8))
+    b = img(ws.generate(small(), save=False).result)
+    assert np.abs(a - b).mean() > 0.5
+    ws.set_vae(DEMO_VAE)
+    c = ws.generate(small(), save=False).result
+    assert not np.array_equal(b, img(c)) and f"VAE: {DEMO_VAE}" in c.images[0].infotext
+    ws.set_vae(None)
+    assert np.array_equal(b, img(ws.generate(small(), save=False).result))
+
+
+def test_workstation_errors_and_saving(ws):
+    names = ws.dirs.checkpoints()
+    sd1 = sorted(n for n in names if "sd1" in n)
+    with pytest.raises(MergeError, match="SD 1.x.*SDXL|SDXL.*SD 1.x"):
+        ws.merge(ws.recipe(sd1[0], "demo-sdxl-tiny.safetensors"))
+    ws.merge(ws.recipe(sd1[0], sd1[1], alpha=0.5))       # still works after the error
+    saved = ws.save_current("current", SaveOptions(fp16=True)).path
+    assert saved.name == "current.safetensors" and saved.parent == ws.dirs.ckpt
+    with pytest.raises(MergeError, match="already exists"):
+        ws.save_current("current", SaveOptions(fp16=True))
+    row = ws.history.recipe(-1)
+    p = ws.save_recipe(row, "from-history").path
+    a = load_checkpoint(p).tensors
+    b = load_checkpoint(saved).tensors
+    k = "model.diffusion_model.middle_block.1.proj_in.weight"
+    assert torch.equal(a[k], b[k])
+    with pytest.raises(MergeError, match="model not found"):
+        ws.recipe("nope.safetensors", sd1[0])
