@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import mmap
 import os
 import pickle
@@ -45,6 +46,23 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def value_stats(self) -> tuple[frozenset[str], float]:
+        """(keys holding NaN/Inf, largest finite |value|) over the float tensors; computed once
+        per loaded file (one ``aminmax`` pass, about memory speed) and cached."""
+        stamp = (len(self.tensors), sum(id(t) for t in self.tensors.values()))
+        cached = getattr(self, "_stats", None)
+        if cached is None or cached[0] != stamp:
+            bad, top = set(), 0.0
+            for k, t in self.tensors.items():
+                if t.is_floating_point() and t.numel():
+                    lo, hi = (v.item() for v in torch.aminmax(t.reshape(-1)))
+                    if math.isfinite(lo) and math.isfinite(hi):
+                        top = max(top, -lo, hi)
+                    else:
+                        bad.add(k)
+            cached = self._stats = (stamp, (frozenset(bad), top))
+        return cached[1]
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:

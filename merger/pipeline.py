@@ -16,7 +16,7 @@ import torch
 
 from .arch import ARCH_NAMES, detect_arch
 from .checkpoint_io import Checkpoint
-from .engine import MergePlan, iter_merge
+from .engine import MergePlan, check_inputs, iter_merge
 from .errors import MergeError
 from .keymap import Target, targets_for
 from .ldm_layout import TINY, arch_params, checkpoint_layout
@@ -196,7 +196,8 @@ class ResidentPipeline:
         hit = self._targets(key)
         if len(hit) == 1 and hit[0][0].kind in ("copy", "reshape"):
             p = hit[0][1]
-            if p.dtype == like.dtype and p.device == like.device and p.numel() == like.numel():
+            if p.device == like.device and p.numel() == like.numel() and (
+                    p.dtype == like.dtype or like.is_floating_point()):
                 return p.data.view(like.shape)
         return None
 
@@ -265,6 +266,7 @@ class ResidentPipeline:
              label: str = "") -> SwapStats:
         """Merge ``plan`` directly into the pipeline's parameters."""
         spec = spec_for(plan.a.tensors, plan.a.name, prediction_type)
+        check_inputs(plan)   # bad input is refused while the pipeline still holds its last merge
 
         def run():
             items = iter_merge(plan, out_for=self._out_for, alloc=ReusableBuffer(self.device), progress=progress,

@@ -84,13 +84,19 @@ def test_stop_or_error_marks_incomplete_until_next_merge():
     assert rp.state == "incomplete" and "did not finish" in rp.problem
     with pytest.raises(MergeError, match="incomplete"):
         generate(rp, small())
+    rp.swap(plan_merge(Recipe("a", "b", alpha=0.2), A, B))
+    assert rp.state == "ok" and len(generate(rp, small()).images) == 1
+    before = {n: p.clone() for n, p in rp.modules["unet"].named_parameters()}
     B.tensors["model.diffusion_model.out.2.weight"] = B.tensors["model.diffusion_model.out.2.weight"].clone()
     B.tensors["model.diffusion_model.out.2.weight"][0, 0, 0, 0] = float("inf")
-    with pytest.raises(MergeError, match="NaN/Inf"):
-        rp.swap(plan_merge(Recipe("a", "b"), A, B))
+    with pytest.raises(MergeError, match="NaN/Inf"):      # refused before anything is written:
+        rp.swap(plan_merge(Recipe("a", "b"), A, B))     # the pipeline keeps its previous weights
+    assert rp.state == "ok" and all(torch.equal(p, before[n]) for n, p in rp.modules["unet"].named_parameters())
+    with pytest.raises(MergeError, match="NaN/Inf"):      # a merge that overflows mid-way is marked
+        rp.swap(plan_merge(Recipe("a", "b", "c", mode="add_difference", alpha=1e6), A, ck("sd1", 3), ck("sd1", 4)))
     assert rp.state == "incomplete"
     rp.swap(plan_merge(Recipe("a", "b"), A, ck("sd1", 3)))
-    assert rp.state == "ok" and len(generate(rp, small()).images) == 1
+    assert rp.state == "ok"
 
 
 def test_save_current_merge_is_what_the_pipeline_holds(tmp_path):

@@ -42,6 +42,9 @@ class CalcMode:
     check: Callable | None = None
     # keys may be computed in parallel threads
     parallel: bool = False
+    # each output element depends only on the same element of the inputs: the engine may run
+    # the function on flat chunks (to write a differently typed destination at memory speed)
+    elementwise: bool = False
     aliases: tuple[str, ...] = field(default_factory=tuple)
 
 

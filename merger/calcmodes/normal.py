@@ -4,7 +4,7 @@ from . import calcmode
 
 
 @calcmode("normal", reference="SuperMerger mergers.py smerge(), calcmode 'normal'; formulas in "
-          "merger/modes.py", uses_beta=False)
+          "merger/modes.py", uses_beta=False, elementwise=True)
 def normal(a, b, c, alpha, beta, *, mode, out, ctx):
     if mode == "weight_sum":
         return modes.weight_sum(a, b, alpha, out)

@@ -6,7 +6,7 @@ from . import calcmode
 SELF_SKIP = ("to_out", "proj_out", "norm")
 
 
-@calcmode("self", modes=("weight_sum",), needs_b=False,
+@calcmode("self", modes=("weight_sum",), needs_b=False, elementwise=True,
           skip_key=lambda k: any(s in k for s in SELF_SKIP),
           reference="SuperMerger mergers.py smerge(), calcmode 'self'")
 def self_scale(a, b, c, alpha, beta, *, mode, out, ctx):
