@@ -50,3 +50,16 @@ def check_same_arch(named: Mapping[str, str]) -> str:
                 f"cannot merge different architectures: {first_name} is {ARCH_NAMES[first]}, "
                 f"{other_name} is {ARCH_NAMES[other]}")
     return first
+
+
+def detect_arch_of_file(path) -> str:
+    """Architecture from a file's key names only (reads just the safetensors header)."""
+    from pathlib import Path
+
+    from .checkpoint_io import load_checkpoint, read_safetensors_header
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        header, _ = read_safetensors_header(path)
+        header.pop("__metadata__", None)
+        return detect_arch({k: tuple(v.get("shape", ())) for k, v in header.items()}, path.name)
+    return detect_arch(load_checkpoint(path).tensors, path.name)

@@ -1,0 +1,63 @@
+"""Launch the workstation: ``python app.py [--models-dir DIR] [--host H] [--port P] [--share]``.
+
+With no model folder given, small demo checkpoints, a demo LoRA and a demo VAE are written to
+``./models`` first, so every feature works at once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="SD Merge Workstation")
+    p.add_argument("--models-dir", help="an A1111 models/ folder (Stable-diffusion, Lora, VAE inside)")
+    p.add_argument("--ckpt-dir", help="checkpoint folder (overrides models-dir/Stable-diffusion)")
+    p.add_argument("--lora-dir", help="LoRA folder (overrides models-dir/Lora)")
+    p.add_argument("--vae-dir", help="VAE folder (overrides models-dir/VAE)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="create a public Gradio link")
+    p.add_argument("--cache-gb", type=float, default=12.0, help="RAM budget of the model cache")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    p.add_argument("--no-demo", action="store_true", help="do not write demo models")
+    return p.parse_args(argv)
+
+
+def make_workstation(args):
+    from merger.demo import ensure_demo_models
+    from merger.model_dirs import ModelDirs
+    from merger.workstation import Workstation
+    given = args.models_dir or args.ckpt_dir
+    dirs = ModelDirs.from_models_dir(args.models_dir or ROOT / "models", args.ckpt_dir, args.lora_dir, args.vae_dir)
+    if not given and not args.no_demo:
+        written = ensure_demo_models(dirs)
+        if written:
+            print(f"wrote {len(written)} demo models under {dirs.ckpt.parent}")
+    dirs.create()
+    return Workstation(dirs, cache_bytes=int(args.cache_gb * 2**30), device=args.device)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ws = make_workstation(args)
+    import diffusers  # noqa: F401  (import now: the first merge should not wait for it)
+
+    from ui.app_ui import build_ui
+    demo = build_ui(ws)
+    demo.queue(default_concurrency_limit=1)
+    print(f"models: {ws.dirs.ckpt}  |  device: {ws.pipeline.device} ({ws.pipeline.dtype})")
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+                allowed_paths=[str(ws.outputs)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Widget values <-> engine objects (Recipe, GenParams, SaveOptions). Glue only, no math."""
+from __future__ import annotations
+
+from merger.blocks import BLOCKS_SD, BLOCKS_XL
+from merger.generate import GenParams
+from merger.presets import parse_vector
+from merger.ratios import split_inex
+from merger.recipe import MODE_LABELS, Recipe
+from merger.saving import SaveOptions
+
+MODE_CHOICES = [(label, mode) for mode, label in MODE_LABELS.items()]
+SAVE_CHOICES = ["save model", "overwrite", "safetensors", "fp16", "save metadata", "prune", "Reset CLIP ids"]
+SAVE_DEFAULT = ["safetensors", "save metadata"]
+INEX_CHOICES = [("Off", "off"), ("Include", "include"), ("Exclude", "exclude")]
+ADJUST_LABELS = ["IN", "OUT", "OUT2", "CONT", "BRI", "COL1", "COL2", "COL3"]
+
+
+def visible_blocks(arch: str) -> list[bool]:
+    """Which of the 26 sliders apply to the architecture (SDXL has 20 blocks)."""
+    return [b in BLOCKS_XL for b in BLOCKS_SD] if arch == "sdxl" else [True] * 26
+
+
+def sliders_to_text(values: list[float], arch: str) -> str:
+    return ",".join(f"{v:g}" for v, show in zip(values, visible_blocks(arch)) if show)
+
+
+def text_to_sliders(text: str, arch: str) -> list[float]:
+    """26 slider values from a preset name or 26/20 values (hidden SDXL-only sliders keep 0)."""
+    values = iter(parse_vector(text, arch))
+    return [next(values) if show else 0.0 for show in visible_blocks(arch)]
+
+
+def adjust_text(values) -> str:
+    return ",".join(f"{float(v):g}" for v in values)
+
+
+def adjust_values(text: str) -> list[float]:
+    parts = [p.strip() for p in text.split(",")]
+    out = [float(p) if p else 0.0 for p in parts[:8]]
+    return out + [0.0] * (8 - len(out))
+
+
+def build_recipe(ws, arch: str, a, b, c, mode, calcmode, alpha, beta, gamma, use_mbw, mbw_a, mbw_b,
+                 elemental, inex, inex_text, adjust, seed=-1) -> Recipe:
+    blocks, elements = split_inex(inex_text or "", arch)
+    adj = adjust_values(adjust) if adjust else None
+    return ws.recipe(a, b or "", c or "", mode=mode, calcmode=calcmode, alpha=float(alpha), beta=float(beta),
+                     gamma=float(gamma), mbw_alpha=parse_vector(mbw_a, arch, "MBW alpha") if use_mbw else None,
+                     mbw_beta=parse_vector(mbw_b, arch, "MBW beta") if use_mbw and mbw_b else None,
+                     elemental=elemental or "", inex=inex, inex_blocks=blocks if inex != "off" else [],
+                     inex_elements=elements if inex != "off" else [], adjust=adj if adj and any(adj) else None,
+                     seed=int(seed))
+
+
+def recipe_to_widgets(r: Recipe) -> dict:
+    """Values for the merge widgets from a recipe (Load settings from history)."""
+    return {
+        "a": r.model_a, "b": r.model_b or None, "c": r.model_c or None, "mode": r.mode,
+        "calcmode": r.calcmode, "alpha": r.alpha, "beta": r.beta, "gamma": r.gamma,
+        "use_mbw": r.mbw_alpha is not None,
+        "mbw_a": ",".join(f"{v:g}" for v in r.mbw_alpha) if r.mbw_alpha else "",
+        "mbw_b": ",".join(f"{v:g}" for v in r.mbw_beta) if r.mbw_beta else "",
+        "elemental": r.elemental, "inex": r.inex, "inex_text": " ".join(r.inex_blocks + r.inex_elements),
+        "adjust": adjust_text(r.adjust) if r.adjust else "0,0,0,0,0,0,0,0",
+    }
+
+
+def save_options(flags: list[str], vae_path: str | None = None) -> SaveOptions:
+    return SaveOptions(fmt="safetensors" if "safetensors" in flags else "ckpt", fp16="fp16" in flags,
+                       prune="prune" in flags, save_metadata="save metadata" in flags,
+                       reset_clip_ids="Reset CLIP ids" in flags, overwrite="overwrite" in flags, vae=vae_path)
+
+
+def gen_params(prompt, negative, steps, cfg, seed, width, height, batch_count, batch_size, clip_skip,
+               sampler) -> GenParams:
+    return GenParams(prompt=prompt or "", negative=negative or "", steps=int(steps), cfg=float(cfg),
+                     seed=int(seed), width=int(width), height=int(height), batch_count=int(batch_count),
+                     batch_size=int(batch_size), clip_skip=int(clip_skip), sampler=sampler)

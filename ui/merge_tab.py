@@ -1,0 +1,212 @@
+"""Merge tab: models, mode, calcmode, ratios, MBW, elemental, include/exclude, adjust, save
+options, the action buttons and the generation panel."""
+from __future__ import annotations
+
+import gradio as gr
+
+from merger.arch import detect_arch_of_file
+from merger.blocks import BLOCKS_SD
+from merger.calcmodes import calcmode_names, get_calcmode
+from merger.generate import SAMPLERS
+from merger.presets import presets
+from merger.recipe import MODES_WITH_BETA, MODES_WITH_C
+
+from . import forms
+from .common import progress_cb, safe
+
+BAKED = "(model's own)"
+
+
+def build(ws):
+    c: dict = {}
+    with gr.Row():
+        c["status"] = gr.Textbox(label="Status", value="ready", interactive=False, elem_id="status", scale=5)
+        c["load_id"] = gr.Textbox(label="Load settings from merge ID (-1 = last)", value="-1", elem_id="load_id", scale=1)
+        c["load_btn"] = gr.Button("Load settings", elem_id="load_settings", scale=1)
+    with gr.Row():
+        with gr.Column(scale=3):
+            with gr.Row():
+                ckpts = ws.dirs.checkpoints()
+                c["a"] = gr.Dropdown(ckpts, value=ckpts[0] if ckpts else None, label="Model A", elem_id="model_a")
+                c["b"] = gr.Dropdown(ckpts, value=ckpts[1] if len(ckpts) > 1 else None, label="Model B", elem_id="model_b")
+                c["c"] = gr.Dropdown(ckpts, value=None, label="Model C", elem_id="model_c")
+                c["refresh"] = gr.Button("Refresh", elem_id="refresh_models", scale=0, min_width=80)
+            with gr.Row():
+                c["mode"] = gr.Radio(forms.MODE_CHOICES, value="weight_sum", label="Merge mode", elem_id="mode")
+                c["calcmode"] = gr.Dropdown(calcmode_names("weight_sum"), value="normal", label="Calcmode", elem_id="calcmode")
+            with gr.Row():
+                c["alpha"] = gr.Slider(-1, 2, value=0.5, step=0.001, label="alpha (α)", elem_id="alpha")
+                c["beta"] = gr.Slider(-1, 2, value=0.25, step=0.001, label="beta (β)", elem_id="beta", visible=False)
+                c["gamma"] = gr.Number(value=1.0, label="gamma (extract)", visible=False, elem_id="gamma")
+            c["arch"] = gr.Textbox(value="sd1", visible=False)
+            with gr.Accordion("Merge Block Weight (MBW)", open=False, elem_id="mbw_accordion"):
+                c["use_mbw"] = gr.Checkbox(label="use MBW", value=False, elem_id="use_mbw")
+                with gr.Row():
+                    sd_presets = [n for n, v in presets("sd1").items() if not any(x in v for x in "RUX")]
+                    c["preset"] = gr.Dropdown(sd_presets, label="Preset", elem_id="mbw_preset")
+                    c["target"] = gr.Radio(["alpha", "beta"], value="alpha", label="sliders edit")
+                c["mbw_a"] = gr.Textbox(label="MBW alpha (26 values for SD1/SD2, 20 for SDXL; BASE first)",
+                                        value=",".join(["0.5"] * 26), elem_id="mbw_alpha")
+                c["mbw_b"] = gr.Textbox(label="MBW beta", value="", elem_id="mbw_beta")
+                c["sliders"] = []
+                for row in (BLOCKS_SD[:13], BLOCKS_SD[13:]):
+                    with gr.Row():
+                        for blk in row:
+                            c["sliders"].append(gr.Slider(-1, 2, value=0.5, step=0.01, label=blk, min_width=80,
+                                                          elem_id=f"mbw_{blk}"))
+            with gr.Accordion("Elemental, include / exclude, adjust", open=False):
+                c["elemental"] = gr.Textbox(label="Elemental (blocks:elements:ratio, one per line)", lines=2,
+                                            elem_id="elemental")
+                with gr.Row():
+                    c["inex"] = gr.Radio(forms.INEX_CHOICES, value="off", label="Include / Exclude")
+                    c["inex_text"] = gr.Textbox(label="blocks (IN01 OUT03-OUT05 VAE Adjust) and key substrings")
+                c["adjust"] = gr.Textbox(label="Adjust: IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3",
+                                         value="0,0,0,0,0,0,0,0", elem_id="adjust")
+                with gr.Row():
+                    c["adjust_sliders"] = [gr.Slider(-10, 10, value=0, step=0.1, label=n, min_width=80)
+                                           for n in forms.ADJUST_LABELS]
+            with gr.Accordion("Save options", open=False):
+                c["save_flags"] = gr.CheckboxGroup(forms.SAVE_CHOICES, value=forms.SAVE_DEFAULT, label="", elem_id="save_flags")
+                with gr.Row():
+                    c["bake_vae"] = gr.Dropdown([None] + ws.dirs.vaes(), value=None, label="Bake in VAE")
+                    c["custom_name"] = gr.Textbox(label="Custom name (optional)", elem_id="custom_name")
+            with gr.Row():
+                c["merge"] = gr.Button("Merge", elem_id="merge")
+                c["merge_gen"] = gr.Button("Merge and Gen", variant="primary", elem_id="merge_gen")
+                c["gen"] = gr.Button("Gen", elem_id="gen")
+                c["stop"] = gr.Button("Stop", variant="stop", elem_id="stop")
+            with gr.Row():
+                c["save_current"] = gr.Button("Save current merge", elem_id="save_current")
+                c["unload"] = gr.Button("Unload", elem_id="unload")
+                c["clear_cache"] = gr.Button("Clear cache", elem_id="clear_cache")
+        with gr.Column(scale=2):
+            c["prompt"] = gr.Textbox(label="Prompt (A1111 weights, --n --w --h --d --l --s)", lines=2,
+                                     value="a photo of a cat", elem_id="prompt")
+            c["negative"] = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+            with gr.Row():
+                c["steps"] = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="steps")
+                c["cfg"] = gr.Slider(1, 30, value=7.0, step=0.5, label="CFG scale")
+            with gr.Row():
+                c["width"] = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="width")
+                c["height"] = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="height")
+            with gr.Row():
+                c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 random)", elem_id="seed")
+                c["sampler"] = gr.Dropdown(list(SAMPLERS), value="Euler a", label="Sampler")
+                c["clip_skip"] = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
+            with gr.Row():
+                c["batch_count"] = gr.Slider(1, 100, value=1, step=1, label="Batch count")
+                c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size")
+                c["vae"] = gr.Dropdown([BAKED] + ws.dirs.vaes(), value=BAKED, label="VAE")
+            c["gallery"] = gr.Gallery(label="Output", columns=2, height=420, elem_id="gallery", format="png")
+            c["info"] = gr.Textbox(label="PNG info", lines=4, interactive=False, elem_id="pnginfo")
+    _wire(ws, c)
+    return c
+
+
+def _wire(ws, c):
+    recipe_inputs = [c[k] for k in ("arch", "a", "b", "c", "mode", "calcmode", "alpha", "beta", "gamma", "use_mbw",
+                                    "mbw_a", "mbw_b", "elemental", "inex", "inex_text", "adjust")]
+    gen_inputs = [c[k] for k in ("prompt", "negative", "steps", "cfg", "seed", "width", "height", "batch_count",
+                                 "batch_size", "clip_skip", "sampler")]
+    save_inputs = [c["save_flags"], c["bake_vae"], c["custom_name"]]
+
+    def modes_changed(mode, calcmode):
+        names = calcmode_names(mode)
+        cm = calcmode if calcmode in names else "normal"
+        uses_beta = mode in MODES_WITH_BETA or get_calcmode(cm).uses_beta
+        return gr.update(choices=names, value=cm), gr.update(visible=uses_beta), gr.update(visible=cm == "extract")
+    for ev in (c["mode"].change, c["calcmode"].change):
+        ev(modes_changed, [c["mode"], c["calcmode"]], [c["calcmode"], c["beta"], c["gamma"]])
+
+    def model_a_changed(a):
+        try:
+            arch = detect_arch_of_file(ws.dirs.resolve("ckpt", a)) if a else "sd1"
+        except Exception:  # noqa: BLE001 - reported when merging
+            arch = "sd1"
+        return [arch] + [gr.update(visible=v) for v in forms.visible_blocks(arch)]
+    c["a"].change(model_a_changed, [c["a"]], [c["arch"]] + c["sliders"])
+
+    @safe(29)
+    def preset_picked(name, arch, target):
+        vals = forms.text_to_sliders(name, arch)
+        text = forms.sliders_to_text(vals, arch)
+        a, b = (text, gr.update()) if target == "alpha" else (gr.update(), text)
+        return f"preset {name} -> MBW {target}", a, b, *vals
+    c["preset"].input(preset_picked, [c["preset"], c["arch"], c["target"]],
+                      [c["status"], c["mbw_a"], c["mbw_b"]] + c["sliders"])
+
+    def sliders_moved(arch, target, *vals):
+        text = forms.sliders_to_text(list(vals), arch)
+        return (gr.update(value=text), gr.update()) if target == "alpha" else (gr.update(), gr.update(value=text))
+    for s in c["sliders"]:
+        s.release(sliders_moved, [c["arch"], c["target"]] + c["sliders"], [c["mbw_a"], c["mbw_b"]])
+
+    for key in ("mbw_a", "mbw_b"):
+        c[key].blur(safe(27)(lambda text, arch: ("", *forms.text_to_sliders(text, arch))),
+                    [c[key], c["arch"]], [c["status"]] + c["sliders"])
+
+    for s in c["adjust_sliders"]:
+        s.release(lambda *v: forms.adjust_text(v), c["adjust_sliders"], c["adjust"])
+    c["adjust"].blur(safe(9)(lambda t: ("", *forms.adjust_values(t))), c["adjust"], [c["status"]] + c["adjust_sliders"])
+
+    def refresh():
+        ck, vaes = ws.dirs.checkpoints(), ws.dirs.vaes()
+        return (gr.update(choices=ck), gr.update(choices=ck), gr.update(choices=ck),
+                gr.update(choices=[BAKED] + vaes), gr.update(choices=[None] + vaes), f"{len(ck)} checkpoints")
+    c["refresh"].click(refresh, None, [c["a"], c["b"], c["c"], c["vae"], c["bake_vae"], c["status"]])
+
+    def do_merge(args, flags, bake, name, progress):
+        recipe = forms.build_recipe(ws, *args)
+        out = ws.merge(recipe, progress=progress_cb(progress, "merging"))
+        msg = f"{out.message} ({out.timings.line()})"
+        if "save model" in flags:
+            saved = ws.save_current(name, forms.save_options(flags, str(ws.dirs.resolve("vae", bake)) if bake else None))
+            msg += f"; {saved.message}"
+        return msg, out.timings
+
+    def do_gen(gen_args, vae, progress):
+        ws.set_vae(None if vae == BAKED else vae)
+        out = ws.generate(forms.gen_params(*gen_args), progress=progress_cb(progress, "generating"))
+        images = [(im.image, f"seed {im.seed}") for im in out.result.images]
+        return images, out.result.images[0].infotext if images else "", out.timings
+
+    n_rec, n_gen = len(recipe_inputs), len(gen_inputs)
+
+    @safe(3)
+    def merge_only(*args, progress=gr.Progress()):
+        msg, _ = do_merge(args[:n_rec], *args[n_rec:], progress)
+        return msg, gr.update(), gr.update()
+
+    @safe(3)
+    def merge_and_gen(*args, progress=gr.Progress()):
+        msg, t = do_merge(args[:n_rec], *args[n_rec + n_gen + 1:], progress)
+        images, info, tg = do_gen(args[n_rec:n_rec + n_gen], args[n_rec + n_gen], progress)
+        return f"{msg}; generated {len(images)} image(s) in {tg.generate:.2f} s", images, info
+
+    @safe(3)
+    def gen_only(*args, progress=gr.Progress()):
+        images, info, tg = do_gen(args[:n_gen], args[n_gen], progress)
+        return f"generated {len(images)} image(s) (generating {tg.generate:.2f} s)", images, info
+
+    outs = [c["status"], c["gallery"], c["info"]]
+    c["merge"].click(merge_only, recipe_inputs + save_inputs, outs)
+    c["merge_gen"].click(merge_and_gen, recipe_inputs + gen_inputs + [c["vae"]] + save_inputs, outs)
+    c["gen"].click(gen_only, gen_inputs + [c["vae"]], outs)
+    c["stop"].click(lambda: (ws.stop(), "stopping…")[1], None, c["status"], concurrency_limit=None)
+
+    @safe(1)
+    def save_current(flags, bake, name, progress=gr.Progress()):
+        return ws.save_current(name, forms.save_options(flags, str(ws.dirs.resolve("vae", bake)) if bake else None)).message
+    c["save_current"].click(save_current, save_inputs, c["status"])
+    c["unload"].click(lambda: ws.unload(), None, c["status"])
+    c["clear_cache"].click(lambda: ws.clear_cache(), None, c["status"])
+
+    widget_keys = ["a", "b", "c", "mode", "calcmode", "alpha", "beta", "gamma", "use_mbw", "mbw_a", "mbw_b",
+                   "elemental", "inex", "inex_text", "adjust"]
+
+    @safe(1 + len(widget_keys))
+    def load_settings(ref):
+        row = ws.history.get(ref)
+        values = forms.recipe_to_widgets(ws.history.recipe(ref))
+        return (f"loaded settings of merge #{row['id']}: {row['label']}", *[values[k] for k in widget_keys])
+    c["load_btn"].click(load_settings, c["load_id"], [c["status"]] + [c[k] for k in widget_keys])
