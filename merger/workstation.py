@@ -42,6 +42,7 @@ class Outcome:
     history_id: int | None = None
     result: GenResult | None = None
     path: Path | None = None
+    files: list[Path] = field(default_factory=list)
 
 
 class Workstation:
@@ -126,14 +127,17 @@ class Workstation:
         label = model_label(recipe) if recipe else rp.label
         res = generate(rp, params, model_label=label, model_hash=recipe.hash_a if recipe else "",
                        extra_info=extra, progress=progress, should_stop=self.should_stop)
+        files = []
         if save:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             for i, im in enumerate(res.images):
-                save_png(im.image, self.outputs / "images" / f"{stamp}-{i:03}-{im.seed}.png", im.infotext,
-                         recipe.to_line() if recipe else "", self.history_id if self.history_id else "")
+                files.append(save_png(im.image, self.outputs / "images" / f"{stamp}-{i:03}-{im.seed}.png",
+                                      im.infotext, recipe.to_line() if recipe else "",
+                                      self.history_id if self.history_id else ""))
         for im in res.images:
             im.image.info["parameters"] = im.infotext
-        return Outcome(f"generated {len(res.images)} image(s)", Timings(generate=res.seconds), self.history_id, res)
+        return Outcome(f"generated {len(res.images)} image(s)", Timings(generate=res.seconds), self.history_id,
+                       res, files=files)
 
     def save_current(self, name: str = "", options: SaveOptions | None = None) -> Outcome:
         """Write exactly the weights the pipeline holds (LDM layout)."""

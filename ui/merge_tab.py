@@ -167,7 +167,8 @@ def _wire(ws, c):
     def do_gen(gen_args, vae, progress):
         ws.set_vae(None if vae == BAKED else vae)
         out = ws.generate(forms.gen_params(*gen_args), progress=progress_cb(progress, "generating"))
-        images = [(im.image, f"seed {im.seed}") for im in out.result.images]
+        # the saved PNG files (with their PNG info), so a download from the gallery keeps it
+        images = [(str(f), f"seed {im.seed}") for f, im in zip(out.files, out.result.images)]
         return images, out.result.images[0].infotext if images else "", out.timings
 
     n_rec, n_gen = len(recipe_inputs), len(gen_inputs)
@@ -192,7 +193,8 @@ def _wire(ws, c):
     c["merge"].click(merge_only, recipe_inputs + save_inputs, outs)
     c["merge_gen"].click(merge_and_gen, recipe_inputs + gen_inputs + [c["vae"]] + save_inputs, outs)
     c["gen"].click(gen_only, gen_inputs + [c["vae"]], outs)
-    c["stop"].click(lambda: (ws.stop(), "stopping…")[1], None, c["status"], concurrency_limit=None)
+    # no output: the running action reports "Stopped: ..." in the status line itself
+    c["stop"].click(ws.stop, None, None, concurrency_limit=None)
 
     @safe(1)
     def save_current(flags, bake, name, progress=gr.Progress()):

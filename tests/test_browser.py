@@ -1,0 +1,191 @@
+"""End-to-end: the real app on demo models, driven by Playwright in Debian's headless Chromium."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from merger.checkpoint_io import load_checkpoint
+from merger.demo import ensure_demo_models
+from merger.model_dirs import ModelDirs
+from tests.conftest import ROOT
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).exists():
+    if os.environ.get("CI"):
+        raise RuntimeError("CI needs Debian's chromium (apt-get install -y chromium)")
+    pytest.skip("chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
+sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+SCREENSHOT = ROOT / "docs" / "merge-tab.png"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    base = tmp_path_factory.mktemp("app")
+    dirs = ModelDirs.from_models_dir(base / "models")
+    ensure_demo_models(dirs)
+    port = free_port()
+    env = dict(os.environ, SDMW_DATA_DIR=str(base / "data"), GRADIO_ANALYTICS_ENABLED="False")
+    log = open(base / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--models-dir", str(base / "models"), "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((base / "app.log").read_text())
+            time.sleep(0.5)
+    yield {"url": url, "dirs": dirs, "data": base / "data"}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", "--disable-sync"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.goto(app["url"])
+        pg.wait_for_selector("#merge_gen")
+        pg.fill("#prompt textarea", "a cat --w 64 --h 64 --s 3 --d 1")
+        yield pg
+        browser.close()
+
+
+def status(pg, sel="#status textarea") -> str:
+    return pg.input_value(sel)
+
+
+def click_and_wait(pg, button: str, words=("merged", "generated", "saved", "loaded", "Error", "Stopped"),
+                   sel="#status textarea", timeout=180_000) -> str:
+    before = status(pg, sel)
+    pg.click(button)
+    pg.wait_for_function(
+        "([sel, before, words]) => { const v = document.querySelector(sel).value;"
+        " return v !== before && words.some(w => v.includes(w)); }",
+        arg=[sel, before, list(words)], timeout=timeout)
+    return status(pg, sel)
+
+
+def set_number(pg, elem: str, value) -> None:
+    box = pg.locator(f"{elem} input[type=number]").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def pick(pg, elem: str, value: str) -> None:
+    pg.click(f"{elem} input")
+    pg.locator("ul[role=listbox] li", has_text=value).first.click()
+
+
+def gallery_image(pg) -> bytes:
+    pg.wait_for_selector("#gallery img")
+    src = pg.locator("#gallery img").first.get_attribute("src")
+    return urllib.request.urlopen(src if src.startswith("http") else pg.url.rstrip("/") + src).read()
+
+
+def test_merge_and_gen_shows_an_image_and_alpha_changes_it(page):
+    set_number(page, "#alpha", 0.2)
+    msg = click_and_wait(page, "#merge_gen", ("generated", "Error"))
+    assert "merged #" in msg and "generated 1 image" in msg, msg
+    first = gallery_image(page)
+    assert first[:4] == b"\x89PNG"
+    assert "Merge ID" in page.input_value("#pnginfo textarea")
+    set_number(page, "#alpha", 0.9)
+    click_and_wait(page, "#merge_gen", ("generated", "Error"))
+    page.wait_for_timeout(500)
+    assert gallery_image(page) != first
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)   # shown in the README
+
+
+def test_mbw_preset_fills_the_sliders(page):
+    page.click("#mbw_accordion")
+    pick(page, "#mbw_preset", "GRAD_V")
+    page.wait_for_function("document.querySelector('#mbw_alpha textarea').value.startsWith('0,1,0.916')")
+    assert page.input_value("#mbw_IN00 input[type=number]") == "1"
+    assert page.input_value("#mbw_M00 input[type=number]") == "0"
+    assert page.input_value("#mbw_OUT11 input[type=number]") == "1"
+
+
+def test_history_row_and_load_settings(page, app):
+    set_number(page, "#alpha", 0.3)
+    click_and_wait(page, "#merge", ("merged", "Error"))
+    set_number(page, "#alpha", 0.75)
+    msg = click_and_wait(page, "#load_settings", ("loaded settings", "Error"))
+    assert "loaded settings of merge #" in msg
+    page.wait_for_function("document.querySelector('#alpha input[type=number]').value === '0.3'")
+    page.get_by_role("tab", name="History").click()
+    page.wait_for_function("document.querySelector('#history_table').innerText.split('weight_sum').length > 3",
+                           timeout=30_000)     # three merges so far, newest first
+    page.get_by_role("tab", name="Merge").click()
+
+
+def test_save_current_merge_writes_a_file_that_loads(page, app):
+    page.click("text=Save options")
+    page.fill("#custom_name textarea", "browser-save")
+    msg = click_and_wait(page, "#save_current", ("saved", "Error"))
+    assert "saved" in msg, msg
+    path = app["dirs"].ckpt / "browser-save.safetensors"
+    assert path.exists() and len(load_checkpoint(path).tensors) > 900
+
+
+def test_stop_interrupts_generation(page):
+    page.fill("#prompt textarea", "a cat --w 64 --h 64 --s 150 --d 1")   # several seconds of work
+    before = status(page)
+    page.click("#gen")
+    page.wait_for_timeout(1500)
+    page.click("#stop")
+    page.wait_for_function("([b]) => { const v = document.querySelector('#status textarea').value;"
+                           " return v !== b && v.length > 0; }", arg=[before], timeout=120_000)
+    assert status(page).startswith("Stopped: generation stopped by user"), status(page)
+    page.fill("#prompt textarea", "a cat --w 64 --h 64 --s 3 --d 1")
+
+
+def test_sd1_plus_sdxl_is_a_clear_error_and_the_next_merge_works(page):
+    pick(page, "#model_b", "demo-sdxl-tiny.safetensors")
+    msg = click_and_wait(page, "#merge", ("merged", "Error"))
+    assert msg.startswith("Error: cannot merge different architectures") and "SDXL" in msg, msg
+    pick(page, "#model_b", "demo-sd1-tiny-C.safetensors")
+    msg = click_and_wait(page, "#merge_gen", ("generated", "Error"))
+    assert "merged #" in msg and "generated" in msg, msg
+
+
+def test_gallery_download_keeps_png_info(page, tmp_path):
+    click_and_wait(page, "#gen", ("generated", "Error"))
+    data = gallery_image(page)
+    (tmp_path / "g.png").write_bytes(data)
+    from merger.pnginfo import read_png_info
+    info = read_png_info(tmp_path / "g.png")
+    assert "Steps: 3" in info["parameters"] and "sdmw_recipe" in info
+
+
+def test_elements_and_analysis_tabs(page):
+    page.get_by_role("tab", name="Elements").click()
+    pick(page, "#elements_model", "demo-sd1-tiny-A.safetensors")
+    page.fill("#elements_filter textarea", "time_embed")
+    page.click("#elements_show")
+    page.wait_for_function("document.querySelector('#elements_table').innerText.includes('time_embed.2.weight')")
+    page.get_by_role("tab", name="Analysis").click()
+    page.locator("#analysis_go").wait_for(state="visible")
+    page.wait_for_timeout(500)
+    msg = click_and_wait(page, "#analysis_go", ("blocks", "Error"), sel="#analysis_status textarea")
+    assert msg == "cosine (mean per block): 26 blocks", msg
+    page.wait_for_function("document.querySelector('#analysis_table').innerText.includes('IN00')")
+    page.get_by_role("tab", name="Merge").click()
