@@ -1,0 +1,238 @@
+"""XYZ plots: axis parsing (SuperMerger syntax), the cells of a plot, labelled grid images.
+
+Every value is parsed and every cell's recipe is checked before any work starts, so a bad value
+is reported (with its axis) at once instead of after half a plot.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+
+from .blocks import block_ids, expand_blocks
+from .calcmodes import get_calcmode
+from .errors import MergeError
+from .presets import parse_vector
+from .recipe import MODES_WITH_BETA, Recipe
+
+AXIS_TYPES = ["none", "alpha", "beta", "alpha and beta", "mbw", "seed", "model_A", "model_B", "model_C",
+              "pinpoint blocks", "calcmode", "prompt", "random", "elemental", "adjust"]
+
+
+@dataclass
+class Axis:
+    type: str = "none"
+    values: list = field(default_factory=lambda: [None])
+    labels: list[str] = field(default_factory=lambda: [""])
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def _floats(text: str, name: str) -> list[float]:
+    out = []
+    for v in (x.strip() for x in text.split(",")):
+        try:
+            out.append(float(v))
+        except ValueError:
+            raise MergeError(f"{name} axis: {v!r} is not a number") from None
+    return out
+
+
+def parse_axis(kind: str, text: str, name: str, arch: str, mode: str, models: list[str] = ()) -> Axis:
+    """Parse one axis' text. ``name`` ("X", "Y", "Z") is used in error messages."""
+    text = (text or "").strip()
+    if kind == "none" or not kind:
+        return Axis()
+    if kind not in AXIS_TYPES:
+        raise MergeError(f"{name} axis: unknown type {kind!r}")
+    if not text:
+        raise MergeError(f"{name} axis ({kind}) has no values")
+    if kind in ("alpha", "beta"):
+        vals = _floats(text, name)
+        return Axis(kind, vals, [f"{kind} {v:g}" for v in vals])
+    if kind == "alpha and beta":
+        vals = []
+        for item in (x.strip() for x in text.split(",")):
+            ab = _floats(item.replace(" ", ",") if " " in item else item, name)
+            if len(ab) not in (1, 2):
+                raise MergeError(f"{name} axis: {item!r} must be 'alpha beta'")
+            vals.append((ab[0], ab[-1]))
+        return Axis(kind, vals, [f"α {a:g} β {b:g}" for a, b in vals])
+    if kind == "mbw":
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        pairs = mode in MODES_WITH_BETA
+        if pairs and len(lines) % 2:
+            raise MergeError(f"{name} axis: {mode} needs MBW lines in alpha/beta pairs, got {len(lines)} lines")
+        step = 2 if pairs else 1
+        vals, labels = [], []
+        for i in range(0, len(lines), step):
+            a = parse_vector(lines[i], arch, f"{name} axis MBW")
+            b = parse_vector(lines[i + 1], arch, f"{name} axis MBW") if pairs else None
+            vals.append((a, b))
+            labels.append(lines[i] if "," not in lines[i] else f"MBW {i // step + 1}")
+        return Axis(kind, vals, labels)
+    if kind == "seed":
+        seeds = [int(v) for v in _floats(text, name)]
+        return Axis(kind, seeds, [f"seed {s}" for s in seeds])
+    if kind.startswith("model_"):
+        names = [x.strip() for x in text.split(",") if x.strip()]
+        for n in names:
+            if models and n not in models:
+                raise MergeError(f"{name} axis: model {n!r} not found")
+        return Axis(kind, names, [f"{kind[-1]}: {n}" for n in names])
+    if kind == "pinpoint blocks":
+        vals = []
+        for item in (x.strip() for x in text.split(",") if x.strip()):
+            negated, blocks = expand_blocks(item, arch)
+            if negated:
+                blocks = [b for b in block_ids(arch) if b not in blocks]
+            vals.append(blocks)
+        return Axis(kind, vals, [x.strip() for x in text.split(",") if x.strip()])
+    if kind == "calcmode":
+        vals = [x.strip() for x in text.split(",") if x.strip()]
+        for v in vals:
+            cm = get_calcmode(v)
+            if mode not in cm.modes:
+                raise MergeError(f"{name} axis: calcmode {v!r} does not work with {mode}")
+        return Axis(kind, vals, vals)
+    if kind == "prompt":
+        vals = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return Axis(kind, vals, [v[:60] for v in vals])
+    if kind == "random":
+        try:
+            n = int(text)
+        except ValueError:
+            raise MergeError(f"{name} axis: random needs the number of rolls, got {text!r}") from None
+        if not 1 <= n <= 1000:
+            raise MergeError(f"{name} axis: number of rolls must be 1 to 1000")
+        return Axis(kind, list(range(n)), [f"roll {i + 1}" for i in range(n)])
+    if kind == "elemental":
+        vals = [blk.strip() for blk in re.split(r"\n\s*\n", text) if blk.strip()]
+        return Axis(kind, vals, [v.replace("\n", " ")[:60] for v in vals])
+    # adjust: one 8-value vector per line
+    vals, labels = [], []
+    for ln in (x.strip() for x in text.splitlines() if x.strip()):
+        v = _floats(ln, name)
+        if len(v) != 8:
+            raise MergeError(f"{name} axis: adjust {ln!r} needs 8 values")
+        vals.append(v)
+        labels.append(f"adjust {ln}")
+    return Axis(kind, vals, labels)
+
+
+@dataclass
+class Cell:
+    x: int
+    y: int
+    z: int
+    recipe: Recipe
+    gen: object           # GenParams
+    roll: int | None = None
+
+
+def apply_value(kind: str, value, recipe: Recipe, gen, pin_value=None):
+    """A copy of (recipe, gen) with one axis value applied."""
+    r, g = replace(recipe), replace(gen)
+    if kind == "alpha":
+        r.alpha = value
+    elif kind == "beta":
+        r.beta = value
+    elif kind == "alpha and beta":
+        r.alpha, r.beta = value
+    elif kind == "mbw":
+        r.mbw_alpha, r.mbw_beta = value[0], value[1] if value[1] is not None else r.mbw_beta
+    elif kind == "seed":
+        g.seed = value
+    elif kind.startswith("model_"):
+        setattr(r, f"model_{kind[-1].lower()}", value)
+        setattr(r, f"hash_{kind[-1].lower()}", "")
+    elif kind == "calcmode":
+        r.calcmode = value
+    elif kind == "prompt":
+        g.prompt = value
+    elif kind == "elemental":
+        r.elemental = value
+    elif kind == "adjust":
+        r.adjust = value
+    return r, g
+
+
+def pin(recipe: Recipe, blocks: list[str], which: str, value: float, arch: str) -> Recipe:
+    """Pinpoint: the MBW vector (or the flat ratio) with only ``blocks`` set to ``value``."""
+    ids = block_ids(arch)
+    r = replace(recipe)
+    base = getattr(r, f"mbw_{which}") or [getattr(r, which)] * len(ids)
+    setattr(r, f"mbw_{which}", [value if b in blocks else v for b, v in zip(ids, base)])
+    return r
+
+
+def plan_cells(recipe: Recipe, gen, x: Axis, y: Axis, z: Axis, arch: str) -> list[Cell]:
+    """All cells, Z-major then Y then X; pinpoint takes its value from the opposite axis."""
+    axes = {"X": x, "Y": y, "Z": z}
+    pins = [n for n, a in axes.items() if a.type == "pinpoint blocks"]
+    for n in pins:
+        partners = [m for m, a in axes.items() if m != n and a.type in ("alpha", "beta")]
+        if not partners:
+            raise MergeError(f"{n} axis: pinpoint blocks needs an alpha or beta axis opposite it")
+    seeds = {}
+    for n, a in axes.items():   # seed -1: one fixed random seed per value along the opposite axis
+        if a.type == "seed" and -1 in a.values:
+            import random
+            a.values = [random.randrange(2**32) if s == -1 else s for s in a.values]
+            a.labels = [f"seed {s}" for s in a.values]
+            seeds[n] = a.values
+    cells = []
+    for zi, zv in enumerate(z.values):
+        for yi, yv in enumerate(y.values):
+            for xi, xv in enumerate(x.values):
+                r, g, roll = recipe, gen, None
+                vals = {"X": xv, "Y": yv, "Z": zv}
+                for n, a in axes.items():
+                    if a.type in ("none", "pinpoint blocks"):
+                        continue
+                    if a.type == "random":
+                        roll = vals[n]
+                        continue
+                    if a.type in ("alpha", "beta") and pins:
+                        blocks = axes[pins[0]].values[{"X": xi, "Y": yi, "Z": zi}[pins[0]]]
+                        r = pin(r, blocks, a.type, vals[n], arch)
+                        continue
+                    r, g = apply_value(a.type, vals[n], r, g)
+                cells.append(Cell(xi, yi, zi, r, g, roll))
+    return cells
+
+
+def grid_image(images: list, x: Axis, y: Axis, title: str = "", max_row: int = 10):
+    """Cells (PIL images, None for not done) in a grid with X labels on top and Y labels left.
+    A single axis with more than ``max_row`` cells wraps into rows."""
+    from PIL import Image, ImageDraw, ImageFont
+    cols, rows = len(x), len(y)
+    xlabels, ylabels = list(x.labels), list(y.labels)
+    if rows == 1 and cols > max_row:
+        cols = math.ceil(math.sqrt(len(images)))
+        rows = math.ceil(len(images) / cols)
+        xlabels, ylabels = [""] * cols, [""] * rows
+    first = next((im for im in images if im is not None), None)
+    w, h = (first.size if first else (64, 64))
+    font = ImageFont.load_default(size=max(12, min(24, w // 12)))
+    pad_top = 28 + (24 if title else 0)
+    pad_left = 12 + max((int(font.getlength(s)) for s in ylabels), default=0)
+    canvas = Image.new("RGB", (pad_left + cols * w, pad_top + rows * h), "white")
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((6, 4), title, fill="black", font=font)
+    for i, s in enumerate(xlabels[:cols]):
+        draw.text((pad_left + i * w + 4, pad_top - 24), _fit(s, font, w - 8), fill="black", font=font)
+    for j, s in enumerate(ylabels[:rows]):
+        draw.text((4, pad_top + j * h + h // 2 - 8), s, fill="black", font=font)
+    for k, im in enumerate(images):
+        if im is not None:
+            canvas.paste(im.convert("RGB"), (pad_left + (k % cols) * w, pad_top + (k // cols) * h))
+    return canvas
+
+
+def _fit(text: str, font, width: int) -> str:
+    while text and font.getlength(text) > width:
+        text = text[:-2] + "…" if len(text) > 2 else ""
+    return text
