@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -127,6 +127,7 @@ class ResidentPipeline:
         self.targets: dict[str, list[tuple[Target, torch.Tensor]]] = {}
         self.extras: dict[str, torch.Tensor] = {}   # LDM keys the pipeline has no parameter for
         self.state = "empty"                          # empty | ok | incomplete
+        self._last: tuple | None = None               # (signature, per-key ratios) of the last swap
         self.problem = ""
         self.recipe = None
         self.label = ""
@@ -201,7 +202,7 @@ class ResidentPipeline:
                 return p.data.view(like.shape)
         return None
 
-    def write(self, items: Iterable[tuple[str, torch.Tensor]], out_for=None) -> SwapStats:
+    def write(self, items: Iterable[tuple[str, torch.Tensor]], out_for=None, partial: bool = False) -> SwapStats:
         stats = SwapStats()
         covered = set()
         for key, value in items:
@@ -223,7 +224,7 @@ class ResidentPipeline:
                                      f"{target.component}.{target.param} {list(param.shape)}")
                 param.data.copy_(src.reshape(param.shape))
                 stats.copied += 1
-        missing = [n for n in self._all_params() if id(n[1]) not in covered]
+        missing = [] if partial else [n for n in self._all_params() if id(n[1]) not in covered]
         if missing:
             raise MergeError(f"the checkpoint has no weights for {len(missing)} pipeline parameters "
                              f"(e.g. {missing[0][0]}): it is incomplete")
@@ -234,11 +235,13 @@ class ResidentPipeline:
             for name, p in m.named_parameters():
                 yield f"{n}.{name}", p
 
-    def _run(self, spec: Spec, items_factory: Callable, label: str, recipe) -> SwapStats:
+    def _run(self, spec: Spec, items_factory: Callable, label: str, recipe, partial: bool = False) -> SwapStats:
         with self.lock:
             self.ensure(spec)
             self.state, self.problem = "incomplete", f"loading {label} did not finish"
-            self.extras = {}
+            self._last = None
+            if not partial:
+                self.extras = {}
             try:
                 stats = items_factory()
             except BaseException as e:
@@ -257,22 +260,41 @@ class ResidentPipeline:
                                                                        prediction_type=kind)
         self.prediction_type = kind
 
+    @staticmethod
+    def _signature(plan: MergePlan, spec: Spec) -> tuple:
+        """What, besides per-key ratios, decides the merged weights: the loaded model objects
+        (the cache returns the same object until the file changes), mode, calcmode, gamma."""
+        r = plan.recipe
+        models = tuple(id(ck) for ck in (plan.a, plan.b, plan.c))
+        return (spec, models, r.mode, r.calcmode, r.gamma, r.uses_c())
+
     def load_checkpoint(self, ck: Checkpoint, prediction_type: str | None = None) -> SwapStats:
         """Show one model as it is (no merge)."""
         spec = spec_for(ck.tensors, ck.name, prediction_type)
         return self._run(spec, lambda: self.write(ck.tensors.items()), ck.name, None)
 
     def swap(self, plan: MergePlan, progress=None, should_stop=None, prediction_type: str | None = None,
-             label: str = "") -> SwapStats:
-        """Merge ``plan`` directly into the pipeline's parameters."""
+             label: str = "", incremental: bool = True) -> SwapStats:
+        """Merge ``plan`` directly into the pipeline's parameters. With ``incremental``, when
+        the previous swap used the same models, mode and calcmode, only the keys whose
+        effective ratios (or adjust) changed are recomputed (an XYZ sweep over one block touches
+        only that block)."""
         spec = spec_for(plan.a.tensors, plan.a.name, prediction_type)
         check_inputs(plan)   # bad input is refused while the pipeline still holds its last merge
+        sig = self._signature(plan, spec)
+        ratios = {j.key: (j.ratios, j.channels, repr(j.adjust), j.source) for j in plan.jobs}
+        todo = plan
+        if incremental and self.state == "ok" and self._last is not None and self._last[0] == sig:
+            prev = self._last[1]
+            todo = replace(plan, jobs=[j for j in plan.jobs if prev.get(j.key) != ratios[j.key]])
 
         def run():
-            items = iter_merge(plan, out_for=self._out_for, alloc=ReusableBuffer(self.device), progress=progress,
+            items = iter_merge(todo, out_for=self._out_for, alloc=ReusableBuffer(self.device), progress=progress,
                                should_stop=should_stop, device=self.device)
-            return self.write(items, out_for=self._out_for)
-        return self._run(spec, run, label or plan.a.name, plan.recipe)
+            stats = self.write(items, out_for=self._out_for, partial=todo is not plan)
+            self._last = (sig, ratios)
+            return stats
+        return self._run(spec, run, label or plan.a.name, plan.recipe, partial=todo is not plan)
 
     # ------------------------------------------------------------------ reading back
     def state_dict(self) -> dict[str, torch.Tensor]:

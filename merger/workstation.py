@@ -88,9 +88,11 @@ class Workstation:
         return {s: self.cache.get(p, pinned=pinned) for s, p in paths.items()}, paths
 
     # ------------------------------------------------------------------ actions
-    def merge(self, recipe: Recipe, progress=None, source: str = "ui") -> Outcome:
-        """Merge into the resident pipeline and record the merge in the history."""
-        self.stop_event.clear()
+    def merge(self, recipe: Recipe, progress=None, source: str = "ui", interruptible: bool = True) -> Outcome:
+        """Merge into the resident pipeline and record the merge in the history. Inside an XYZ
+        plot (``interruptible=False``) Stop ends the plot after the cell instead."""
+        if interruptible:
+            self.stop_event.clear()
         t = Timings()
         t0 = time.perf_counter()
         recipe.check()
@@ -98,7 +100,8 @@ class Workstation:
         t.load = time.perf_counter() - t0
         t0 = time.perf_counter()
         plan = plan_merge(recipe, models["a"], models.get("b"), models.get("c"))
-        self.pipeline.swap(plan, progress=progress, should_stop=self.should_stop, label=model_label(recipe))
+        self.pipeline.swap(plan, progress=progress, should_stop=self.should_stop if interruptible else None,
+                           label=model_label(recipe))
         t.merge = time.perf_counter() - t0
         self.history_id = self.history.append(recipe, source=source, seconds=t.load + t.merge)
         return Outcome(f"merged #{self.history_id}: {model_label(recipe)}", t, self.history_id)
@@ -115,8 +118,10 @@ class Workstation:
         from .saving import load_vae
         self.pipeline.use_vae(load_vae(self.dirs.resolve("vae", name)) if name else None, name or "")
 
-    def generate(self, params: GenParams, progress=None, save: bool = True) -> Outcome:
-        self.stop_event.clear()
+    def generate(self, params: GenParams, progress=None, save: bool = True, interruptible: bool = True,
+                 folder: Path | None = None, stem: str = "") -> Outcome:
+        if interruptible:
+            self.stop_event.clear()
         rp = self.pipeline
         recipe = rp.recipe
         extra = {}
@@ -126,12 +131,12 @@ class Workstation:
             extra["VAE"] = rp.vae_name
         label = model_label(recipe) if recipe else rp.label
         res = generate(rp, params, model_label=label, model_hash=recipe.hash_a if recipe else "",
-                       extra_info=extra, progress=progress, should_stop=self.should_stop)
+                       extra_info=extra, progress=progress, should_stop=self.should_stop if interruptible else None)
         files = []
         if save:
-            stamp = time.strftime("%Y%m%d-%H%M%S")
+            stem = stem or time.strftime("%Y%m%d-%H%M%S")
             for i, im in enumerate(res.images):
-                files.append(save_png(im.image, self.outputs / "images" / f"{stamp}-{i:03}-{im.seed}.png",
+                files.append(save_png(im.image, (folder or self.outputs / "images") / f"{stem}-{i:03}-{im.seed}.png",
                                       im.infotext, recipe.to_line() if recipe else "",
                                       self.history_id if self.history_id else ""))
         for im in res.images:

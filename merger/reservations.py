@@ -1,0 +1,103 @@
+"""The reservation queue: XYZ plots stored on disk and run one after another.
+
+``|`` inside an axis' values splits a reservation in several (every combination of the parts).
+Entries are waiting / running / finished / error; an entry that fails is marked error and the
+queue goes on; after a restart, an entry left running is waiting again.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from .errors import MergeError, MergeStopped
+from .paths import data_dir
+from .xyz_run import PlotSpec, prepare, run
+
+
+class ReservationQueue:
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path else data_dir() / "reservations.json"
+        self.lock = threading.RLock()
+        self.entries: list[dict] = []
+        if self.path.exists():
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.entries = []
+        for e in self.entries:
+            if e["status"] == "running":
+                e["status"], e["message"] = "waiting", "interrupted by a restart; will run again"
+        self._save()
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(self.entries, indent=1))
+        os.replace(tmp, self.path)
+
+    @staticmethod
+    def split(spec: PlotSpec) -> list[PlotSpec]:
+        """One spec per combination of the ``|``-separated parts of the axes."""
+        names = list(spec.axes)
+        parts = [[v.strip() for v in spec.axes[n][1].split("|")] for n in names]
+        out = []
+        for combo in itertools.product(*parts):
+            d = spec.to_dict()
+            d["axes"] = {n: (spec.axes[n][0], v) for n, v in zip(names, combo)}
+            out.append(PlotSpec.from_dict(d))
+        return out
+
+    def add(self, spec: PlotSpec) -> list[int]:
+        with self.lock:
+            ids = []
+            for part in self.split(spec):
+                new_id = max((e["id"] for e in self.entries), default=0) + 1
+                axes = ", ".join(f"{n}: {t} {v!r}" for n, (t, v) in part.axes.items() if t != "none")
+                self.entries.append({"id": new_id, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                     "status": "waiting", "message": "", "summary": axes,
+                                     "spec": part.to_dict(), "grids": []})
+                ids.append(new_id)
+            self._save()
+            return ids
+
+    def rows(self) -> list[dict]:
+        with self.lock:
+            return [dict(e) for e in self.entries]
+
+    def _set(self, entry: dict, **values) -> None:
+        with self.lock:
+            entry.update(values)
+            self._save()
+
+    def run_waiting(self, ws, progress=None, on_update=None) -> int:
+        """Run every waiting entry in order; returns how many finished."""
+        done = 0
+        while True:
+            with self.lock:
+                entry = next((e for e in self.entries if e["status"] == "waiting"), None)
+                if entry is None:
+                    return done
+                self._set(entry, status="running", message="")
+            if on_update:
+                on_update()
+            try:
+                res = run(ws, prepare(ws, PlotSpec.from_dict(entry["spec"])), progress=progress)
+                status = "stopped" if res.stopped else "finished"
+                self._set(entry, status=status, grids=[str(g) for g in res.grids],
+                          message=f"{res.cells_done}/{res.cells_total} cells")
+                done += 1
+                if res.stopped:
+                    return done
+            except MergeStopped as e:
+                self._set(entry, status="stopped", message=str(e))
+                return done
+            except MergeError as e:
+                self._set(entry, status="error", message=str(e))
+            except Exception as e:  # noqa: BLE001 - one bad entry must not stop the queue
+                self._set(entry, status="error", message=f"unexpected {type(e).__name__}: {e}")
+            if on_update:
+                on_update()

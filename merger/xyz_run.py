@@ -1,0 +1,131 @@
+"""Running XYZ plots and dice rolls on the workstation (merge → generate per cell → grids)."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .arch import detect_arch_of_file
+from .dice import DiceSettings, elist_csv, new_seed, roll
+from .generate import GenParams
+from .pnginfo import save_png
+from .ratios import RatioPlan, parse_elemental
+from .recipe import Recipe
+from .xyz import Axis, Cell, grid_image, parse_axis, plan_cells
+
+
+@dataclass
+class PlotSpec:
+    """Everything a plot needs, serialisable (reservations are stored as these)."""
+    recipe: Recipe
+    gen: GenParams
+    axes: dict = field(default_factory=lambda: {"X": ("alpha", "0.25,0.5,0.75"), "Y": ("none", ""), "Z": ("none", "")})
+    dice: DiceSettings | None = None
+    save_elist: bool = False
+
+    def to_dict(self) -> dict:
+        return {"recipe": self.recipe.to_line(), "gen": asdict(self.gen), "axes": self.axes,
+                "dice": asdict(self.dice) if self.dice else None, "save_elist": self.save_elist}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PlotSpec":
+        return cls(Recipe.from_line(d["recipe"]), GenParams(**d["gen"]), {k: tuple(v) for k, v in d["axes"].items()},
+                   DiceSettings(**d["dice"]) if d.get("dice") else None, d.get("save_elist", False))
+
+
+@dataclass
+class Prepared:
+    spec: PlotSpec
+    arch: str
+    axes: dict[str, Axis]
+    cells: list[Cell]
+    dice_seed: int | None = None
+
+
+@dataclass
+class PlotResult:
+    folder: Path
+    grids: list[Path] = field(default_factory=list)
+    cells_done: int = 0
+    cells_total: int = 0
+    history_ids: list[int] = field(default_factory=list)
+    stopped: bool = False
+
+
+def prepare(ws, spec: PlotSpec) -> Prepared:
+    """Parse every axis and check every cell before any work starts."""
+    r = spec.recipe
+    r.check()
+    spec.gen.with_prompt_options().check()
+    arch = detect_arch_of_file(ws.dirs.resolve("ckpt", r.model_a))
+    models = ws.dirs.checkpoints()
+    axes = {n: parse_axis(t, v, n, arch, r.mode, models) for n, (t, v) in spec.axes.items()}
+    cells = plan_cells(r, spec.gen, axes["X"], axes["Y"], axes["Z"], arch)
+    dice_seed = None
+    if any(c.roll is not None for c in cells):
+        dice = spec.dice or DiceSettings()
+        dice_seed = dice.seed if dice.seed != -1 else new_seed()
+        keys = list(ws.cache.get(ws.dirs.resolve("ckpt", r.model_a)).tensors)
+        for c in cells:
+            if c.roll is not None:
+                rolled = roll(dice, arch, keys, dice_seed + c.roll)
+                c.recipe = replace(c.recipe, mbw_alpha=rolled.mbw_alpha, seed=rolled.seed,
+                                   mbw_beta=rolled.mbw_beta if rolled.mbw_beta is not None else c.recipe.mbw_beta,
+                                   elemental="\n".join(x for x in (c.recipe.elemental, rolled.elemental) if x))
+    for c in cells:
+        names = {s: getattr(c.recipe, f"model_{s}") for s in "abc"}
+        c.recipe = replace(c.recipe, **{f"hash_{s}": "" for s in "abc"})
+        c.recipe = ws.recipe(names["a"], names["b"], names["c"], **{
+            k: v for k, v in vars(c.recipe).items() if not k.startswith(("model_", "hash_"))})
+        c.recipe.check()
+        parse_elemental(c.recipe.elemental, arch)
+        RatioPlan(c.recipe, arch)
+    return Prepared(spec, arch, axes, cells, dice_seed)
+
+
+def run(ws, prep: Prepared, progress=None, on_cell=None) -> PlotResult:
+    """Merge and generate every cell; Stop ends the plot after the current cell (what is done
+    is kept and gridded). ``on_cell(grid_images)`` gets the grids so far after each cell."""
+    ws.stop_event.clear()
+    folder = ws.outputs / "xyz" / time.strftime("%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    x, y, z = prep.axes["X"], prep.axes["Y"], prep.axes["Z"]
+    per_z = len(x) * len(y)
+    images: list = [None] * len(prep.cells)
+    res = PlotResult(folder, cells_total=len(prep.cells))
+    source = "dice" if prep.dice_seed is not None else "xyz"
+    elist = []
+    for i, cell in enumerate(prep.cells):
+        if ws.should_stop():
+            res.stopped = True
+            break
+        out = ws.merge(cell.recipe, source=source, interruptible=False)
+        res.history_ids.append(out.history_id)
+        gen = ws.generate(cell.gen, interruptible=False, folder=folder,
+                          stem=f"cell-z{cell.z:02}-y{cell.y:02}-x{cell.x:02}")
+        images[i] = gen.result.images[0].image
+        res.cells_done += 1
+        if prep.spec.save_elist and cell.roll is not None:
+            plan = RatioPlan(cell.recipe, prep.arch)
+            keys = ws.cache.get(ws.dirs.resolve("ckpt", cell.recipe.model_a)).tensors
+            elist += [(f"roll{cell.roll + 1}:{k}", *rt) for k in keys if (rt := plan.ratios(k)) is not None]
+        if progress:
+            progress(i + 1, len(prep.cells), "xyz plot")
+        if on_cell:
+            on_cell([grid_image(images[k * per_z:(k + 1) * per_z], x, y, _ztitle(z, k)) for k in range(len(z))])
+    for k in range(len(z)):
+        grid = grid_image(images[k * per_z:(k + 1) * per_z], x, y, _ztitle(z, k))
+        res.grids.append(save_png(grid, folder / f"grid-{k:02}.png", _describe(prep, k)))
+    if elist:
+        (folder / "e-list.csv").write_text(elist_csv(elist))
+    return res
+
+
+def _ztitle(z: Axis, k: int) -> str:
+    return z.labels[k] if z.type != "none" else ""
+
+
+def _describe(prep: Prepared, k: int) -> str:
+    axes = "; ".join(f"{n}: {t} = {v}" for n, (t, v) in prep.spec.axes.items() if t != "none")
+    extra = f"; dice seed {prep.dice_seed}" if prep.dice_seed is not None else ""
+    return f"XYZ plot, grid {k + 1}: {axes}{extra}\nbase recipe: {prep.spec.recipe.to_line()}"
