@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .arch import detect_arch_of_file
+from .checkpoint_io import short_hash
 from .dice import DiceSettings, elist_csv, new_seed, roll
 from .generate import GenParams
 from .pnginfo import save_png
@@ -60,6 +61,9 @@ def prepare(ws, spec: PlotSpec) -> Prepared:
     arch = detect_arch_of_file(ws.dirs.resolve("ckpt", r.model_a))
     models = ws.dirs.checkpoints()
     axes = {n: parse_axis(t, v, n, arch, r.mode, models) for n, (t, v) in spec.axes.items()}
+    for ax in axes.values():
+        if ax.type.startswith("model_"):   # grid labels name each model with its short hash
+            ax.labels = [f"{ax.type[-1]}: {m} [{short_hash(ws.dirs.resolve('ckpt', m))}]" for m in ax.values]
     cells = plan_cells(r, spec.gen, axes["X"], axes["Y"], axes["Z"], arch)
     dice_seed = None
     if any(c.roll is not None for c in cells):
@@ -86,6 +90,15 @@ def prepare(ws, spec: PlotSpec) -> Prepared:
 def run(ws, prep: Prepared, progress=None, on_cell=None) -> PlotResult:
     """Merge and generate every cell; Stop ends the plot after the current cell (what is done
     is kept and gridded). ``on_cell(grid_images)`` gets the grids so far after each cell."""
+    for grids, res in iter_run(ws, prep, progress):
+        if on_cell and grids is not None:
+            on_cell(grids)
+    return res
+
+
+def iter_run(ws, prep: Prepared, progress=None):
+    """Like :func:`run`, yielding ``(grid images so far, result)`` after each cell and
+    ``(None, final result)`` at the end (for a UI that shows cells as they finish)."""
     ws.stop_event.clear()
     folder = ws.outputs / "xyz" / time.strftime("%Y%m%d-%H%M%S")
     folder.mkdir(parents=True, exist_ok=True)
@@ -111,14 +124,13 @@ def run(ws, prep: Prepared, progress=None, on_cell=None) -> PlotResult:
             elist += [(f"roll{cell.roll + 1}:{k}", *rt) for k in keys if (rt := plan.ratios(k)) is not None]
         if progress:
             progress(i + 1, len(prep.cells), "xyz plot")
-        if on_cell:
-            on_cell([grid_image(images[k * per_z:(k + 1) * per_z], x, y, _ztitle(z, k)) for k in range(len(z))])
+        yield [grid_image(images[k * per_z:(k + 1) * per_z], x, y, _ztitle(z, k)) for k in range(len(z))], res
     for k in range(len(z)):
         grid = grid_image(images[k * per_z:(k + 1) * per_z], x, y, _ztitle(z, k))
         res.grids.append(save_png(grid, folder / f"grid-{k:02}.png", _describe(prep, k)))
     if elist:
         (folder / "e-list.csv").write_text(elist_csv(elist))
-    return res
+    yield None, res
 
 
 def _ztitle(z: Axis, k: int) -> str:

@@ -189,3 +189,32 @@ def test_elements_and_analysis_tabs(page):
     assert msg == "cosine (mean per block): 26 blocks", msg
     page.wait_for_function("document.querySelector('#analysis_table').innerText.includes('IN00')")
     page.get_by_role("tab", name="Merge").click()
+
+
+def fill_axis(pg, name: str, kind: str, values: str) -> None:
+    pick(pg, f"#xyz_{name}_type", kind)
+    pg.fill(f"#xyz_{name}_values textarea", values)
+
+
+def test_xyz_2x2_plot_and_a_reservation(page, app):
+    page.get_by_role("tab", name="Merge").click()
+    pick(page, "#model_b", "demo-sd1-tiny-B.safetensors")
+    page.fill("#prompt textarea", "a cat --w 64 --h 64 --s 2 --d 1")
+    page.click("#xyz_accordion")
+    fill_axis(page, "X", "alpha", "0.2,0.8")
+    fill_axis(page, "Y", "seed", "1,2")
+    msg = click_and_wait(page, "#xyz_run", ("plot finished", "Error"), sel="#xyz_status textarea")
+    assert msg.startswith("plot finished: 4/4 cells"), msg
+    page.wait_for_selector("#xyz_gallery img")
+    grids = list((app["data"] / "outputs" / "xyz").glob("*/grid-00.png"))
+    assert grids, "no grid saved"
+    # a reservation: "|" makes two plots; Start runs them; the table shows both finished
+    fill_axis(page, "X", "alpha", "0.3|0.6")
+    fill_axis(page, "Y", "none", "")
+    msg = click_and_wait(page, "#xyz_reserve", ("reserved", "Error"), sel="#xyz_status textarea")
+    assert msg == "reserved plot(s) #1, #2", msg
+    page.get_by_role("tab", name="Reservations").click()
+    msg = click_and_wait(page, "#res_start", ("reservation(s) run", "Error"), sel="#res_status textarea")
+    assert msg == "2 reservation(s) run", msg
+    page.wait_for_function("document.querySelector('#res_table').innerText.split('finished').length === 3")
+    page.get_by_role("tab", name="Merge").click()

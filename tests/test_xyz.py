@@ -139,7 +139,9 @@ def test_every_axis_type_runs(ws):
               ("prompt", "a cat\na dog"), ("elemental", "OUT05::0.9"), ("adjust", "0,0,0,0,0,0,0,0\n1,0,0,0,0,0,0,0")]:
         res = run(ws, prepare(ws, spec(ws, x=x, mode="sum_twice")))
         assert res.cells_done >= 1 and res.grids, x
-    res = run(ws, prepare(ws, spec(ws, x=("model_A", f"{A},{B}"))))
+    prep = prepare(ws, spec(ws, x=("model_A", f"{A},{B}")))
+    assert prep.axes["X"].labels[0].startswith(f"A: {A} [") and len(prep.axes["X"].labels[0]) == len(f"A: {A} []") + 10
+    res = run(ws, prep)
     assert res.cells_done == 2
     res = run(ws, prepare(ws, spec(ws, x=("alpha", "0,1"), y=("pinpoint blocks", "IN01,OUT05"))))
     assert res.cells_done == 4

@@ -3,14 +3,21 @@ from __future__ import annotations
 
 import gradio as gr
 
-from . import merge_tab, other_tabs
+from merger.reservations import ReservationQueue
+
+from . import merge_tab, other_tabs, xyz_tab
 
 
-def build_ui(ws) -> gr.Blocks:
+def build_ui(ws, queue: ReservationQueue | None = None) -> gr.Blocks:
+    queue = queue or ReservationQueue()
     with gr.Blocks(title="SD Merge Workstation") as demo:
         gr.Markdown("### SD Merge Workstation — merge in RAM, look, save when you like it")
         with gr.Tab("Merge", elem_id="tab_merge"):
             mc = merge_tab.build(ws)
+            xyz_tab.build_plot_panel(ws, mc, queue)
+        with gr.Tab("Reservations", elem_id="tab_reservations") as tr:
+            res_table, res_rows = xyz_tab.reservations_tab(ws, queue)
+        tr.select(lambda: res_rows()[0], None, [res_table])
         with gr.Tab("History", elem_id="tab_history") as th:
             table, rows = other_tabs.history_tab(ws, mc)
         th.select(lambda: rows(""), None, table)

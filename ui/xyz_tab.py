@@ -1,0 +1,125 @@
+"""XYZ plot, Let the Dice Roll and the reservation queue (widgets only)."""
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from merger.dice import DiceSettings
+from merger.errors import MergeError
+from merger.presets import presets
+from merger.xyz import AXIS_TYPES
+from merger.xyz_run import PlotSpec, iter_run, prepare
+
+from . import forms
+from .common import progress_cb, safe
+
+RES_COLS = ["id", "created", "status", "summary", "message"]
+
+
+def build_plot_panel(ws, mc, queue):
+    """The XYZ accordion of the Merge tab; ``mc`` are the merge tab's components."""
+    c = {}
+    with gr.Accordion("XYZ plot / Let the Dice Roll", open=False, elem_id="xyz_accordion"):
+        for name, kind, values in (("X", "alpha", "0.25,0.5,0.75"), ("Y", "none", ""), ("Z", "none", "")):
+            with gr.Row():
+                c[f"{name}_type"] = gr.Dropdown(AXIS_TYPES, value=kind, label=f"{name} type", elem_id=f"xyz_{name}_type", scale=1)
+                c[f"{name}_values"] = gr.Textbox(value=values, label=f"{name} values (| splits a reservation)",
+                                                 lines=1, elem_id=f"xyz_{name}_values", scale=4)
+        with gr.Accordion("Dice settings (axis type 'random')", open=False):
+            randoms = [n for n, v in presets("sd1").items() if any(x in v for x in "RUX")]
+            with gr.Row():
+                c["dice_a"] = gr.Dropdown(randoms, value="ALL_R", allow_custom_value=True,
+                                          label="alpha template (preset or 26 entries: number, R, U, X, ER, EU, EX)")
+                c["dice_b"] = gr.Dropdown([""] + randoms, value="", allow_custom_value=True, label="beta template (empty: keep β)")
+            with gr.Row():
+                c["dice_lower"] = gr.Textbox(value="0", label="X lower limit(s)")
+                c["dice_upper"] = gr.Textbox(value="1", label="X upper limit(s)")
+                c["dice_min"] = gr.Textbox(value="", label="clamp min")
+                c["dice_max"] = gr.Textbox(value="", label="clamp max")
+                c["dice_digits"] = gr.Number(value=3, precision=0, label="rounding digits")
+                c["dice_seed"] = gr.Number(value=-1, precision=0, label="dice seed (-1 new, recorded)")
+                c["elist"] = gr.Checkbox(label="save E-list (CSV of every key's ratios)")
+        with gr.Row():
+            c["run"] = gr.Button("Run XYZ plot", variant="primary", elem_id="xyz_run")
+            c["reserve"] = gr.Button("Reserve XY plot", elem_id="xyz_reserve")
+        c["status"] = gr.Textbox(label="Plot status", interactive=False, elem_id="xyz_status")
+        c["grids"] = gr.Gallery(label="Grids", columns=1, height=480, elem_id="xyz_gallery", format="png")
+    _wire(ws, mc, c, queue)
+    return c
+
+
+def _spec(ws, mc_values, plot_values) -> PlotSpec:
+    n_rec = 16
+    recipe = forms.build_recipe(ws, *mc_values[:n_rec])
+    gen = forms.gen_params(*mc_values[n_rec:])
+    (xt, xv, yt, yv, zt, zv, da, db, lo, up, mn, mx, digits, seed, elist) = plot_values
+    dice = DiceSettings(template_alpha=da or "ALL_R", template_beta=db or "", lower=lo or "0", upper=up or "1",
+                        clamp_min=float(mn) if str(mn).strip() else None,
+                        clamp_max=float(mx) if str(mx).strip() else None, digits=int(digits), seed=int(seed))
+    return PlotSpec(recipe, gen, {"X": (xt, xv), "Y": (yt, yv), "Z": (zt, zv)}, dice, bool(elist))
+
+
+def _wire(ws, mc, c, queue):
+    recipe_keys = ["arch", "a", "b", "c", "mode", "calcmode", "alpha", "beta", "gamma", "use_mbw", "mbw_a", "mbw_b",
+                   "elemental", "inex", "inex_text", "adjust"]
+    gen_keys = ["prompt", "negative", "steps", "cfg", "seed", "width", "height", "batch_count", "batch_size",
+                "clip_skip", "sampler"]
+    plot_keys = ["X_type", "X_values", "Y_type", "Y_values", "Z_type", "Z_values", "dice_a", "dice_b", "dice_lower",
+                 "dice_upper", "dice_min", "dice_max", "dice_digits", "dice_seed", "elist"]
+    inputs = [mc[k] for k in recipe_keys + gen_keys] + [c[k] for k in plot_keys]
+    n_mc = len(recipe_keys) + len(gen_keys)
+
+    def run_plot(*values, progress=gr.Progress()):
+        try:
+            prep = prepare(ws, _spec(ws, values[:n_mc], values[n_mc:]))
+        except MergeError as e:
+            gr.Warning(str(e))
+            yield f"Error: {e}", gr.update()
+            return
+        total = len(prep.cells)
+        try:
+            for grids, res in iter_run(ws, prep, progress_cb(progress, "xyz plot")):
+                if grids is not None:
+                    yield f"cell {res.cells_done}/{total} done", grids
+            state = "stopped" if res.stopped else "finished"
+            msg = f"plot {state}: {res.cells_done}/{total} cells, grids in {res.folder}"
+            yield msg, [str(g) for g in res.grids]
+            if not res.stopped and any(e["status"] == "waiting" for e in queue.rows()):
+                yield msg + "; running reservations…", gr.update()
+                n = queue.run_waiting(ws, progress_cb(progress, "reservations"))
+                yield msg + f"; {n} reservation(s) run", gr.update()
+        except MergeError as e:
+            yield f"Error: {e}", gr.update()
+
+    c["run"].click(run_plot, inputs, [c["status"], c["grids"]])
+
+    @safe(1)
+    def reserve(*values):
+        spec = _spec(ws, values[:n_mc], values[n_mc:])
+        prepare(ws, PlotSpec.from_dict(queue.split(spec)[0].to_dict()))   # reject bad values now
+        ids = queue.add(spec)
+        return f"reserved plot(s) #{', #'.join(map(str, ids))}"
+    c["reserve"].click(reserve, inputs, c["status"])
+
+
+def reservations_tab(ws, queue):
+    with gr.Row():
+        start = gr.Button("Start", variant="primary", elem_id="res_start")
+        refresh = gr.Button("Refresh", elem_id="res_refresh")
+    status = gr.Textbox(label="Status", interactive=False, elem_id="res_status")
+    table = gr.Dataframe(headers=RES_COLS, interactive=False, elem_id="res_table", wrap=True)
+    grids = gr.Gallery(label="Finished grids", columns=2, height=360, elem_id="res_gallery", format="png")
+
+    def rows():
+        data = queue.rows()
+        done = [g for e in data if e["status"] in ("finished", "stopped") for g in e["grids"]]
+        return pd.DataFrame([[e[k] for k in RES_COLS] for e in data], columns=RES_COLS), done
+
+    refresh.click(lambda: ("", *rows()), None, [status, table, grids])
+
+    @safe(3)
+    def start_queue(progress=gr.Progress()):
+        n = queue.run_waiting(ws, progress_cb(progress, "reservations"))
+        return (f"{n} reservation(s) run", *rows())
+    start.click(start_queue, None, [status, table, grids])
+    return table, rows
