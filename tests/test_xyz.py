@@ -108,6 +108,13 @@ def test_dice_modes_seeds_limits_and_rounding():
     assert all(round(x, 2) == x for x in v)
     assert v[23] == 0.0 and a.elemental.startswith("OUT09:model.diffusion_model.output_blocks.9.")
     assert all(0 <= float(line.rsplit(":", 1)[1]) < 1 for line in a.elemental.splitlines())
+    e = roll(replace(d, template_alpha="0," + ",".join(["EU"] * 12 + ["EX"] * 13)), "sd1", keys, 3)
+    ratios = {line.split(":")[0]: [] for line in e.elemental.splitlines()}
+    for line in e.elemental.splitlines():
+        ratios[line.split(":")[0]].append(float(line.rsplit(":", 1)[1]))
+    assert all(-0.5 <= v <= 1.5 for b, vs in ratios.items() if b.startswith("IN") for v in vs)  # rounded
+    assert all(0.2 <= v <= 0.4 for b, vs in ratios.items() if b.startswith(("M", "OUT")) for v in vs)
+    assert len(set(ratios["OUT05"])) > 1                                  # one ratio per element
     clamp = roll(replace(d, template_alpha="ALL_U", clamp_min=0.0, clamp_max=1.0), "sd1", keys, 1)
     assert all(0 <= x <= 1 for x in clamp.mbw_alpha)
     both = roll(replace(d, template_alpha="ALL_R", template_beta="ALL_X"), "sdxl", keys, 1)
