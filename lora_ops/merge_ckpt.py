@@ -1,0 +1,136 @@
+"""Merging LoRAs into a checkpoint: ``name:ratio[:blocks], name:ratio[:blocks], ...``.
+
+W' = W + Σ ratio · block_ratio(W) · ΔW (float32, cast back to W's dtype), as kohya's
+``merge_lora.py`` / SuperMerger's LoRA tab. ``blocks`` is a LoRA block-weight preset
+(``presets/lora_blocks.tsv``) or 12 / 17 / 20 / 26 values; the ratio multiplies them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from merger.blocks import BLOCKS_SD, BLOCKS_XL, block_ids, block_of
+from merger.errors import MergeError
+from merger.presets import PRESET_DIR, parse_preset_text
+
+from .delta import module_delta
+from .formats import LoraFile
+from .naming import kohya_targets
+
+BLOCKS17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05",
+            "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"]
+BLOCKS12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05"]
+
+
+@dataclass
+class LoraSpec:
+    name: str
+    ratio: float
+    blocks: dict[str, float]      # block ID -> multiplier (already times ratio)
+
+
+def lora_presets() -> dict[str, str]:
+    return parse_preset_text((PRESET_DIR / "lora_blocks.tsv").read_text())
+
+
+def block_vector(values: list[float], arch: str) -> dict[str, float]:
+    """12/17/20/26 values -> every block of ``arch`` (blocks a short vector omits get 0, as
+    SuperMerger's ``to26``)."""
+    ids = {12: BLOCKS12, 17: BLOCKS17, 20: BLOCKS_XL, 26: BLOCKS_SD}.get(len(values))
+    if ids is None:
+        raise MergeError(f"LoRA block weights need 12, 17, 20 or 26 values, got {len(values)}")
+    out = {b: 0.0 for b in block_ids(arch)}
+    for b, v in zip(ids, values):
+        if b in out:
+            out[b] = v
+    return out
+
+
+def parse_specs(text: str, arch: str) -> list[LoraSpec]:
+    """``a:0.8, b:0.5:OUTALL, c:1:1,0,0,...`` (values after a name belong to it)."""
+    groups: list[list[str]] = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        if ":" in item:
+            groups.append(item.split(":"))
+        elif groups:
+            groups[-1].append(item)
+        else:
+            raise MergeError(f"LoRA list: {item!r} has no name:ratio")
+    specs, table = [], lora_presets()
+    for g in groups:
+        name = g[0].strip()
+        try:
+            ratio = float(g[1]) if len(g) > 1 else 1.0
+            if len(g) <= 2:
+                values = [1.0] * 26
+            elif len(g) == 3 and g[2].strip() in table:
+                values = [float(v) for v in table[g[2].strip()].split(",")]
+            else:
+                values = [float(v) for v in g[2:]]
+        except ValueError:
+            raise MergeError(f"LoRA list: bad number in {':'.join(g)!r} (or unknown preset)") from None
+        specs.append(LoraSpec(name, ratio, {b: v * ratio for b, v in block_vector(values, arch).items()}))
+    if not specs:
+        raise MergeError("no LoRA given")
+    return specs
+
+
+def target_map(tensors, arch: str) -> dict[str, list[tuple[str, object]]]:
+    """kohya module name -> [(LDM key, Target)] for the checkpoint's keys."""
+    out: dict[str, list] = {}
+    for key, t in tensors.items():
+        width = t.shape[1] if key.endswith("in_proj_weight") else 1
+        for name, target in kohya_targets(key, arch, width):
+            out.setdefault(name, []).append((key, target))
+    return out
+
+
+def merge_loras(tensors: dict[str, torch.Tensor], loras: list[tuple[LoraFile, LoraSpec]], arch: str,
+                should_stop=None) -> dict[str, torch.Tensor]:
+    """The changed tensors (new ones; inputs are never modified)."""
+    tmap = target_map(tensors, arch)
+    acc: dict[str, torch.Tensor] = {}
+    for lora, spec in loras:
+        unmatched = [n for n in lora.modules if n not in tmap]
+        if len(unmatched) == len(lora.modules) or len(unmatched) > len(lora.modules) // 2:
+            raise MergeError(f"LoRA {lora.name} does not fit this {arch.upper()} checkpoint: "
+                             f"{len(unmatched)} of {len(lora.modules)} modules have no match "
+                             f"(e.g. {unmatched[0]}); is it for another architecture?")
+        for name, module in lora.modules.items():
+            if should_stop is not None and should_stop():
+                from merger.errors import MergeStopped
+                raise MergeStopped()
+            for key, target in tmap.get(name, []):
+                w = tensors[key]
+                part_shape = w[target.rows[0]:target.rows[1]].shape if target.kind == "rows" else w.shape
+                scale = spec.blocks.get(block_of(key, arch) or "BASE", 0.0)
+                if scale == 0:
+                    continue
+                try:
+                    d = module_delta(module, tuple(part_shape)) * scale
+                except ValueError as e:
+                    raise MergeError(f"LoRA {lora.name} does not fit this checkpoint: {e}") from None
+                cur = acc.setdefault(key, w.float().clone())
+                if target.kind == "rows":
+                    cur[target.rows[0]:target.rows[1]] += d
+                else:
+                    cur += d
+    return {k: v.to(tensors[k].dtype) for k, v in acc.items()}
+
+
+def merged_checkpoint(tensors: dict, loras, arch: str, should_stop=None) -> dict[str, torch.Tensor]:
+    """A full state dict: the checkpoint with the LoRAs merged (unchanged tensors shared)."""
+    out = dict(tensors)
+    out.update(merge_loras(tensors, loras, arch, should_stop))
+    return out
+
+
+def lora_path(folder: Path, name: str) -> Path:
+    for cand in (Path(name), folder / name, folder / f"{name}.safetensors", folder / f"{name}.pt", folder / f"{name}.ckpt"):
+        if cand.is_file():
+            return cand
+    raise MergeError(f"LoRA not found: {name} (looked in {folder})")
