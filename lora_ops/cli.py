@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from merger.arch import detect_arch
 from merger.checkpoint_io import load_checkpoint
 from merger.errors import MergeError
@@ -26,7 +28,38 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true")
     i = sub.add_parser("info", help="type, dims and ss_* metadata of a LoRA file")
     i.add_argument("lora")
+    ml = sub.add_parser("merge-loras", help="merge LoRAs into one LoRA")
+    ml.add_argument("--loras", required=True, help="'file:ratio, file:ratio, ...'")
+    ml.add_argument("--lora-dir", default=".")
+    ml.add_argument("--output", required=True)
+    ml.add_argument("--method", choices=["same-rank", "concat", "svd"], default="svd")
+    ml.add_argument("--same-strength", action="store_true", help="same-rank: sqrt(ratio) on each side")
+    ml.add_argument("--shuffle", action="store_true", help="concat: shuffle the rank order")
+    ml.add_argument("--new-rank", type=int, default=64)
+    ml.add_argument("--new-conv-rank", type=int)
+    ml.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], default="fp16")
+    ml.add_argument("--overwrite", action="store_true")
+    ex = sub.add_parser("extract", help="extract a LoRA approximating alpha*A - beta*B")
+    ex.add_argument("--model-a", required=True, help="the fine-tuned model")
+    ex.add_argument("--model-b", required=True, help="its base")
+    ex.add_argument("--alpha", type=float, default=1.0)
+    ex.add_argument("--beta", type=float, default=1.0)
+    ex.add_argument("--dim", type=int, default=128)
+    ex.add_argument("--conv-dim", type=int)
+    ex.add_argument("--clamp-quantile", type=float, default=0.99)
+    ex.add_argument("--full-svd", action="store_true", help="exact SVD instead of the randomized one")
+    ex.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], default="fp16")
+    ex.add_argument("--output", required=True)
+    ex.add_argument("--overwrite", action="store_true")
     return p
+
+
+_PREC = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _save_lora(path, sd, meta, precision, overwrite):
+    sd = {k: (v.to(_PREC[precision]) if k.endswith("weight") else v.float()) for k, v in sd.items()}
+    return save_tensors(path, sd, SaveOptions(overwrite=overwrite), meta)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +74,28 @@ def main(argv: list[str] | None = None) -> int:
             out = save_tensors(args.output, merged, SaveOptions(fp16=args.fp16, overwrite=args.overwrite),
                                {"format": "pt", "sdmw_loras": args.loras, "sdmw_base": ck.name})
             print(out)
+        elif args.command == "merge-loras":
+            from .merge_loras import merge_concat, merge_same_rank, merge_svd
+            pairs = []
+            for item in (x.strip() for x in args.loras.split(",") if x.strip()):
+                name, _, ratio = item.rpartition(":") if ":" in item else (item, "", "1")
+                pairs.append((load_lora(lora_path(Path(args.lora_dir), name)), float(ratio)))
+            if args.method == "same-rank":
+                sd = merge_same_rank(pairs, args.same_strength)
+            elif args.method == "concat":
+                sd = merge_concat(pairs, args.shuffle)
+            else:
+                sd = merge_svd(pairs, args.new_rank, args.new_conv_rank)
+            meta = {"ss_network_module": "networks.lora", "sdmw_merged_from": args.loras, "sdmw_method": args.method}
+            print(_save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
+        elif args.command == "extract":
+            from .extract import extract_lora
+            a, b = load_checkpoint(args.model_a), load_checkpoint(args.model_b)
+            from merger.arch import check_same_arch
+            arch = check_same_arch({a.name: detect_arch(a.tensors, a.name), b.name: detect_arch(b.tensors, b.name)})
+            sd, meta = extract_lora(a.tensors, b.tensors, arch, args.dim, args.conv_dim, args.alpha, args.beta,
+                                    args.clamp_quantile, fast=not args.full_svd)
+            print(_save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
         else:
             lf = load_lora(args.lora)
             lin, conv = lf.dims()

@@ -172,3 +172,101 @@ def test_cli_merge_and_info(base, tmp_path):
     r = subprocess.run([_sys.executable, "-m", "lora_ops", "merge-ckpt", "--model", ck, "--loras", "nope:1",
                         "--lora-dir", tmp_path, "--output", tmp_path / "x.safetensors"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: LoRA not found: nope")
+
+
+# ----------------------------------------------------------------------------- LoRA -> LoRA, extract
+def _lf(tmp_path, name, sd):
+    return load_lora(save(tmp_path, name, sd))
+
+
+def _delta_of(sd_lora, tmp_path, name, module, shape):
+    return module_delta(_lf(tmp_path, name, sd_lora).modules[module], shape)
+
+
+def test_concat_and_svd_merges(base, tmp_path):
+    from lora_ops.merge_loras import merge_concat, merge_same_rank, merge_svd
+    a = _lf(tmp_path, "a.safetensors", demo_lora(base, rank=4, seed=1))
+    b = _lf(tmp_path, "b.safetensors", demo_lora(base, rank=2, alpha=1.0, seed=2))
+    name = next(iter(a.modules))
+    w_key = next(k for k in base if name in [n for n, _ in kohya_targets(k, "sd1")])
+    shape = tuple(base[w_key].shape)
+    want = 0.7 * module_delta(a.modules[name], shape) - 0.4 * module_delta(b.modules[name], shape)
+    cat = merge_concat([(a, 0.7), (b, -0.4)], shuffle=True)
+    assert cat[f"{name}.lora_down.weight"].shape[0] == 6
+    torch.testing.assert_close(_delta_of(cat, tmp_path, "c.safetensors", name, shape), want, rtol=1e-4, atol=1e-6)
+    full = merge_svd([(a, 0.7), (b, -0.4)], new_rank=6, clamp_quantile=1.0)
+    torch.testing.assert_close(_delta_of(full, tmp_path, "s.safetensors", name, shape), want, rtol=1e-3, atol=1e-5)
+    errs = [(_delta_of(merge_svd([(a, 0.7), (b, -0.4)], new_rank=r, clamp_quantile=1.0), tmp_path, f"r{r}.safetensors",
+                       name, shape) - want).norm().item() for r in (1, 3, 6)]
+    assert errs[0] > errs[1] > errs[2]
+    same = merge_same_rank([(a, 0.5)], same_strength=True)
+    torch.testing.assert_close(_delta_of(same, tmp_path, "ss.safetensors", name, shape),
+                               0.5 * module_delta(a.modules[name], shape), rtol=1e-4, atol=1e-6)
+    plain = merge_same_rank([(a, 0.5)])
+    torch.testing.assert_close(_delta_of(plain, tmp_path, "sp.safetensors", name, shape),
+                               0.25 * module_delta(a.modules[name], shape), rtol=1e-4, atol=1e-6)   # kohya: ratio²
+    with pytest.raises(MergeError, match="ranks differ"):
+        merge_same_rank([(a, 1), (b, 1)])
+
+
+def test_extract_reconstructs_b_minus_a_better_with_rank_and_fast_svd_keeps_the_error():
+    from lora_ops.extract import extract_lora, lora_modules
+    a = random_checkpoint("sd1", seed=1, extras=False)
+    g = torch.Generator().manual_seed(5)
+    b = {k: (v + 0.02 * (torch.randn(v.shape[0], 3, generator=g) @ torch.randn(3, v[0].numel(), generator=g)).reshape(v.shape)
+             if v.dim() >= 2 and k.startswith("model.") else v) for k, v in a.items()}
+    mods = lora_modules(b, "sd1", conv=False)
+    errs = {}
+    for fast in (False, True):
+        for dim in (1, 2, 8):
+            sd, meta = extract_lora(b, a, "sd1", dim=dim, clamp_quantile=1.0, fast=fast)
+            assert "text encoder skipped" in meta["sdmw_extract"] and not any(k.startswith("lora_te") for k in sd)
+            lf = load_lora(save_tmp(sd))
+            err = tot = 0.0
+            for name, (key, _) in mods.items():
+                if name in lf.modules:
+                    d = module_delta(lf.modules[name], tuple(a[key].shape))
+                    err += (d - (b[key] - a[key])).norm().item() ** 2
+                    tot += (b[key] - a[key]).norm().item() ** 2
+            errs[(fast, dim)] = math.sqrt(err / tot)
+    assert errs[(False, 1)] > errs[(False, 2)] > errs[(False, 8)] and errs[(False, 8)] < 1e-3
+    for dim in (1, 2, 8):
+        assert errs[(True, dim)] <= errs[(False, dim)] * 1.05 + 1e-4
+    te = dict(b)
+    k = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    te[k] = a[k] + 1.0
+    sd, meta = extract_lora(te, a, "sd1", dim=2, conv_dim=2)
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight" in sd
+    assert any(".lora_down.weight" in n and sd[n].dim() == 4 and sd[n].shape[2] == 3 for n in sd)   # LoCon convs
+
+
+def save_tmp(sd):
+    import tempfile
+    d = Path(tempfile.mkdtemp())
+    return save(d, "x.safetensors", sd)
+
+
+def test_cli_merge_loras_and_extract(base, tmp_path):
+    import subprocess
+    import sys as _sys
+
+    from tests.conftest import ROOT
+    save(tmp_path, "a.safetensors", demo_lora(base, seed=1))
+    save(tmp_path, "b.safetensors", demo_lora(base, seed=2))
+    run = lambda *a: subprocess.run([_sys.executable, "-m", "lora_ops", *map(str, a)], cwd=ROOT,  # noqa: E731
+                                    capture_output=True, text=True)
+    for method in ("same-rank", "concat", "svd"):
+        out = tmp_path / f"m-{method}.safetensors"
+        r = run("merge-loras", "--loras", "a:0.6, b:0.4", "--lora-dir", tmp_path, "--method", method,
+                "--new-rank", 8, "--output", out)
+        assert r.returncode == 0, r.stderr
+        lf = load_lora(out)
+        assert lf.dims()[0] == {"same-rank": 4, "concat": 8, "svd": 8}[method]
+    tuned = {k: (v + 0.01 if k.startswith("model.") and v.dim() >= 2 else v) for k, v in base.items()}
+    save(tmp_path, "tuned.safetensors", tuned)
+    save(tmp_path, "base.safetensors", base)
+    r = run("extract", "--model-a", tmp_path / "tuned.safetensors", "--model-b", tmp_path / "base.safetensors",
+            "--dim", 4, "--output", tmp_path / "ex.safetensors")
+    assert r.returncode == 0, r.stderr
+    lf = load_lora(tmp_path / "ex.safetensors")
+    assert lf.dims() == (4, 0) and lf.metadata["ss_network_dim"] == "4"

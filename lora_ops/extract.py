@@ -1,0 +1,70 @@
+"""Extracting a LoRA from two checkpoints (kohya ``extract_lora_from_models.py``, SuperMerger
+"Extract From Models": ΔW = α·A − β·B, usually A = fine-tune, B = its base)."""
+from __future__ import annotations
+
+import torch
+
+from merger.errors import MergeError, MergeStopped
+
+from .naming import TEXT_TARGETS, UNET_TARGETS, kohya_targets
+from .svd import low_rank
+
+
+def lora_modules(tensors, arch: str, conv: bool) -> dict[str, tuple[str, object]]:
+    """kohya module name -> (LDM key, Target) for what a LoRA covers: attention, feed-forward and
+    projection layers of the U-Net and the text encoders (plus, with ``conv``, every k×k conv as
+    LoCon does). SD1/SD2 U-Net names are Diffusers-style, SDXL's LDM-style, as kohya writes them."""
+    out = {}
+    for key, t in tensors.items():
+        if not t.is_floating_point() or t.dim() not in (2, 4):
+            continue
+        is_3x3 = t.dim() == 4 and t.shape[2] > 1
+        if is_3x3 and not conv:
+            continue
+        pairs = kohya_targets(key, arch, t.shape[1] if key.endswith("in_proj_weight") else 1)
+        unet = [p for p in pairs if p[1].component == "unet"]
+        if unet:
+            name, tg = unet[1] if arch == "sdxl" else unet[0]
+            if is_3x3 or any(tg.param.rsplit(".", 1)[0].endswith("." + w) for w in UNET_TARGETS):
+                out[name] = (key, tg)
+            continue
+        for name, tg in pairs:
+            if any(tg.param.rsplit(".", 1)[0].endswith("." + w) for w in TEXT_TARGETS):
+                out[name] = (key, tg)
+    return out
+
+
+def extract_lora(a: dict, b: dict, arch: str, dim: int = 128, conv_dim: int | None = None,
+                 alpha: float = 1.0, beta: float = 1.0, clamp_quantile: float = 0.99, min_diff: float = 0.01,
+                 fast: bool = True, should_stop=None, progress=None) -> tuple[dict[str, torch.Tensor], dict]:
+    """kohya-format LoRA state dict approximating α·A − β·B per module, plus metadata. The text
+    encoder is left out when it is identical (max |ΔW| ≤ ``min_diff``), as kohya does."""
+    mods = lora_modules(a, arch, conv_dim is not None)
+    if not mods:
+        raise MergeError("no LoRA-able modules found")
+    te_diff = 0.0
+    for name, (key, _) in mods.items():
+        if name.startswith("lora_te") and key in b:
+            te_diff = max(te_diff, (alpha * a[key].float() - beta * b[key].float()).abs().max().item())
+    skip_te = te_diff <= min_diff
+    sd: dict[str, torch.Tensor] = {}
+    items = [(n, kt) for n, kt in mods.items() if not (skip_te and n.startswith("lora_te"))]
+    for i, (name, (key, target)) in enumerate(items):
+        if should_stop is not None and should_stop():
+            raise MergeStopped()
+        if key not in b or a[key].shape != b[key].shape:
+            raise MergeError(f"the two models differ in {key}: not the same architecture")
+        diff = target.view_of(alpha * a[key].float() - beta * b[key].float())
+        is_3x3 = diff.dim() == 4 and diff.shape[2] > 1
+        up, down = low_rank(diff, conv_dim if is_3x3 else dim, clamp_quantile, fast)
+        sd[f"{name}.lora_up.weight"] = up.contiguous()
+        sd[f"{name}.lora_down.weight"] = down.contiguous()
+        sd[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+        if progress:
+            progress(i + 1, len(items), name)
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": str(float(dim)),
+            "ss_v2": str(arch == "sd2"), "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[arch],
+            "sdmw_extract": f"{alpha:g}*A - {beta:g}*B, text encoder {'skipped' if skip_te else 'included'}"}
+    if conv_dim is not None:
+        meta["ss_network_args"] = f'{{"conv_dim": "{conv_dim}", "conv_alpha": "{float(conv_dim)}"}}'
+    return sd, meta

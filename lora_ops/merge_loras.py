@@ -1,0 +1,106 @@
+"""Merging LoRAs into one LoRA (kohya ``merge_lora.py`` / ``svd_merge_lora.py``, SuperMerger)."""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from merger.errors import MergeError
+
+from .delta import module_delta
+from .formats import LoraFile
+from .svd import low_rank
+
+
+def _lora_only(loras):
+    for lf, _ in loras:
+        if lf.kinds != {"lora"}:
+            raise MergeError(f"{lf.name} is {lf.network_type()}: only LoRA/LoCon files can be merged this way "
+                             f"(use the SVD merge)")
+
+
+def merge_same_rank(loras: list[tuple[LoraFile, float]], same_strength: bool = False) -> dict[str, torch.Tensor]:
+    """kohya ``merge_lora_models``: up and down of every LoRA are summed with
+    ``sqrt(alpha / base_alpha) · ratio`` (base = the first LoRA's alpha, which is kept). The
+    product then scales by about ratio²; with ``same_strength`` (SuperMerger's option) each side
+    gets sqrt(|ratio|) (the sign on up) so a single LoRA keeps the strength it is given."""
+    _lora_only(loras)
+    out: dict[str, torch.Tensor] = {}
+    base_alpha: dict[str, float] = {}
+    for lf, ratio in loras:
+        for name, m in lf.modules.items():
+            rank = m.tensors["lora_down.weight"].shape[0]
+            alpha = m.alpha if m.alpha is not None else rank
+            base = base_alpha.setdefault(name, alpha)
+            for part in ("lora_down.weight", "lora_up.weight"):
+                w = m.tensors[part].float()
+                key = f"{name}.{part}"
+                if key in out and out[key].shape != w.shape:
+                    raise MergeError(f"{name}: ranks differ ({out[key].shape[0]} vs {w.shape[0]}); "
+                                     f"use concat or the SVD merge")
+                if same_strength:
+                    s = math.sqrt(abs(ratio)) * math.sqrt(alpha / base) * (math.copysign(1, ratio) if "up" in part else 1)
+                else:
+                    s = math.sqrt(alpha / base) * ratio
+                out[key] = out.get(key, 0) + w * s
+            out[f"{name}.alpha"] = torch.tensor(base)
+    return out
+
+
+def merge_concat(loras: list[tuple[LoraFile, float]], shuffle: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Concatenate along the rank (kohya ``--concat``): ΔW of the result is exactly
+    Σ ratio·ΔW_i; alpha = the new rank. ``shuffle`` permutes the rank order (ΔW unchanged)."""
+    _lora_only(loras)
+    downs: dict[str, list] = {}
+    ups: dict[str, list] = {}
+    for lf, ratio in loras:
+        for name, m in lf.modules.items():
+            d, u = m.tensors["lora_down.weight"].float(), m.tensors["lora_up.weight"].float()
+            rank = d.shape[0]
+            scale = (m.alpha if m.alpha is not None else rank) / rank * ratio
+            s = math.sqrt(abs(scale))
+            downs.setdefault(name, []).append(d * s)
+            ups.setdefault(name, []).append(u * s * math.copysign(1, scale))
+    out = {}
+    rng = random.Random(seed)
+    for name in downs:
+        d, u = torch.cat(downs[name], 0), torch.cat(ups[name], 1)
+        if shuffle:
+            perm = list(range(d.shape[0]))
+            rng.shuffle(perm)
+            d, u = d[perm], u[:, perm]
+        out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = d.contiguous(), u.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(d.shape[0]))
+    return out
+
+
+def merge_svd(loras: list[tuple[LoraFile, float]], new_rank: int, new_conv_rank: int | None = None,
+              clamp_quantile: float = 0.99, fast: bool = False) -> dict[str, torch.Tensor]:
+    """kohya ``svd_merge_lora.py``: ΔW = Σ ratio·ΔW_i per module (any LoRA type, ranks may
+    differ), then a rank-``new_rank`` SVD (``new_conv_rank`` for k×k convs); alpha = the rank."""
+    total: dict[str, torch.Tensor] = {}
+    for lf, ratio in loras:
+        for name, m in lf.modules.items():
+            shape = _shape_of(m)
+            d = module_delta(m, shape) * ratio
+            total[name] = total[name] + d if name in total else d
+    out = {}
+    for name, d in total.items():
+        is_3x3 = d.dim() == 4 and d.shape[2] > 1
+        up, down = low_rank(d, (new_conv_rank or new_rank) if is_3x3 else new_rank, clamp_quantile, fast)
+        out[f"{name}.lora_up.weight"], out[f"{name}.lora_down.weight"] = up.contiguous(), down.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+    return out
+
+
+def _shape_of(m) -> tuple[int, ...]:
+    t = m.tensors
+    if m.kind == "lora":
+        d, u = t["lora_down.weight"], t["lora_up.weight"]
+        return (u.shape[0], d.shape[1], *d.shape[2:])
+    if m.kind == "loha":
+        return (t["hada_w1_a"].shape[0], *t["hada_w1_b"].shape[1:])
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
+    w2s = t["lokr_w2"].shape if "lokr_w2" in t else (t["lokr_w2_a"].shape[0], *t["lokr_w2_b"].shape[1:])
+    return (w1.shape[0] * w2s[0], w1.shape[1] * w2s[1], *w2s[2:])
