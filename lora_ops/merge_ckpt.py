@@ -89,37 +89,57 @@ def target_map(tensors, arch: str) -> dict[str, list[tuple[str, object]]]:
     return out
 
 
+class LoraApplier:
+    """Which checkpoint keys a set of LoRAs changes, and the change of each key computed on
+    demand (so a merge can stream: ΔW of one key at a time, never the whole LoRA at once)."""
+
+    def __init__(self, shapes: dict, loras: list[tuple[LoraFile, LoraSpec]], arch: str):
+        tmap = target_map(shapes, arch)
+        self.arch, self.by_key = arch, {}
+        for lora, spec in loras:
+            unmatched = [n for n in lora.modules if n not in tmap]
+            if len(unmatched) > len(lora.modules) // 2:
+                raise MergeError(f"LoRA {lora.name} does not fit this {arch.upper()} checkpoint: "
+                                 f"{len(unmatched)} of {len(lora.modules)} modules have no match "
+                                 f"(e.g. {unmatched[0]}); is it for another architecture?")
+            for name, module in lora.modules.items():
+                for key, target in tmap.get(name, []):
+                    scale = spec.blocks.get(block_of(key, arch) or "BASE", 0.0)
+                    if scale:
+                        self.by_key.setdefault(key, []).append((lora.name, module, target, scale))
+        self.shapes = {k: tuple(shapes[k].shape) for k in self.by_key}
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.by_key)
+
+    def delta(self, key: str) -> torch.Tensor:
+        """Σ scale · ΔW for ``key`` (float32, the key's full shape)."""
+        shape = self.shapes[key]
+        out = torch.zeros(shape)
+        for lora_name, module, target, scale in self.by_key[key]:
+            part = out[target.rows[0]:target.rows[1]] if target.kind == "rows" else out
+            try:
+                part += module_delta(module, tuple(part.shape)) * scale
+            except ValueError as e:
+                raise MergeError(f"LoRA {lora_name} does not fit this checkpoint: {e}") from None
+        return out
+
+    def apply(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        return (value.float() + self.delta(key)).to(value.dtype)
+
+
 def merge_loras(tensors: dict[str, torch.Tensor], loras: list[tuple[LoraFile, LoraSpec]], arch: str,
                 should_stop=None) -> dict[str, torch.Tensor]:
     """The changed tensors (new ones; inputs are never modified)."""
-    tmap = target_map(tensors, arch)
-    acc: dict[str, torch.Tensor] = {}
-    for lora, spec in loras:
-        unmatched = [n for n in lora.modules if n not in tmap]
-        if len(unmatched) == len(lora.modules) or len(unmatched) > len(lora.modules) // 2:
-            raise MergeError(f"LoRA {lora.name} does not fit this {arch.upper()} checkpoint: "
-                             f"{len(unmatched)} of {len(lora.modules)} modules have no match "
-                             f"(e.g. {unmatched[0]}); is it for another architecture?")
-        for name, module in lora.modules.items():
-            if should_stop is not None and should_stop():
-                from merger.errors import MergeStopped
-                raise MergeStopped()
-            for key, target in tmap.get(name, []):
-                w = tensors[key]
-                part_shape = w[target.rows[0]:target.rows[1]].shape if target.kind == "rows" else w.shape
-                scale = spec.blocks.get(block_of(key, arch) or "BASE", 0.0)
-                if scale == 0:
-                    continue
-                try:
-                    d = module_delta(module, tuple(part_shape)) * scale
-                except ValueError as e:
-                    raise MergeError(f"LoRA {lora.name} does not fit this checkpoint: {e}") from None
-                cur = acc.setdefault(key, w.float().clone())
-                if target.kind == "rows":
-                    cur[target.rows[0]:target.rows[1]] += d
-                else:
-                    cur += d
-    return {k: v.to(tensors[k].dtype) for k, v in acc.items()}
+    applier = LoraApplier(tensors, loras, arch)
+    out = {}
+    for key in applier.keys:
+        if should_stop is not None and should_stop():
+            from merger.errors import MergeStopped
+            raise MergeStopped()
+        out[key] = applier.apply(key, tensors[key])
+    return out
 
 
 def merged_checkpoint(tensors: dict, loras, arch: str, should_stop=None) -> dict[str, torch.Tensor]:

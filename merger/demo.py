@@ -30,8 +30,8 @@ def demo_lora(base: dict[str, torch.Tensor], rank: int = 4, alpha: float = 2.0, 
     for key, w in base.items():
         for name in kohya_names(key, "sd1"):
             extra = w.shape[2:]
-            out[f"{name}.lora_down.weight"] = (torch.randn((rank, w.shape[1], *extra), generator=g) * 0.1).half()
-            out[f"{name}.lora_up.weight"] = (torch.randn((w.shape[0], rank, *[1] * len(extra)), generator=g) * 0.1).half()
+            out[f"{name}.lora_down.weight"] = (torch.randn((rank, w.shape[1], *extra), generator=g) * 0.25).half()
+            out[f"{name}.lora_up.weight"] = (torch.randn((w.shape[0], rank, *[1] * len(extra)), generator=g) * 0.25).half()
             out[f"{name}.alpha"] = torch.tensor(alpha).half()
     return out
 

@@ -296,6 +296,30 @@ class ResidentPipeline:
             return stats
         return self._run(spec, run, label or plan.a.name, plan.recipe, partial=todo is not plan)
 
+    def layout(self) -> dict:
+        """LDM key -> shape of the loaded architecture."""
+        return checkpoint_layout(self.spec.arch, **(TINY[self.spec.arch] if self.spec.size == "tiny" else {}))
+
+    def add_deltas(self, applier, backup: dict | None = None) -> int:
+        """Add LoRA changes (``applier.delta(key)``, LDM layout) to the parameters in place;
+        with ``backup`` the touched parameters are saved there first (to undo exactly)."""
+        with self.lock:
+            self._last = None          # the next merge must rewrite everything
+            n = 0
+            for key in applier.keys:
+                d = applier.delta(key)
+                for target, param in self._targets(key):
+                    if backup is not None and id(param) not in backup:
+                        backup[id(param)] = (param, param.detach().clone())
+                    param.data.add_(target.view_of(d).reshape(param.shape).to(param.device, param.dtype))
+                    n += 1
+            return n
+
+    @staticmethod
+    def restore(backup: dict) -> None:
+        for param, saved in backup.values():
+            param.data.copy_(saved)
+
     # ------------------------------------------------------------------ reading back
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights the pipeline holds, in LDM layout (plus the keys it has no parameter

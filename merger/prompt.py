@@ -102,3 +102,21 @@ def parse_prompt_options(line: str) -> PromptOptions:
         except ValueError:
             raise MergeError(f"prompt option --{name} needs a {kind.__name__}, got {value.strip()!r}") from None
     return opts
+
+
+_LORA_TAG = re.compile(r"<lora:([^:>]+):([^:>]+)(?::([^>]+))?>")
+
+
+def extract_lora_tags(text: str) -> tuple[str, list[str]]:
+    """``<lora:name:weight>`` / ``<lora:name:weight:blocks>`` (A1111 / LoRA Block Weight syntax,
+    ``lbw=`` accepted) -> (prompt without the tags, ["name:weight[:blocks]", ...])."""
+    specs = []
+    for m in _LORA_TAG.finditer(text):
+        name, weight, blocks = m.group(1).strip(), m.group(2).strip(), (m.group(3) or "").strip()
+        try:
+            float(weight)
+        except ValueError:
+            raise MergeError(f"<lora:{name}:{weight}>: the weight must be a number") from None
+        blocks = blocks[4:] if blocks.startswith("lbw=") else blocks
+        specs.append(f"{name}:{weight}" + (f":{blocks}" if blocks else ""))
+    return re.sub(r"\s*,?\s*" + _LORA_TAG.pattern, "", text).strip(" ,"), specs

@@ -41,6 +41,7 @@ class Recipe:
     adjust: list[float] | None = None
     gamma: float = 1.0
     seed: int = -1
+    loras: str = ""                 # LoRAs merged on top: "name:ratio[:blocks], ..."
     version: int = FORMAT_VERSION
 
     def uses_c(self) -> bool:

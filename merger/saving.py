@@ -213,13 +213,16 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
 
 def save_merge(plan, path: str | os.PathLike, options: SaveOptions,
                paths: Mapping[str, str | os.PathLike] | None = None,
-               progress=None, should_stop=None) -> Path:
-    """Merge ``plan`` (see :mod:`merger.engine`) straight into a file."""
+               progress=None, should_stop=None, post=None) -> Path:
+    """Merge ``plan`` (see :mod:`merger.engine`) straight into a file. ``post(key, tensor)``
+    may change tensors on the way (LoRAs merged on top)."""
     from .engine import iter_merge
     from .tensor_ops import ReusableBuffer
     # a streamed safetensors write consumes each tensor at once: compute into one reused buffer
     alloc = ReusableBuffer() if options.fmt == "safetensors" else None
     items = iter_merge(plan, progress=progress, should_stop=should_stop, alloc=alloc)
+    if post is not None:
+        items = ((k, post(k, v)) for k, v in items)
     try:
         return save_stream(path, plan.output_spec(), items, options, recipe_metadata(plan.recipe, paths))
     except MergeStopped:
@@ -249,6 +252,8 @@ def model_label(recipe: Recipe) -> str:
             s += "_(" + ",".join(r(v) for v in recipe.mbw_beta) + ")"
     if recipe.calcmode != "normal":
         s += "_" + recipe.calcmode
+    if recipe.loras:
+        s += " + " + ", ".join(x.split(":")[0].strip() for x in recipe.loras.split(",") if ":" in x)
     return s
 
 

@@ -56,6 +56,24 @@ class Workstation:
         self.outputs = Path(outputs) if outputs else data_dir() / "outputs"
         self.stop_event = threading.Event()
         self.history_id: int | None = None
+        self._loras: dict = {}
+
+    # ------------------------------------------------------------------ LoRAs
+    def load_lora_file(self, name: str):
+        """A LoRA file by name (cached until the file changes)."""
+        from lora_ops.formats import load_lora
+        from lora_ops.merge_ckpt import lora_path
+        path = lora_path(self.dirs.lora, name)
+        stamp = (path.stat().st_size, path.stat().st_mtime_ns)
+        hit = self._loras.get(path)
+        if hit is None or hit[0] != stamp:
+            hit = self._loras[path] = (stamp, load_lora(path))
+        return hit[1]
+
+    def lora_applier(self, text: str, shapes, arch: str):
+        from lora_ops.merge_ckpt import LoraApplier, parse_specs
+        specs = parse_specs(text, arch)
+        return LoraApplier(shapes, [(self.load_lora_file(s.name), s) for s in specs], arch)
 
     # ------------------------------------------------------------------ helpers
     def stop(self) -> None:
@@ -100,8 +118,11 @@ class Workstation:
         t.load = time.perf_counter() - t0
         t0 = time.perf_counter()
         plan = plan_merge(recipe, models["a"], models.get("b"), models.get("c"))
+        applier = self.lora_applier(recipe.loras, models["a"].tensors, plan.arch) if recipe.loras else None
         self.pipeline.swap(plan, progress=progress, should_stop=self.should_stop if interruptible else None,
                            label=model_label(recipe))
+        if applier is not None:
+            self.pipeline.add_deltas(applier)
         t.merge = time.perf_counter() - t0
         self.history_id = self.history.append(recipe, source=source, seconds=t.load + t.merge)
         return Outcome(f"merged #{self.history_id}: {model_label(recipe)}", t, self.history_id)
@@ -119,7 +140,10 @@ class Workstation:
         self.pipeline.use_vae(load_vae(self.dirs.resolve("vae", name)) if name else None, name or "")
 
     def generate(self, params: GenParams, progress=None, save: bool = True, interruptible: bool = True,
-                 folder: Path | None = None, stem: str = "") -> Outcome:
+                 folder: Path | None = None, stem: str = "", loras: str = "") -> Outcome:
+        """Generate with the resident pipeline. LoRAs given in ``loras`` ("name:weight[:blocks],
+        ..." — the UI's five LoRA slots) or as ``<lora:name:weight>`` in the prompt are added to the
+        weights for this generation only."""
         if interruptible:
             self.stop_event.clear()
         rp = self.pipeline
@@ -130,8 +154,23 @@ class Workstation:
         if rp.vae_name:
             extra["VAE"] = rp.vae_name
         label = model_label(recipe) if recipe else rp.label
-        res = generate(rp, params, model_label=label, model_hash=recipe.hash_a if recipe else "",
-                       extra_info=extra, progress=progress, should_stop=self.should_stop if interruptible else None)
+        from .prompt import extract_lora_tags
+        prompt, tags = extract_lora_tags(params.prompt)
+        lora_text = ", ".join([x.strip() for x in (loras or "").split(",") if x.strip()] + tags)
+        backup: dict = {}
+        if lora_text:      # applied for this generation only, then the merged weights come back exactly
+            rp.check_ready()
+            rp.add_deltas(self.lora_applier(lora_text, {k: _Shape(v) for k, v in rp.layout().items()},
+                                            rp.spec.arch), backup)
+            extra["LoRAs"] = lora_text
+        try:
+            from dataclasses import replace as _replace
+            res = generate(rp, _replace(params, prompt=prompt), model_label=label,
+                           model_hash=recipe.hash_a if recipe else "", extra_info=extra, progress=progress,
+                           should_stop=self.should_stop if interruptible else None)
+        finally:
+            if backup:
+                rp.restore(backup)
         files = []
         if save:
             stem = stem or time.strftime("%Y%m%d-%H%M%S")
@@ -166,8 +205,48 @@ class Workstation:
         models, paths = self._load(recipe)
         plan = plan_merge(recipe, models["a"], models.get("b"), models.get("c"))
         path = self.dirs.ckpt / _with_ext(name or auto_filename(recipe, options), options)
-        saved = save_merge(plan, path, options, paths=paths, progress=progress, should_stop=self.should_stop)
+        post = None
+        if recipe.loras:
+            applier = self.lora_applier(recipe.loras, models["a"].tensors, plan.arch)
+            post = lambda k, v: applier.apply(k, v) if k in applier.by_key else v  # noqa: E731
+        saved = save_merge(plan, path, options, paths=paths, progress=progress, should_stop=self.should_stop,
+                           post=post)
         return Outcome(f"saved {saved}", Timings(save=time.perf_counter() - t0), path=saved)
+
+    def merge_lora_files(self, text: str, method: str = "svd", same_strength: bool = False, new_rank: int = 64,
+                         new_conv_rank: int | None = None, name: str = "merged-lora") -> Outcome:
+        """Merge LoRAs ("name:ratio, ...") into one LoRA file in the LoRA folder."""
+        from lora_ops.merge_loras import merge_concat, merge_same_rank, merge_svd
+        pairs = []
+        for item in (x.strip() for x in text.split(",") if x.strip()):
+            n, _, r = item.partition(":")
+            try:
+                pairs.append((self.load_lora_file(n.strip()), float(r or 1)))
+            except ValueError:
+                raise MergeError(f"LoRA list: bad ratio in {item!r}") from None
+        if not pairs:
+            raise MergeError("no LoRA given")
+        sd = (merge_same_rank(pairs, same_strength) if method == "same-rank" else
+              merge_concat(pairs) if method == "concat" else merge_svd(pairs, new_rank, new_conv_rank))
+        sd = {k: v.half() if k.endswith("weight") else v.float() for k, v in sd.items()}
+        path = save_tensors(self.dirs.lora / _with_ext(name, SaveOptions()), sd, SaveOptions(),
+                            {"ss_network_module": "networks.lora", "sdmw_merged_from": text, "sdmw_method": method})
+        return Outcome(f"saved {path}", path=path)
+
+    def extract_lora(self, model_a: str, model_b: str, alpha: float = 1.0, beta: float = 1.0, dim: int = 128,
+                     conv_dim: int | None = None, name: str = "extracted-lora", progress=None) -> Outcome:
+        """A LoRA approximating α·A − β·B, written to the LoRA folder."""
+        from lora_ops.extract import extract_lora
+        from .arch import check_same_arch, detect_arch
+        a = self.cache.get(self.dirs.resolve("ckpt", model_a))
+        b = self.cache.get(self.dirs.resolve("ckpt", model_b), pinned=(self.dirs.resolve("ckpt", model_a),))
+        arch = check_same_arch({a.name: detect_arch(a.tensors, a.name), b.name: detect_arch(b.tensors, b.name)})
+        self.stop_event.clear()
+        sd, meta = extract_lora(a.tensors, b.tensors, arch, dim, conv_dim, alpha, beta,
+                                should_stop=self.should_stop, progress=progress)
+        sd = {k: v.half() if k.endswith("weight") else v for k, v in sd.items()}
+        path = save_tensors(self.dirs.lora / _with_ext(name, SaveOptions()), sd, SaveOptions(), meta)
+        return Outcome(f"saved {path}", path=path)
 
     def unload(self) -> str:
         self.pipeline = ResidentPipeline(self.pipeline.device, self.pipeline.dtype)
@@ -175,6 +254,13 @@ class Workstation:
 
     def clear_cache(self) -> str:
         return f"cleared {self.cache.clear()} cached model(s)"
+
+
+class _Shape:
+    """A stand-in with ``.shape`` for layouts given as shapes."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
 
 
 def _with_ext(name: str, options: SaveOptions) -> str:

@@ -16,7 +16,7 @@ from .presets import parse_vector
 from .recipe import MODES_WITH_BETA, Recipe
 
 AXIS_TYPES = ["none", "alpha", "beta", "alpha and beta", "mbw", "seed", "model_A", "model_B", "model_C",
-              "pinpoint blocks", "calcmode", "prompt", "random", "elemental", "adjust"]
+              "pinpoint blocks", "calcmode", "prompt", "random", "elemental", "adjust", "lora"]
 
 
 @dataclass
@@ -27,6 +27,14 @@ class Axis:
 
     def __len__(self) -> int:
         return len(self.values)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -107,6 +115,13 @@ def parse_axis(kind: str, text: str, name: str, arch: str, mode: str, models: li
         if not 1 <= n <= 1000:
             raise MergeError(f"{name} axis: number of rolls must be 1 to 1000")
         return Axis(kind, list(range(n)), [f"roll {i + 1}" for i in range(n)])
+    if kind == "lora":   # one LoRA list per line: "name:weight[:blocks], ..." ("" = none)
+        vals = [ln.strip() for ln in text.splitlines()]
+        for v in vals:
+            for item in (x.strip() for x in v.split(",") if x.strip()):
+                if ":" in item and not _is_number(item.split(":")[1]):
+                    raise MergeError(f"{name} axis: LoRA weight in {item!r} is not a number")
+        return Axis(kind, vals, [v or "no LoRA" for v in vals])
     if kind == "elemental":
         vals = [blk.strip() for blk in re.split(r"\n\s*\n", text) if blk.strip()]
         return Axis(kind, vals, [v.replace("\n", " ")[:60] for v in vals])
@@ -155,6 +170,8 @@ def apply_value(kind: str, value, recipe: Recipe, gen, pin_value=None):
         r.elemental = value
     elif kind == "adjust":
         r.adjust = value
+    elif kind == "lora":
+        r.loras = value
     return r, g
 
 

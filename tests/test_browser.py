@@ -218,3 +218,16 @@ def test_xyz_2x2_plot_and_a_reservation(page, app):
     assert msg == "2 reservation(s) run", msg
     page.wait_for_function("document.querySelector('#res_table').innerText.split('finished').length === 3")
     page.get_by_role("tab", name="Merge").click()
+
+
+def test_lora_tab_list_merge_and_gen(page, app):
+    page.get_by_role("tab", name="LoRA").click()
+    page.locator("#lora_refresh").wait_for(state="visible")
+    page.wait_for_timeout(300)
+    click_and_wait(page, "#lora_refresh", ("LoRAs",), sel="#lora_status textarea")
+    page.wait_for_function("document.querySelector('#lora_table').innerText.includes('demo-sd1-tiny-lora')")
+    assert "LoRA" in page.inner_text("#lora_table")
+    page.fill("#lora_spec textarea", "demo-sd1-tiny-lora:0.8:OUTALL")
+    msg = click_and_wait(page, "#lora_merge_gen", ("generated", "Error"), sel="#lora_status textarea")
+    assert "merged #" in msg and "demo-sd1-tiny-lora" in msg and "generated 1 image" in msg, msg
+    page.get_by_role("tab", name="Merge").click()

@@ -270,3 +270,92 @@ def test_cli_merge_loras_and_extract(base, tmp_path):
     assert r.returncode == 0, r.stderr
     lf = load_lora(tmp_path / "ex.safetensors")
     assert lf.dims() == (4, 0) and lf.metadata["ss_network_dim"] == "4"
+
+
+# ----------------------------------------------------------------------------- in the workstation
+@pytest.fixture
+def ws(tmp_path):
+    from merger.demo import ensure_demo_models
+    from merger.model_dirs import ModelDirs
+    from merger.workstation import Workstation
+    dirs = ModelDirs.from_models_dir(tmp_path / "models")
+    ensure_demo_models(dirs)
+    return Workstation(dirs, device="cpu", dtype=torch.float32, outputs=tmp_path / "out")
+
+
+def test_prompt_lora_tags():
+    from merger.prompt import extract_lora_tags
+    text, tags = extract_lora_tags("a cat, <lora:style:0.8>, on a mat <lora:char:1:lbw=OUTALL>")
+    assert text == "a cat, on a mat" and tags == ["style:0.8", "char:1:OUTALL"]
+    with pytest.raises(MergeError, match="must be a number"):
+        extract_lora_tags("<lora:x:big>")
+
+
+def test_recipe_loras_merge_history_and_save(ws):
+    from merger.generate import GenParams
+    from merger.recipe import Recipe
+    r = ws.recipe("demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors", alpha=0.3,
+                  loras="demo-sd1-tiny-lora:0.8:OUTALL")
+    ws.merge(r)
+    assert ws.history.recipe(-1).loras == "demo-sd1-tiny-lora:0.8:OUTALL"
+    assert "demo-sd1-tiny-lora" in ws.history.get(-1)["label"]
+    held = ws.pipeline.state_dict()
+    saved = load_lora  # noqa: F841 (keep import used)
+    path = ws.save_recipe(Recipe.from_line(r.to_line()), "with-lora").path
+    got = st.load_file(str(path))
+    k = "model.diffusion_model.output_blocks.4.1.transformer_blocks.0.attn2.to_q.weight"
+    plain = ws.cache.get(ws.dirs.resolve("ckpt", "demo-sd1-tiny-A.safetensors")).tensors[k]
+    assert not torch.equal(got[k], plain)
+    torch.testing.assert_close(got[k].float(), held[k], rtol=0, atol=2e-3)     # file fp16, pipeline fp32
+    k_in = "model.diffusion_model.input_blocks.1.1.proj_in.weight"                # OUTALL: IN blocks untouched
+    from merger.engine import merge
+    m = ws.cache.get(ws.dirs.resolve("ckpt", "demo-sd1-tiny-A.safetensors"))
+    b = ws.cache.get(ws.dirs.resolve("ckpt", "demo-sd1-tiny-B.safetensors"))
+    assert torch.equal(got[k_in], merge(Recipe("a", "b", alpha=0.3), m, b).tensors[k_in])
+    ws.generate(GenParams(prompt="a cat", steps=2, width=64, height=64, seed=1), save=False)
+
+
+def test_loras_at_generation_change_the_image_and_leave_the_merge(ws):
+    import numpy as np
+
+    from merger.generate import GenParams
+    ws.merge(ws.recipe("demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors", alpha=0.5))
+    before = {n: p.clone() for n, p in ws.pipeline.modules["unet"].named_parameters()}
+    g = dict(prompt="a cat", steps=2, width=64, height=64, seed=1)
+    plain = np.asarray(ws.generate(GenParams(**g), save=False).result.images[0].image, dtype=np.float32)
+    tagged = ws.generate(GenParams(**{**g, "prompt": "a cat <lora:demo-sd1-tiny-lora:1.5>"}), save=False).result
+    assert np.abs(np.asarray(tagged.images[0].image, dtype=np.float32) - plain).max() > 0
+    # the same LoRA merged into the recipe gives the very same weights, hence the same image
+    ws.merge(ws.recipe("demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors", alpha=0.5,
+                       loras="demo-sd1-tiny-lora:1.5"))
+    merged = ws.generate(GenParams(**g), save=False).result
+    assert np.array_equal(np.asarray(merged.images[0].image), np.asarray(tagged.images[0].image))
+    ws.merge(ws.recipe("demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors", alpha=0.5))
+    assert "LoRAs: demo-sd1-tiny-lora:1.5" in tagged.images[0].infotext and tagged.images[0].infotext.startswith("a cat\n")
+    slots = ws.generate(GenParams(**g), save=False, loras="demo-sd1-tiny-lora:1.5").result
+    assert np.array_equal(np.asarray(slots.images[0].image), np.asarray(tagged.images[0].image))
+    assert all(torch.equal(p, before[n]) for n, p in ws.pipeline.modules["unet"].named_parameters())
+    with pytest.raises(MergeError, match="LoRA not found"):
+        ws.generate(GenParams(**{**g, "prompt": "<lora:missing:1> a cat"}), save=False)
+    assert all(torch.equal(p, before[n]) for n, p in ws.pipeline.modules["unet"].named_parameters())
+
+
+def test_lora_list_is_cached_and_only_new_files_are_read(ws, tmp_path, monkeypatch):
+    from lora_ops import catalog
+    calls = []
+    real = catalog.load_lora
+    monkeypatch.setattr(catalog, "load_lora", lambda p: calls.append(p) or real(p))
+    cache = tmp_path / "dims.json"
+    rows = catalog.lora_table(ws.dirs.lora, ws.dirs.loras(), cache)
+    assert rows[0]["name"] == "demo-sd1-tiny-lora.safetensors" and rows[0]["dim"] == 4 and rows[0]["type"] == "LoRA"
+    assert len(calls) == 1
+    out = ws.merge_lora_files("demo-sd1-tiny-lora:0.5, demo-sd1-tiny-lora:0.5", "concat", name="twice")
+    rows = catalog.lora_table(ws.dirs.lora, ws.dirs.loras(), cache)
+    assert len(calls) == 2 and {r["name"]: r["dim"] for r in rows}["twice.safetensors"] == 8
+    assert out.path.parent == ws.dirs.lora
+
+
+def test_workstation_extract(ws):
+    out = ws.extract_lora("demo-sd1-tiny-B.safetensors", "demo-sd1-tiny-A.safetensors", dim=4, name="b-minus-a")
+    lf = load_lora(out.path)
+    assert lf.dims() == (4, 0) and "text encoder included" in lf.metadata["sdmw_extract"]

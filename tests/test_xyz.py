@@ -225,3 +225,13 @@ def test_incremental_swap_recomputes_only_changed_keys_and_equals_full():
     stats = rp.swap(plan_merge(Recipe("a", "b", mbw_alpha=vec2, calcmode="normal", mode="weight_sum"),
                                Ac, tiny("sd1", 3)))             # another model: everything again
     assert stats.keys == len(Ac.tensors)
+
+
+def test_lora_axis(ws):
+    ax = parse_axis("lora", "demo-sd1-tiny-lora:0.5\ndemo-sd1-tiny-lora:1.5:OUTALL", "X", "sd1", "weight_sum")
+    assert ax.values == ["demo-sd1-tiny-lora:0.5", "demo-sd1-tiny-lora:1.5:OUTALL"]
+    with pytest.raises(MergeError, match="LoRA weight"):
+        parse_axis("lora", "x:heavy", "X", "sd1", "weight_sum")
+    res = run(ws, prepare(ws, spec(ws, x=("lora", "demo-sd1-tiny-lora:0.5\ndemo-sd1-tiny-lora:1.5"))))
+    assert res.cells_done == 2
+    assert [json.loads(r["recipe"])["loras"] for r in ws.history.rows()] == ["demo-sd1-tiny-lora:0.5", "demo-sd1-tiny-lora:1.5"]

@@ -5,7 +5,7 @@ import gradio as gr
 
 from merger.reservations import ReservationQueue
 
-from . import merge_tab, other_tabs, xyz_tab
+from . import lora_tab, merge_tab, other_tabs, xyz_tab
 
 
 def build_ui(ws, queue: ReservationQueue | None = None) -> gr.Blocks:
@@ -15,6 +15,8 @@ def build_ui(ws, queue: ReservationQueue | None = None) -> gr.Blocks:
         with gr.Tab("Merge", elem_id="tab_merge"):
             mc = merge_tab.build(ws)
             xyz_tab.build_plot_panel(ws, mc, queue)
+        with gr.Tab("LoRA", elem_id="tab_lora"):
+            lora_tab.build(ws, mc, {"inputs": mc["gen_inputs"], "outputs": mc["gen_outputs"]}, mc["run_gen"])
         with gr.Tab("Reservations", elem_id="tab_reservations") as tr:
             res_table, res_rows = xyz_tab.reservations_tab(ws, queue)
         tr.select(lambda: res_rows()[0], None, [res_table])

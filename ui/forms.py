@@ -41,7 +41,7 @@ def adjust_values(text: str) -> list[float]:
 
 
 def build_recipe(ws, arch: str, a, b, c, mode, calcmode, alpha, beta, gamma, use_mbw, mbw_a, mbw_b,
-                 elemental, inex, inex_text, adjust, seed=-1) -> Recipe:
+                 elemental, inex, inex_text, adjust, loras="", seed=-1) -> Recipe:
     blocks, elements = split_inex(inex_text or "", arch)
     adj = adjust_values(adjust) if adjust else None
     return ws.recipe(a, b or "", c or "", mode=mode, calcmode=calcmode, alpha=float(alpha), beta=float(beta),
@@ -49,7 +49,7 @@ def build_recipe(ws, arch: str, a, b, c, mode, calcmode, alpha, beta, gamma, use
                      mbw_beta=parse_vector(mbw_b, arch, "MBW beta") if use_mbw and mbw_b else None,
                      elemental=elemental or "", inex=inex, inex_blocks=blocks if inex != "off" else [],
                      inex_elements=elements if inex != "off" else [], adjust=adj if adj and any(adj) else None,
-                     seed=int(seed))
+                     loras=(loras or "").strip(), seed=int(seed))
 
 
 def recipe_to_widgets(r: Recipe) -> dict:
@@ -61,7 +61,7 @@ def recipe_to_widgets(r: Recipe) -> dict:
         "mbw_a": ",".join(f"{v:g}" for v in r.mbw_alpha) if r.mbw_alpha else "",
         "mbw_b": ",".join(f"{v:g}" for v in r.mbw_beta) if r.mbw_beta else "",
         "elemental": r.elemental, "inex": r.inex, "inex_text": " ".join(r.inex_blocks + r.inex_elements),
-        "adjust": adjust_text(r.adjust) if r.adjust else "0,0,0,0,0,0,0,0",
+        "adjust": adjust_text(r.adjust) if r.adjust else "0,0,0,0,0,0,0,0", "loras": r.loras,
     }
 
 

@@ -60,6 +60,7 @@ def build(ws):
                 with gr.Row():
                     c["inex"] = gr.Radio(forms.INEX_CHOICES, value="off", label="Include / Exclude")
                     c["inex_text"] = gr.Textbox(label="blocks (IN01 OUT03-OUT05 VAE Adjust) and key substrings")
+                c["loras"] = gr.Textbox(label="LoRAs merged on top: name:ratio[:blocks], ...", elem_id="merge_loras")
                 c["adjust"] = gr.Textbox(label="Adjust: IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3",
                                          value="0,0,0,0,0,0,0,0", elem_id="adjust")
                 with gr.Row():
@@ -97,6 +98,14 @@ def build(ws):
                 c["batch_count"] = gr.Slider(1, 100, value=1, step=1, label="Batch count")
                 c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size")
                 c["vae"] = gr.Dropdown([BAKED] + ws.dirs.vaes(), value=BAKED, label="VAE")
+            with gr.Accordion("LoRAs at generation (up to 5; <lora:name:weight> in the prompt also works)",
+                              open=False, elem_id="gen_loras"):
+                c["gen_loras"] = []
+                for i in range(5):
+                    with gr.Row():
+                        c["gen_loras"] += [gr.Dropdown([None] + ws.dirs.loras(), value=None, label=f"LoRA {i + 1}",
+                                                       elem_id=f"gen_lora_{i}"),
+                                           gr.Slider(-2, 2, value=1.0, step=0.05, label="weight")]
             c["gallery"] = gr.Gallery(label="Output", columns=2, height=420, elem_id="gallery", format="png")
             c["info"] = gr.Textbox(label="PNG info", lines=4, interactive=False, elem_id="pnginfo")
     _wire(ws, c)
@@ -105,7 +114,7 @@ def build(ws):
 
 def _wire(ws, c):
     recipe_inputs = [c[k] for k in ("arch", "a", "b", "c", "mode", "calcmode", "alpha", "beta", "gamma", "use_mbw",
-                                    "mbw_a", "mbw_b", "elemental", "inex", "inex_text", "adjust")]
+                                    "mbw_a", "mbw_b", "elemental", "inex", "inex_text", "adjust", "loras")]
     gen_inputs = [c[k] for k in ("prompt", "negative", "steps", "cfg", "seed", "width", "height", "batch_count",
                                  "batch_size", "clip_skip", "sampler")]
     save_inputs = [c["save_flags"], c["bake_vae"], c["custom_name"]]
@@ -164,35 +173,43 @@ def _wire(ws, c):
             msg += f"; {saved.message}"
         return msg, out.timings
 
-    def do_gen(gen_args, vae, progress):
+    def do_gen(gen_args, vae, progress, loras=()):
         ws.set_vae(None if vae == BAKED else vae)
-        out = ws.generate(forms.gen_params(*gen_args), progress=progress_cb(progress, "generating"))
+        text = ", ".join(f"{n}:{w:g}" for n, w in zip(loras[::2], loras[1::2]) if n)
+        out = ws.generate(forms.gen_params(*gen_args), progress=progress_cb(progress, "generating"), loras=text)
         # the saved PNG files (with their PNG info), so a download from the gallery keeps it
         images = [(str(f), f"seed {im.seed}") for f, im in zip(out.files, out.result.images)]
         return images, out.result.images[0].infotext if images else "", out.timings
 
     n_rec, n_gen = len(recipe_inputs), len(gen_inputs)
+    gen_inputs = gen_inputs + [c["vae"]] + c["gen_loras"]     # prompt ... sampler, VAE, 5 LoRA slots
+
+    def run_gen(args, progress):
+        return do_gen(args[:n_gen], args[n_gen], progress, args[n_gen + 1:])
+    c["run_gen"], c["gen_inputs"], c["gen_outputs"] = run_gen, gen_inputs, [c["gallery"], c["info"]]
 
     @safe(3)
     def merge_only(*args, progress=gr.Progress()):
         msg, _ = do_merge(args[:n_rec], *args[n_rec:], progress)
         return msg, gr.update(), gr.update()
 
+    n_all_gen = len(gen_inputs)
+
     @safe(3)
     def merge_and_gen(*args, progress=gr.Progress()):
-        msg, t = do_merge(args[:n_rec], *args[n_rec + n_gen + 1:], progress)
-        images, info, tg = do_gen(args[n_rec:n_rec + n_gen], args[n_rec + n_gen], progress)
+        msg, t = do_merge(args[:n_rec], *args[n_rec + n_all_gen:], progress)
+        images, info, tg = run_gen(args[n_rec:n_rec + n_all_gen], progress)
         return f"{msg}; generated {len(images)} image(s) in {tg.generate:.2f} s", images, info
 
     @safe(3)
     def gen_only(*args, progress=gr.Progress()):
-        images, info, tg = do_gen(args[:n_gen], args[n_gen], progress)
+        images, info, tg = run_gen(args, progress)
         return f"generated {len(images)} image(s) (generating {tg.generate:.2f} s)", images, info
 
     outs = [c["status"], c["gallery"], c["info"]]
     c["merge"].click(merge_only, recipe_inputs + save_inputs, outs)
-    c["merge_gen"].click(merge_and_gen, recipe_inputs + gen_inputs + [c["vae"]] + save_inputs, outs)
-    c["gen"].click(gen_only, gen_inputs + [c["vae"]], outs)
+    c["merge_gen"].click(merge_and_gen, recipe_inputs + gen_inputs + save_inputs, outs)
+    c["gen"].click(gen_only, gen_inputs, outs)
     # no output: the running action reports "Stopped: ..." in the status line itself
     c["stop"].click(ws.stop, None, None, concurrency_limit=None)
 
@@ -204,7 +221,7 @@ def _wire(ws, c):
     c["clear_cache"].click(lambda: ws.clear_cache(), None, c["status"])
 
     widget_keys = ["a", "b", "c", "mode", "calcmode", "alpha", "beta", "gamma", "use_mbw", "mbw_a", "mbw_b",
-                   "elemental", "inex", "inex_text", "adjust"]
+                   "elemental", "inex", "inex_text", "adjust", "loras"]
 
     @safe(1 + len(widget_keys))
     def load_settings(ref):

@@ -1,0 +1,90 @@
+"""LoRA tab: list with dimensions, metadata viewer, merge into checkpoint (and Gen), merge LoRAs,
+extract."""
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from lora_ops.catalog import lora_table
+from lora_ops.formats import metadata_table
+from merger.prompt import extract_lora_tags
+
+from .common import progress_cb, safe
+
+LIST_COLS = ["name", "type", "dim", "conv_dim", "modules", "base"]
+
+
+def build(ws, mc, do_gen_outputs, run_gen):
+    with gr.Row():
+        refresh = gr.Button("Refresh list", elem_id="lora_refresh")
+        status = gr.Textbox(label="Status", interactive=False, elem_id="lora_status", scale=4)
+    table = gr.Dataframe(headers=LIST_COLS, interactive=False, elem_id="lora_table")
+    with gr.Accordion("Metadata", open=False):
+        pick = gr.Dropdown(ws.dirs.loras(), label="LoRA", elem_id="lora_meta_pick")
+        meta = gr.Dataframe(headers=["key", "value"], interactive=False, wrap=True, elem_id="lora_meta")
+    with gr.Accordion("Merge LoRAs into a checkpoint", open=True):
+        with gr.Row():
+            ck = ws.dirs.checkpoints()
+            model = gr.Dropdown(ck, value=ck[0] if ck else None, label="Checkpoint", elem_id="lora_model")
+            spec = gr.Textbox(label="LoRAs: name:ratio[:blocks], ... (blocks: preset or 12/17/20/26 values)",
+                              elem_id="lora_spec", scale=3)
+            from_prompt = gr.Button("Get ratios from prompt", elem_id="lora_from_prompt")
+        with gr.Row():
+            merge_gen = gr.Button("Merge LoRA and Gen", variant="primary", elem_id="lora_merge_gen")
+            merge_save = gr.Button("Merge LoRA and save", elem_id="lora_merge_save")
+            out_name = gr.Textbox(label="file name (optional)", elem_id="lora_out_name")
+    with gr.Accordion("Merge LoRAs into one LoRA / extract a LoRA", open=False):
+        with gr.Row():
+            m_spec = gr.Textbox(label="LoRAs: name:ratio, ...", elem_id="lora_m_spec")
+            method = gr.Radio(["svd", "concat", "same-rank"], value="svd", label="method")
+            same = gr.Checkbox(label="same to Strength (same-rank)")
+            rank = gr.Number(value=64, precision=0, label="new rank (svd)")
+            conv_rank = gr.Number(value=0, precision=0, label="new conv rank (0 = same)")
+            m_out = gr.Textbox(label="output name", value="merged-lora", elem_id="lora_m_out")
+            m_go = gr.Button("Merge LoRAs", elem_id="lora_m_go")
+        with gr.Row():
+            ea = gr.Dropdown(ck, label="Model A (fine-tune)")
+            eb = gr.Dropdown(ck, label="Model B (base)")
+            e_alpha = gr.Number(value=1.0, label="α (A)")
+            e_beta = gr.Number(value=1.0, label="β (B)")
+            e_dim = gr.Number(value=128, precision=0, label="dim")
+            e_conv = gr.Number(value=0, precision=0, label="conv dim (0 = none)")
+            e_out = gr.Textbox(label="output name", value="extracted-lora")
+            e_go = gr.Button("Extract", elem_id="lora_e_go")
+
+    def rows():
+        data = lora_table(ws.dirs.lora, ws.dirs.loras())
+        return pd.DataFrame([[r[c] for c in LIST_COLS] for r in data], columns=LIST_COLS)
+    refresh.click(lambda: (f"{len(ws.dirs.loras())} LoRAs", rows(), gr.update(choices=ws.dirs.loras())),
+                  None, [status, table, pick])
+    pick.change(safe(2)(lambda n: ("", pd.DataFrame(metadata_table(ws.load_lora_file(n)), columns=["key", "value"]))),
+                pick, [status, meta])
+    from_prompt.click(lambda p: ", ".join(extract_lora_tags(p or "")[1]), mc["prompt"], spec)
+
+    def lora_recipe(model_name, text):
+        return ws.recipe(model_name, mode="weight_sum", calcmode="self", alpha=1.0, loras=text)
+
+    @safe(3)
+    def merge_and_gen(model_name, text, *gen_args, progress=gr.Progress()):
+        out = ws.merge(lora_recipe(model_name, text), progress=progress_cb(progress, "merging LoRAs"))
+        images, info, tg = run_gen(gen_args, progress)
+        return f"{out.message} ({out.timings.line()}); generated {len(images)} image(s)", images, info
+    merge_gen.click(merge_and_gen, [model, spec] + do_gen_outputs["inputs"], [status] + do_gen_outputs["outputs"])
+
+    @safe(1)
+    def merge_and_save(model_name, text, name, flags, progress=gr.Progress()):
+        from . import forms
+        return ws.save_recipe(lora_recipe(model_name, text), name, forms.save_options(flags),
+                              progress=progress_cb(progress, "saving")).message
+    merge_save.click(merge_and_save, [model, spec, out_name, mc["save_flags"]], status)
+
+    @safe(1)
+    def merge_loras(text, meth, same_strength, new_rank, new_conv, name, progress=gr.Progress()):
+        return ws.merge_lora_files(text, meth, bool(same_strength), int(new_rank), int(new_conv) or None, name).message
+    m_go.click(merge_loras, [m_spec, method, same, rank, conv_rank, m_out], status)
+
+    @safe(1)
+    def extract(a, b, al, be, dim, conv, name, progress=gr.Progress()):
+        return ws.extract_lora(a, b, float(al), float(be), int(dim), int(conv) or None, name,
+                               progress=progress_cb(progress, "extracting")).message
+    e_go.click(extract, [ea, eb, e_alpha, e_beta, e_dim, e_conv, e_out], status)
