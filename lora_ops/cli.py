@@ -38,7 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--new-rank", type=int, default=64)
     ml.add_argument("--new-conv-rank", type=int)
     ml.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], default="fp16")
+    ml.add_argument("--metadata", choices=["create new", "merge", "save all", "use first LoRA"], default="create new")
     ml.add_argument("--overwrite", action="store_true")
+    el = sub.add_parser("extract-loras", help="(dis)similar features of two LoRAs (SuperMerger extract)")
+    el.add_argument("--lora-b", required=True)
+    el.add_argument("--lora-c", required=True)
+    el.add_argument("--alpha", type=float, default=0.5)
+    el.add_argument("--beta", type=float, default=0.0)
+    el.add_argument("--gamma", type=float, default=1.0)
+    el.add_argument("--rank", type=int, default=64)
+    el.add_argument("--output", required=True)
+    el.add_argument("--overwrite", action="store_true")
     ex = sub.add_parser("extract", help="extract a LoRA approximating alpha*A - beta*B")
     ex.add_argument("--model-a", required=True, help="the fine-tuned model")
     ex.add_argument("--model-b", required=True, help="its base")
@@ -86,8 +96,15 @@ def main(argv: list[str] | None = None) -> int:
                 sd = merge_concat(pairs, args.shuffle)
             else:
                 sd = merge_svd(pairs, args.new_rank, args.new_conv_rank)
-            meta = {"ss_network_module": "networks.lora", "sdmw_merged_from": args.loras, "sdmw_method": args.method}
+            from .merge_loras import merged_metadata
+            meta = merged_metadata(pairs, args.metadata, {"ss_network_module": "networks.lora",
+                                                          "sdmw_merged_from": args.loras, "sdmw_method": args.method})
             print(_save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
+        elif args.command == "extract-loras":
+            from .extract import extract_from_loras
+            sd = extract_from_loras(load_lora(args.lora_b), load_lora(args.lora_c), args.alpha, args.beta,
+                                    args.gamma, args.rank)
+            print(_save_lora(args.output, sd, {"ss_network_module": "networks.lora"}, "fp16", args.overwrite))
         elif args.command == "extract":
             from .extract import extract_lora
             a, b = load_checkpoint(args.model_a), load_checkpoint(args.model_b)

@@ -68,3 +68,30 @@ def extract_lora(a: dict, b: dict, arch: str, dim: int = 128, conv_dim: int | No
     if conv_dim is not None:
         meta["ss_network_args"] = f'{{"conv_dim": "{conv_dim}", "conv_alpha": "{float(conv_dim)}"}}'
     return sd, meta
+
+
+def extract_from_loras(lora_b, lora_c, alpha: float = 0.5, beta: float = 0.0, gamma: float = 1.0, rank: int = 64,
+                       fast: bool = True) -> dict[str, torch.Tensor]:
+    """SuperMerger's extract for two LoRAs (calcmode_en.md, "Using Two LoRA Networks"): per module
+    ΔW = lerp(ΔB, ΔC, α) · lerp(d, 1-d, β) with d = ((cos(ΔB, ΔC) + 1) / 2)^γ along the last axis
+    (α: B ↔ C, β: similar ↔ dissimilar features, γ: selectivity), re-factorised to ``rank``. A
+    module only one LoRA has meets a zero difference in the other."""
+    from merger.calcmodes.extract import extract_features
+
+    from .delta import module_delta
+    from .merge_loras import _shape_of
+    if not (0 <= alpha <= 1 and 0 <= beta <= 1 and gamma >= 0):
+        raise MergeError("extract needs 0 ≤ alpha ≤ 1, 0 ≤ beta ≤ 1 and gamma ≥ 0")
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(set(lora_b.modules) | set(lora_c.modules)):
+        mb, mc = lora_b.modules.get(name), lora_c.modules.get(name)
+        shape = _shape_of(mb or mc)
+        db = module_delta(mb, shape) if mb else torch.zeros(shape)
+        dc = module_delta(mc, shape) if mc else torch.zeros(shape)
+        if db.shape != dc.shape:
+            raise MergeError(f"{name}: the two LoRAs are for different models ({list(db.shape)} vs {list(dc.shape)})")
+        d = extract_features(torch.zeros(shape), db, dc, alpha, beta, gamma)
+        up, down = low_rank(d, rank, 1.0, fast)
+        out[f"{name}.lora_up.weight"], out[f"{name}.lora_down.weight"] = up.contiguous(), down.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+    return out

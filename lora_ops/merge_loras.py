@@ -104,3 +104,27 @@ def _shape_of(m) -> tuple[int, ...]:
     w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
     w2s = t["lokr_w2"].shape if "lokr_w2" in t else (t["lokr_w2_a"].shape[0], *t["lokr_w2_b"].shape[1:])
     return (w1.shape[0] * w2s[0], w1.shape[1] * w2s[1], *w2s[2:])
+
+
+METADATA_MODES = ("create new", "merge", "save all", "use first LoRA")
+
+
+def merged_metadata(loras: list[tuple[LoraFile, float]], mode: str, summary: dict[str, str]) -> dict[str, str]:
+    """Metadata of a merged LoRA (SuperMerger's options): *create new* writes only what
+    describes the merge; *merge* combines the inputs' ``ss_*`` fields (the first LoRA wins on a
+    clash); *save all* keeps every input's metadata as JSON under ``sdmw_source_<n>``; *use first
+    LoRA* copies the first one's."""
+    import json
+    if mode not in METADATA_MODES:
+        raise MergeError(f"metadata mode must be one of {', '.join(METADATA_MODES)}")
+    meta: dict[str, str] = {}
+    if mode == "merge":
+        for lf, _ in reversed(loras):
+            meta.update(lf.metadata)
+    elif mode == "use first LoRA":
+        meta.update(loras[0][0].metadata)
+    elif mode == "save all":
+        for i, (lf, ratio) in enumerate(loras):
+            meta[f"sdmw_source_{i}"] = json.dumps({"name": lf.name, "ratio": ratio, "metadata": lf.metadata})
+    meta.update(summary)
+    return meta

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import threading
 import time
+
+import torch
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,9 +216,10 @@ class Workstation:
         return Outcome(f"saved {saved}", Timings(save=time.perf_counter() - t0), path=saved)
 
     def merge_lora_files(self, text: str, method: str = "svd", same_strength: bool = False, new_rank: int = 64,
-                         new_conv_rank: int | None = None, name: str = "merged-lora") -> Outcome:
+                         new_conv_rank: int | None = None, name: str = "merged-lora",
+                         metadata: str = "create new", precision: str = "fp16") -> Outcome:
         """Merge LoRAs ("name:ratio, ...") into one LoRA file in the LoRA folder."""
-        from lora_ops.merge_loras import merge_concat, merge_same_rank, merge_svd
+        from lora_ops.merge_loras import merge_concat, merge_same_rank, merge_svd, merged_metadata
         pairs = []
         for item in (x.strip() for x in text.split(",") if x.strip()):
             n, _, r = item.partition(":")
@@ -228,9 +231,22 @@ class Workstation:
             raise MergeError("no LoRA given")
         sd = (merge_same_rank(pairs, same_strength) if method == "same-rank" else
               merge_concat(pairs) if method == "concat" else merge_svd(pairs, new_rank, new_conv_rank))
-        sd = {k: v.half() if k.endswith("weight") else v.float() for k, v in sd.items()}
-        path = save_tensors(self.dirs.lora / _with_ext(name, SaveOptions()), sd, SaveOptions(),
-                            {"ss_network_module": "networks.lora", "sdmw_merged_from": text, "sdmw_method": method})
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+        sd = {k: v.to(dtype) if k.endswith("weight") else v.float() for k, v in sd.items()}
+        meta = merged_metadata(pairs, metadata, {"ss_network_module": "networks.lora", "sdmw_merged_from": text,
+                                                 "sdmw_method": method})
+        path = save_tensors(self.dirs.lora / _with_ext(name, SaveOptions()), sd, SaveOptions(), meta)
+        return Outcome(f"saved {path}", path=path)
+
+    def extract_from_loras(self, lora_b: str, lora_c: str, alpha: float, beta: float, gamma: float = 1.0,
+                           rank: int = 64, name: str = "extracted-features") -> Outcome:
+        """SuperMerger's extract on two LoRAs, written to the LoRA folder."""
+        from lora_ops.extract import extract_from_loras
+        sd = extract_from_loras(self.load_lora_file(lora_b), self.load_lora_file(lora_c), alpha, beta, gamma, rank)
+        sd = {k: v.half() if k.endswith("weight") else v for k, v in sd.items()}
+        meta = {"ss_network_module": "networks.lora",
+                "sdmw_extract": f"{lora_b} / {lora_c}: alpha {alpha:g}, beta {beta:g}, gamma {gamma:g}"}
+        path = save_tensors(self.dirs.lora / _with_ext(name, SaveOptions()), sd, SaveOptions(), meta)
         return Outcome(f"saved {path}", path=path)
 
     def extract_lora(self, model_a: str, model_b: str, alpha: float = 1.0, beta: float = 1.0, dim: int = 128,

@@ -270,6 +270,13 @@ def test_cli_merge_loras_and_extract(base, tmp_path):
     assert r.returncode == 0, r.stderr
     lf = load_lora(tmp_path / "ex.safetensors")
     assert lf.dims() == (4, 0) and lf.metadata["ss_network_dim"] == "4"
+    r = run("extract-loras", "--lora-b", tmp_path / "a.safetensors", "--lora-c", tmp_path / "b.safetensors",
+            "--rank", 3, "--output", tmp_path / "feat.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert load_lora(tmp_path / "feat.safetensors").dims() == (3, 0)
+    r = run("merge-loras", "--loras", "a:1", "--lora-dir", tmp_path, "--metadata", "use first LoRA",
+            "--output", tmp_path / "meta.safetensors")
+    assert r.returncode == 0 and load_lora(tmp_path / "meta.safetensors").metadata["sdmw_method"] == "svd"
 
 
 # ----------------------------------------------------------------------------- in the workstation
@@ -359,3 +366,31 @@ def test_workstation_extract(ws):
     out = ws.extract_lora("demo-sd1-tiny-B.safetensors", "demo-sd1-tiny-A.safetensors", dim=4, name="b-minus-a")
     lf = load_lora(out.path)
     assert lf.dims() == (4, 0) and "text encoder included" in lf.metadata["sdmw_extract"]
+
+
+def test_extract_from_two_loras_and_metadata_modes(ws, base, tmp_path):
+    from lora_ops.extract import extract_from_loras
+    from lora_ops.merge_loras import merged_metadata
+    from merger.calcmodes.extract import extract_features
+    b = _lf(tmp_path, "b.safetensors", demo_lora(base, seed=1))
+    c = _lf(tmp_path, "c.safetensors", demo_lora(base, seed=2))
+    name = next(iter(b.modules))
+    shape = tuple(base[next(k for k in base if name in [n for n, _ in kohya_targets(k, "sd1")])].shape)
+    db, dc = module_delta(b.modules[name], shape), module_delta(c.modules[name], shape)
+    sd = extract_from_loras(b, c, alpha=0.3, beta=0.6, gamma=2.0, rank=64, fast=False)
+    got = _delta_of(sd, tmp_path, "e.safetensors", name, shape)
+    torch.testing.assert_close(got, extract_features(torch.zeros(shape), db, dc, 0.3, 0.6, 2.0), rtol=1e-3, atol=1e-5)
+    with pytest.raises(MergeError, match="extract needs"):
+        extract_from_loras(b, c, alpha=2)
+    b.metadata, c.metadata = {"ss_a": "1", "ss_x": "b"}, {"ss_b": "2", "ss_x": "c"}
+    pairs = [(b, 1.0), (c, 0.5)]
+    assert merged_metadata(pairs, "create new", {"k": "v"}) == {"k": "v"}
+    assert merged_metadata(pairs, "merge", {})["ss_x"] == "b" and merged_metadata(pairs, "merge", {})["ss_b"] == "2"
+    assert merged_metadata(pairs, "use first LoRA", {}) == {"ss_a": "1", "ss_x": "b"}
+    assert '"ratio": 0.5' in merged_metadata(pairs, "save all", {})["sdmw_source_1"]
+    out = ws.extract_from_loras("demo-sd1-tiny-lora", "demo-sd1-tiny-lora", 0.5, 0.0, rank=4, name="same")
+    assert load_lora(out.path).dims()[0] == 4
+    out = ws.merge_lora_files("demo-sd1-tiny-lora:1", "svd", new_rank=2, name="m", metadata="use first LoRA",
+                              precision="bf16")
+    lf = load_lora(out.path)
+    assert lf.metadata["ss_network_dim"] == "4" and next(iter(lf.modules.values())).tensors["lora_up.weight"].dtype == torch.bfloat16

@@ -41,6 +41,9 @@ def build(ws, mc, do_gen_outputs, run_gen):
             rank = gr.Number(value=64, precision=0, label="new rank (svd)")
             conv_rank = gr.Number(value=0, precision=0, label="new conv rank (0 = same)")
             m_out = gr.Textbox(label="output name", value="merged-lora", elem_id="lora_m_out")
+        with gr.Row():
+            m_meta = gr.Radio(["create new", "merge", "save all", "use first LoRA"], value="create new", label="metadata")
+            m_prec = gr.Radio(["fp16", "bf16", "fp32"], value="fp16", label="save precision")
             m_go = gr.Button("Merge LoRAs", elem_id="lora_m_go")
         with gr.Row():
             ea = gr.Dropdown(ck, label="Model A (fine-tune)")
@@ -51,6 +54,15 @@ def build(ws, mc, do_gen_outputs, run_gen):
             e_conv = gr.Number(value=0, precision=0, label="conv dim (0 = none)")
             e_out = gr.Textbox(label="output name", value="extracted-lora")
             e_go = gr.Button("Extract", elem_id="lora_e_go")
+        with gr.Row():
+            lb = gr.Dropdown(ws.dirs.loras(), label="LoRA B")
+            lc = gr.Dropdown(ws.dirs.loras(), label="LoRA C")
+            l_alpha = gr.Slider(0, 1, value=0.5, label="α (B ↔ C)")
+            l_beta = gr.Slider(0, 1, value=0.0, label="β (similar ↔ dissimilar)")
+            l_gamma = gr.Number(value=1.0, label="γ (smooth)")
+            l_rank = gr.Number(value=64, precision=0, label="rank")
+            l_out = gr.Textbox(label="output name", value="extracted-features")
+            l_go = gr.Button("Extract from two LoRAs", elem_id="lora_l_go")
 
     def rows():
         data = lora_table(ws.dirs.lora, ws.dirs.loras())
@@ -79,9 +91,12 @@ def build(ws, mc, do_gen_outputs, run_gen):
     merge_save.click(merge_and_save, [model, spec, out_name, mc["save_flags"]], status)
 
     @safe(1)
-    def merge_loras(text, meth, same_strength, new_rank, new_conv, name, progress=gr.Progress()):
-        return ws.merge_lora_files(text, meth, bool(same_strength), int(new_rank), int(new_conv) or None, name).message
-    m_go.click(merge_loras, [m_spec, method, same, rank, conv_rank, m_out], status)
+    def merge_loras(text, meth, same_strength, new_rank, new_conv, name, meta_mode, prec, progress=gr.Progress()):
+        return ws.merge_lora_files(text, meth, bool(same_strength), int(new_rank), int(new_conv) or None, name,
+                                   meta_mode, prec).message
+    m_go.click(merge_loras, [m_spec, method, same, rank, conv_rank, m_out, m_meta, m_prec], status)
+    l_go.click(safe(1)(lambda b, c, a, be, g, r, n: ws.extract_from_loras(b, c, a, be, g, int(r), n).message),
+               [lb, lc, l_alpha, l_beta, l_gamma, l_rank, l_out], status)
 
     @safe(1)
     def extract(a, b, al, be, dim, conv, name, progress=gr.Progress()):
