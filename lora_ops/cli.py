@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--new-rank", type=int, default=64)
     ml.add_argument("--new-conv-rank", type=int)
     ml.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], default="fp16")
+    ml.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="calculation precision")
     ml.add_argument("--metadata", choices=["create new", "merge", "save all", "use first LoRA"], default="create new")
     ml.add_argument("--overwrite", action="store_true")
     el = sub.add_parser("extract-loras", help="(dis)similar features of two LoRAs (SuperMerger extract)")
@@ -91,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                 name, _, ratio = item.rpartition(":") if ":" in item else (item, "", "1")
                 pairs.append((load_lora(lora_path(Path(args.lora_dir), name)), float(ratio)))
             if args.method == "same-rank":
-                sd = merge_same_rank(pairs, args.same_strength)
+                sd = merge_same_rank(pairs, args.same_strength, args.precision)
             elif args.method == "concat":
-                sd = merge_concat(pairs, args.shuffle)
+                sd = merge_concat(pairs, args.shuffle, precision=args.precision)
             else:
-                sd = merge_svd(pairs, args.new_rank, args.new_conv_rank)
+                sd = merge_svd(pairs, args.new_rank, args.new_conv_rank, precision=args.precision)
             from .merge_loras import merged_metadata
             meta = merged_metadata(pairs, args.metadata, {"ss_network_module": "networks.lora",
                                                           "sdmw_merged_from": args.loras, "sdmw_method": args.method})

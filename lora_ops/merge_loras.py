@@ -20,7 +20,11 @@ def _lora_only(loras):
                              f"(use the SVD merge)")
 
 
-def merge_same_rank(loras: list[tuple[LoraFile, float]], same_strength: bool = False) -> dict[str, torch.Tensor]:
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def merge_same_rank(loras: list[tuple[LoraFile, float]], same_strength: bool = False,
+                    precision: str = "fp32") -> dict[str, torch.Tensor]:
     """kohya ``merge_lora_models``: up and down of every LoRA are summed with
     ``sqrt(alpha / base_alpha) · ratio`` (base = the first LoRA's alpha, which is kept). The
     product then scales by about ratio²; with ``same_strength`` (SuperMerger's option) each side
@@ -34,7 +38,7 @@ def merge_same_rank(loras: list[tuple[LoraFile, float]], same_strength: bool = F
             alpha = m.alpha if m.alpha is not None else rank
             base = base_alpha.setdefault(name, alpha)
             for part in ("lora_down.weight", "lora_up.weight"):
-                w = m.tensors[part].float()
+                w = m.tensors[part].to(PRECISIONS[precision])
                 key = f"{name}.{part}"
                 if key in out and out[key].shape != w.shape:
                     raise MergeError(f"{name}: ranks differ ({out[key].shape[0]} vs {w.shape[0]}); "
@@ -48,7 +52,8 @@ def merge_same_rank(loras: list[tuple[LoraFile, float]], same_strength: bool = F
     return out
 
 
-def merge_concat(loras: list[tuple[LoraFile, float]], shuffle: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
+def merge_concat(loras: list[tuple[LoraFile, float]], shuffle: bool = False, seed: int = 0,
+                 precision: str = "fp32") -> dict[str, torch.Tensor]:
     """Concatenate along the rank (kohya ``--concat``): ΔW of the result is exactly
     Σ ratio·ΔW_i; alpha = the new rank. ``shuffle`` permutes the rank order (ΔW unchanged)."""
     _lora_only(loras)
@@ -56,7 +61,7 @@ def merge_concat(loras: list[tuple[LoraFile, float]], shuffle: bool = False, see
     ups: dict[str, list] = {}
     for lf, ratio in loras:
         for name, m in lf.modules.items():
-            d, u = m.tensors["lora_down.weight"].float(), m.tensors["lora_up.weight"].float()
+            d, u = (m.tensors[p].to(PRECISIONS[precision]) for p in ("lora_down.weight", "lora_up.weight"))
             rank = d.shape[0]
             scale = (m.alpha if m.alpha is not None else rank) / rank * ratio
             s = math.sqrt(abs(scale))
@@ -76,19 +81,20 @@ def merge_concat(loras: list[tuple[LoraFile, float]], shuffle: bool = False, see
 
 
 def merge_svd(loras: list[tuple[LoraFile, float]], new_rank: int, new_conv_rank: int | None = None,
-              clamp_quantile: float = 0.99, fast: bool = False) -> dict[str, torch.Tensor]:
+              clamp_quantile: float = 0.99, fast: bool = False, precision: str = "fp32") -> dict[str, torch.Tensor]:
     """kohya ``svd_merge_lora.py``: ΔW = Σ ratio·ΔW_i per module (any LoRA type, ranks may
-    differ), then a rank-``new_rank`` SVD (``new_conv_rank`` for k×k convs); alpha = the rank."""
+    differ; summed in ``precision``), then a rank-``new_rank`` SVD in float32 (``new_conv_rank``
+    for k×k convs); alpha = the rank."""
     total: dict[str, torch.Tensor] = {}
     for lf, ratio in loras:
         for name, m in lf.modules.items():
             shape = _shape_of(m)
-            d = module_delta(m, shape) * ratio
+            d = (module_delta(m, shape) * ratio).to(PRECISIONS[precision])
             total[name] = total[name] + d if name in total else d
     out = {}
     for name, d in total.items():
         is_3x3 = d.dim() == 4 and d.shape[2] > 1
-        up, down = low_rank(d, (new_conv_rank or new_rank) if is_3x3 else new_rank, clamp_quantile, fast)
+        up, down = low_rank(d.float(), (new_conv_rank or new_rank) if is_3x3 else new_rank, clamp_quantile, fast)
         out[f"{name}.lora_up.weight"], out[f"{name}.lora_down.weight"] = up.contiguous(), down.contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
     return out

@@ -207,6 +207,9 @@ def test_concat_and_svd_merges(base, tmp_path):
                                0.25 * module_delta(a.modules[name], shape), rtol=1e-4, atol=1e-6)   # kohya: ratio²
     with pytest.raises(MergeError, match="ranks differ"):
         merge_same_rank([(a, 1), (b, 1)])
+    half = merge_concat([(a, 0.7), (b, -0.4)], precision="fp16")          # calculation precision
+    assert half[f"{name}.lora_down.weight"].dtype == torch.float16
+    torch.testing.assert_close(_delta_of(half, tmp_path, "h.safetensors", name, shape), want, rtol=2e-2, atol=2e-3)
 
 
 def test_extract_reconstructs_b_minus_a_better_with_rank_and_fast_svd_keeps_the_error():
