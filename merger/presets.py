@@ -48,7 +48,7 @@ def parse_vector(text: str, arch: str, what: str = "MBW") -> list[float]:
     try:
         values = [float(p) for p in parts]
     except ValueError:
-        bad = next(p for p in parts if not _is_float(p))
+        bad = next(p for p in parts if not is_number(p))
         raise MergeError(f"{what}: {bad!r} is not a number (random R/U/X values need a dice roll)") from None
     n = len(block_ids(arch))
     if arch == "sdxl" and len(values) == 26:
@@ -59,7 +59,7 @@ def parse_vector(text: str, arch: str, what: str = "MBW") -> list[float]:
     return values
 
 
-def _is_float(s: str) -> bool:
+def is_number(s: str) -> bool:
     try:
         float(s)
         return True

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from .blocks import block_ids, expand_blocks
 from .calcmodes import get_calcmode
 from .errors import MergeError
-from .presets import parse_vector
+from .presets import is_number, parse_vector
 from .recipe import MODES_WITH_BETA, Recipe
 
 AXIS_TYPES = ["none", "alpha", "beta", "alpha and beta", "mbw", "seed", "model_A", "model_B", "model_C",
@@ -27,14 +27,6 @@ class Axis:
 
     def __len__(self) -> int:
         return len(self.values)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -119,7 +111,7 @@ def parse_axis(kind: str, text: str, name: str, arch: str, mode: str, models: li
         vals = [ln.strip() for ln in text.splitlines()]
         for v in vals:
             for item in (x.strip() for x in v.split(",") if x.strip()):
-                if ":" in item and not _is_number(item.split(":")[1]):
+                if ":" in item and not is_number(item.split(":")[1]):
                     raise MergeError(f"{name} axis: LoRA weight in {item!r} is not a number")
         return Axis(kind, vals, [v or "no LoRA" for v in vals])
     if kind == "elemental":
