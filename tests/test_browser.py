@@ -231,3 +231,21 @@ def test_lora_tab_list_merge_and_gen(page, app):
     msg = click_and_wait(page, "#lora_merge_gen", ("generated", "Error"), sel="#lora_status textarea")
     assert "merged #" in msg and "demo-sd1-tiny-lora" in msg and "generated 1 image" in msg, msg
     page.get_by_role("tab", name="Merge").click()
+
+
+def test_history_row_select_load_and_save(page, app):
+    page.get_by_role("tab", name="History").click()
+    page.locator("#history_refresh").wait_for(state="visible")
+    page.wait_for_timeout(300)
+    page.click("#history_refresh")
+    page.wait_for_function("document.querySelector('#history_table').innerText.includes('weight_sum')")
+    cells = page.locator("#history_table").get_by_text("weight_sum", exact=True)
+    cells.nth(next(i for i in range(cells.count()) if cells.nth(i).is_visible())).click()   # newest row
+    page.wait_for_function("document.querySelector('#history_id textarea').value !== ''")
+    row_id = page.input_value("#history_id textarea")
+    msg = click_and_wait(page, "#history_save", ("saved", "Error"), sel="#history_status textarea")
+    assert msg.startswith("saved ") and msg.endswith(".safetensors"), msg
+    page.click("#history_load")
+    page.get_by_role("tab", name="Merge").click()
+    page.wait_for_function("([id]) => document.querySelector('#status textarea').value"
+                           ".startsWith('loaded settings of merge #' + id)", arg=[row_id])
