@@ -55,22 +55,17 @@ class LoraFile:
             return "LoHa"
         if self.kinds & {"lokr"}:
             return "LoKr"
-        convs = any(m.tensors["lora_down.weight"].dim() == 4 and m.tensors["lora_down.weight"].shape[2] > 1
-                    for m in self.modules.values() if m.kind == "lora")
-        return "LoCon" if convs else "LoRA"
+        return "LoCon" if self.dims()[1] else "LoRA"
 
     def dims(self) -> tuple[int, int]:
         """(largest rank of Linear / 1x1 modules, largest rank of 3x3 conv modules; 0 if none)."""
         lin, conv = 0, 0
         for m in self.modules.values():
-            w = next(iter(m.tensors.values()))
-            is_conv = m.kind == "lora" and m.tensors["lora_down.weight"].dim() == 4 and \
-                m.tensors["lora_down.weight"].shape[2] > 1
-            if is_conv:
+            down = m.tensors.get("lora_down.weight")
+            if down is not None and down.dim() == 4 and down.shape[2] > 1:
                 conv = max(conv, m.rank)
             else:
                 lin = max(lin, m.rank)
-            del w
         return lin, conv
 
 

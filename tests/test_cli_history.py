@@ -16,10 +16,8 @@ from tests.conftest import ROOT, write
 from merger.synthetic import random_checkpoint
 
 
-def cli(*args, env_dir=None):
-    import os
-    env = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", "merger", *map(str, args)], cwd=ROOT, env=env,
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "merger", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
 
 

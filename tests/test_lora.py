@@ -310,7 +310,6 @@ def test_recipe_loras_merge_history_and_save(ws):
     assert ws.history.recipe(-1).loras == "demo-sd1-tiny-lora:0.8:OUTALL"
     assert "demo-sd1-tiny-lora" in ws.history.get(-1)["label"]
     held = ws.pipeline.state_dict()
-    saved = load_lora  # noqa: F841 (keep import used)
     path = ws.save_recipe(Recipe.from_line(r.to_line()), "with-lora").path
     got = st.load_file(str(path))
     k = "model.diffusion_model.output_blocks.4.1.transformer_blocks.0.attn2.to_q.weight"

@@ -40,8 +40,8 @@ def history_tab(ws, merge_c):
     def save_row(ref, flags, progress=gr.Progress()):
         return ws.save_recipe(ws.history.recipe(ref), options=forms.save_options(flags)).message
     save.click(save_row, [picked, merge_c["save_flags"]], status)
+    # put the ID into the Merge tab's field, then press its "Load settings" button
     load.click(lambda ref: ref, picked, merge_c["load_id"]).then(
-        lambda: gr.update(), None, None).then(
         None, None, None, js="() => document.querySelector('#load_settings').click()")
     return table, rows
 
