@@ -188,9 +188,12 @@ def recipe_metadata(recipe: Recipe, paths: Mapping[str, str | os.PathLike] | Non
 
 
 def save_stream(path: str | os.PathLike, spec: Spec, items: Iterable[tuple[str, torch.Tensor]],
-                options: SaveOptions, metadata: Mapping[str, str] | None = None) -> Path:
-    """Save a (key, tensor) stream whose shapes/dtypes ``spec`` gives in advance."""
+                options: SaveOptions, metadata: Mapping[str, str] | None = None, progress=None) -> Path:
+    """Save a (key, tensor) stream whose shapes/dtypes ``spec`` gives in advance;
+    ``progress(done, total, key)`` is called per tensor."""
     path = Path(path)
+    if progress is not None:
+        items = _counted(items, len(spec), progress)
     tf = SaveTransform(options)
     meta = dict(metadata or {}) if options.save_metadata else {"format": "pt"}
     if options.fmt == "safetensors":
@@ -205,10 +208,16 @@ def save_stream(path: str | os.PathLike, spec: Spec, items: Iterable[tuple[str, 
     return atomic_write(path, lambda f: torch.save({"state_dict": state}, f), options.overwrite)
 
 
+def _counted(items, total: int, progress):
+    for i, (k, v) in enumerate(items):
+        progress(i + 1, total, k)
+        yield k, v
+
+
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                 options: SaveOptions, metadata: Mapping[str, str] | None = None) -> Path:
+                 options: SaveOptions, metadata: Mapping[str, str] | None = None, progress=None) -> Path:
     spec = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
-    return save_stream(path, spec, tensors.items(), options, metadata)
+    return save_stream(path, spec, tensors.items(), options, metadata, progress)
 
 
 def save_merge(plan, path: str | os.PathLike, options: SaveOptions,

@@ -185,7 +185,7 @@ class Workstation:
         return Outcome(f"generated {len(res.images)} image(s)", Timings(generate=res.seconds), self.history_id,
                        res, files=files)
 
-    def save_current(self, name: str = "", options: SaveOptions | None = None) -> Outcome:
+    def save_current(self, name: str = "", options: SaveOptions | None = None, progress=None) -> Outcome:
         """Write exactly the weights the pipeline holds (LDM layout)."""
         options = options or SaveOptions()
         t0 = time.perf_counter()
@@ -195,7 +195,7 @@ class Workstation:
         fname = name or (auto_filename(recipe, options) if recipe else Path(rp.label).stem + "-copy.safetensors")
         path = self.dirs.ckpt / _with_ext(fname, options)
         meta = recipe_metadata(recipe) if recipe else {}
-        saved = save_tensors(path, tensors, options, meta)
+        saved = save_tensors(path, tensors, options, meta, progress)
         return Outcome(f"saved {saved}", Timings(save=time.perf_counter() - t0), path=saved)
 
     def save_recipe(self, recipe: Recipe, name: str = "", options: SaveOptions | None = None,

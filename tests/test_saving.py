@@ -43,6 +43,13 @@ def test_streamed_file_equals_in_memory_merge(models, tmp_path):
     assert {v["name"] for v in json.loads(meta["sd_merge_models"]).values()} == {p.name for p in models.values()}
 
 
+def test_save_reports_progress(tmp_path):
+    sd = random_checkpoint("sd1", seed=1)
+    seen = []
+    save_tensors(tmp_path / "p.safetensors", sd, SaveOptions(), progress=lambda d, t, k: seen.append((d, t)))
+    assert seen[0] == (1, len(sd)) and seen[-1] == (len(sd), len(sd))
+
+
 def test_fp16_prune_and_reset_clip_ids(tmp_path):
     sd = random_checkpoint("sd1", seed=1)
     sd[CLIP_IDS] = torch.tensor([[0, 1, 2] + [5] * 74])

@@ -169,7 +169,8 @@ def _wire(ws, c):
         out = ws.merge(recipe, progress=progress_cb(progress, "merging"))
         msg = f"{out.message} ({out.timings.line()})"
         if "save model" in flags:
-            saved = ws.save_current(name, forms.save_options(flags, str(ws.dirs.resolve("vae", bake)) if bake else None))
+            saved = ws.save_current(name, forms.save_options(flags, str(ws.dirs.resolve("vae", bake)) if bake else None),
+                                    progress=progress_cb(progress, "saving"))
             msg += f"; {saved.message}"
         return msg, out.timings
 
@@ -215,7 +216,9 @@ def _wire(ws, c):
 
     @safe(1)
     def save_current(flags, bake, name, progress=gr.Progress()):
-        return ws.save_current(name, forms.save_options(flags, str(ws.dirs.resolve("vae", bake)) if bake else None)).message
+        out = ws.save_current(name, forms.save_options(flags, str(ws.dirs.resolve("vae", bake)) if bake else None),
+                              progress=progress_cb(progress, "saving"))
+        return f"{out.message} ({out.timings.line()})"
     c["save_current"].click(save_current, save_inputs, c["status"])
     c["unload"].click(lambda: ws.unload(), None, c["status"])
     c["clear_cache"].click(lambda: ws.clear_cache(), None, c["status"])
