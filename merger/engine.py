@@ -23,7 +23,7 @@ from .checkpoint_io import Checkpoint
 from .errors import MergeError, MergeStopped
 from .ratios import RatioPlan
 from .recipe import Recipe
-from .tensor_ops import CHUNK, same_dtype
+from .tensor_ops import CHUNK, chunked, same_dtype
 
 POSITION_IDS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 Progress = Callable[[int, int, str], None]
@@ -202,36 +202,34 @@ class _Runner:
         if res.dtype != a.dtype:
             res = res.to(a.dtype)
         if self.check_finite and _nonfinite(res):
-            self._blame(job.key)
+            self._overflow(job.key)
         return res
 
     def _chunked_into(self, job, a, b, c, out, ctx) -> torch.Tensor:
         """Elementwise calcmodes into a destination of another dtype (an fp32 pipeline fed by
         fp16 models): each chunk is computed in A's dtype into a cache-sized scratch and then
         converted into ``out``, so the result is exactly the A-dtype merge, at memory speed."""
-        flat = [x.contiguous().view(-1) if x is not None else None for x in (a, b, c)]
-        dst = out.view(-1)
-        scratch = torch.empty(min(dst.numel(), CHUNK), dtype=a.dtype, device=a.device)
+        scratch = torch.empty(min(out.numel(), CHUNK), dtype=a.dtype, device=a.device)
         alpha, beta = job.ratios
-        for s in range(0, dst.numel(), CHUNK):
-            e = min(s + CHUNK, dst.numel())
-            part = [x[s:e] if x is not None else None for x in flat]
-            res = self.cm.fn(*part, alpha, beta, mode=self.plan.recipe.mode, out=scratch[: e - s], ctx=ctx)
+        present = [x is not None for x in (a, b, c)]
+
+        def body(o, *parts):
+            it = iter(parts)
+            args = [next(it) if p else None for p in present]
+            res = self.cm.fn(*args, alpha, beta, mode=self.plan.recipe.mode, out=scratch[: o.numel()], ctx=ctx)
             if self.check_finite and _nonfinite(res):
-                self._blame(job.key)
-            dst[s:e].copy_(res)
-        return out
+                self._overflow(job.key)
+            o.copy_(res)
+        return chunked(out, tuple(x for x in (a, b, c) if x is not None), body)
 
     def _fetch(self, t: torch.Tensor) -> torch.Tensor:
         """Inputs move to the merge device key by key (the models stay cached on the CPU)."""
         return t if self.device is None or t.device.type == torch.device(self.device).type \
             else t.to(self.device, non_blocking=True)
 
-    def _blame(self, key: str):
-        for n, ck in (("A", self.plan.a), ("B", self.plan.b), ("C", self.plan.c)):
-            if ck is not None and key in ck.tensors and ck.tensors[key].is_floating_point() \
-                    and _nonfinite(ck.tensors[key]):
-                raise MergeError(f"model {n} ({ck.name}) contains NaN/Inf values in {key}")
+    def _overflow(self, key: str):
+        """A non-finite result: the inputs of merged keys were checked at start, so the
+        arithmetic (ratios) made it."""
         raise MergeError(f"the merge produced NaN/Inf values in {key} "
                          f"(calcmode {self.cm.name}; check the ratios)")
 

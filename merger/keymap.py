@@ -132,6 +132,15 @@ def openclip_targets(key: str, component: str, width: int, text_model: str) -> l
     return []
 
 
+# where each architecture stores its text encoder(s): (LDM prefix, pipeline component, layout)
+TEXT_ENCODERS = {
+    "sd1": (("cond_stage_model.transformer.text_model.", "text_encoder", "hf"),),
+    "sd2": (("cond_stage_model.model.", "text_encoder", "openclip"),),
+    "sdxl": (("conditioner.embedders.0.transformer.text_model.", "text_encoder", "hf"),
+             ("conditioner.embedders.1.model.", "text_encoder_2", "openclip")),
+}
+
+
 def targets_for(key: str, arch: str, widths: dict[str, int], text_prefixes: dict[str, str]) -> list[Target]:
     """Every pipeline parameter (or part) fed by LDM ``key``; [] for keys the pipeline lacks.
 
@@ -143,16 +152,10 @@ def targets_for(key: str, arch: str, widths: dict[str, int], text_prefixes: dict
     if key.startswith(VAE):
         hit = vae_param(key[len(VAE):])
         return [Target("vae", hit[0], hit[1])] if hit else []
-    if arch == "sd1" and key.startswith("cond_stage_model.transformer.text_model."):
-        rest = key[len("cond_stage_model.transformer.text_model."):]
-        return [] if rest.endswith("position_ids") else [Target("text_encoder", text_prefixes["text_encoder"] + rest)]
-    if arch == "sd2" and key.startswith("cond_stage_model.model."):
-        return openclip_targets(key[len("cond_stage_model.model."):], "text_encoder",
-                                widths["text_encoder"], text_prefixes["text_encoder"])
-    if arch == "sdxl" and key.startswith("conditioner.embedders.0.transformer.text_model."):
-        rest = key[len("conditioner.embedders.0.transformer.text_model."):]
-        return [] if rest.endswith("position_ids") else [Target("text_encoder", text_prefixes["text_encoder"] + rest)]
-    if arch == "sdxl" and key.startswith("conditioner.embedders.1.model."):
-        return openclip_targets(key[len("conditioner.embedders.1.model."):], "text_encoder_2",
-                                widths["text_encoder_2"], text_prefixes["text_encoder_2"])
+    for prefix, component, layout in TEXT_ENCODERS[arch]:
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            if layout == "openclip":
+                return openclip_targets(rest, component, widths[component], text_prefixes[component])
+            return [] if rest.endswith("position_ids") else [Target(component, text_prefixes[component] + rest)]
     return []

@@ -253,3 +253,12 @@ TINY = {
 
 def tiny_layout(arch: str) -> Layout:
     return checkpoint_layout(arch, **TINY[arch])
+
+
+def sized_params(arch: str, size: str = "full") -> dict:
+    """Hyper-parameters of ``arch`` at real ("full") or test/demo ("tiny") size."""
+    return arch_params(arch, **(TINY[arch] if size == "tiny" else {}))
+
+
+def sized_layout(arch: str, size: str = "full") -> Layout:
+    return tiny_layout(arch) if size == "tiny" else checkpoint_layout(arch)

@@ -19,7 +19,7 @@ from .checkpoint_io import Checkpoint
 from .engine import MergePlan, check_inputs, iter_merge
 from .errors import MergeError
 from .keymap import Target, targets_for
-from .ldm_layout import TINY, arch_params, checkpoint_layout
+from .ldm_layout import sized_layout, sized_params
 from .pipeline_config import pipeline_folder
 from .tensor_ops import ReusableBuffer
 
@@ -40,7 +40,7 @@ class Spec:
     prediction_type: str = "epsilon"
 
     def params(self) -> dict:
-        p = arch_params(self.arch, **(TINY[self.arch] if self.size == "tiny" else {}))
+        p = sized_params(self.arch, self.size)
         p["unet"] = {**p["unet"], "in_channels": self.in_channels}
         return p
 
@@ -51,8 +51,7 @@ def spec_for(tensors, name: str = "checkpoint", prediction_type: str | None = No
     if probe not in tensors:
         raise MergeError(f"{name} has no {probe}: not a complete checkpoint")
     for size in ("full", "tiny"):
-        want = (checkpoint_layout(arch) if size == "full" else
-                checkpoint_layout(arch, **TINY[arch]))[probe]
+        want = sized_layout(arch, size)[probe]
         if tuple(tensors[probe].shape) == want:
             cin = tensors["model.diffusion_model.input_blocks.0.0.weight"].shape[1]
             return Spec(arch, size, int(cin), prediction_type or ("auto" if arch == "sd2" else "epsilon"))
@@ -71,6 +70,18 @@ def detect_v_prediction(unet) -> bool:
     return (out[:, :4].float() - x[:, :4].float()).mean().item() < -1
 
 
+def empty_module(make, device: str, dtype: torch.dtype):
+    """A module built on the meta device, then given uninitialised storage (the weights come
+    from a checkpoint); non-persistent ``position_ids`` buffers are filled in."""
+    with torch.device("meta"):
+        module = make()
+    module = module.to(dtype=dtype).to_empty(device=device)
+    for name, buf in module.named_buffers():
+        if name.endswith("position_ids"):
+            buf.copy_(torch.arange(buf.shape[-1], device=device).expand_as(buf))
+    return module.eval().requires_grad_(False)
+
+
 def _build_components(spec: Spec, device: str, dtype: torch.dtype):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.schedulers import EulerDiscreteScheduler
@@ -80,13 +91,7 @@ def _build_components(spec: Spec, device: str, dtype: torch.dtype):
     folder = pipeline_folder(spec.arch, spec.params(), pred)
 
     def empty(make):
-        with torch.device("meta"):
-            module = make()
-        module = module.to(dtype=dtype).to_empty(device=device)
-        for name, buf in module.named_buffers():
-            if name.endswith("position_ids"):
-                buf.copy_(torch.arange(buf.shape[-1], device=device).expand_as(buf))
-        return module.eval().requires_grad_(False)
+        return empty_module(make, device, dtype)
 
     parts = {
         "unet": empty(lambda: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))),
@@ -128,6 +133,7 @@ class ResidentPipeline:
         self.extras: dict[str, torch.Tensor] = {}   # LDM keys the pipeline has no parameter for
         self.state = "empty"                          # empty | ok | incomplete
         self._last: tuple | None = None               # (signature, per-key ratios) of the last swap
+        self._pred_source: tuple | None = None        # model A the prediction type was detected on
         self.problem = ""
         self.recipe = None
         self.label = ""
@@ -146,6 +152,7 @@ class ResidentPipeline:
                         if getattr(self.pipe, n, None) is not None}
         self.spec, self.builds = spec, self.builds + 1
         self.state, self.problem, self.vae_name = "incomplete", "no weights loaded yet", ""
+        self._pred_source = None
         return True
 
     def _targets(self, key: str) -> list[tuple[Target, torch.Tensor]]:
@@ -176,9 +183,8 @@ class ResidentPipeline:
             if vae is None:
                 self.pipe.vae, self.vae_name = self.modules["vae"], ""
                 return
-            with torch.device("meta"):
-                ext = AutoencoderKL.from_config(AutoencoderKL.load_config(self.folder / "vae"))
-            ext = ext.to(dtype=self.dtype).to_empty(device=self.device).eval().requires_grad_(False)
+            ext = empty_module(lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(self.folder / "vae")),
+                               self.device, self.dtype)
             params = dict(ext.named_parameters())
             filled = set()
             for key, value in vae.items():
@@ -235,7 +241,7 @@ class ResidentPipeline:
             for name, p in m.named_parameters():
                 yield f"{n}.{name}", p
 
-    def _run(self, spec: Spec, items_factory: Callable, label: str, recipe, partial: bool = False) -> SwapStats:
+    def _run(self, spec: Spec, items_factory: Callable, label: str, recipe, source, partial: bool = False) -> SwapStats:
         with self.lock:
             self.ensure(spec)
             self.state, self.problem = "incomplete", f"loading {label} did not finish"
@@ -248,9 +254,12 @@ class ResidentPipeline:
                 self.problem = f"the last merge ({label}) did not finish: {e}"
                 raise
             if spec.prediction_type == "auto":
-                self._set_prediction("v_prediction" if detect_v_prediction(self.pipe.unet) else "epsilon")
+                if self._pred_source != (source.path, id(source)):   # a property of model A: once per model
+                    self._set_prediction("v_prediction" if detect_v_prediction(self.pipe.unet) else "epsilon")
+                    self._pred_source = (source.path, id(source))
             else:
                 self._set_prediction(spec.prediction_type)
+                self._pred_source = None
             self.state, self.problem, self.recipe, self.label = "ok", "", recipe, label
             return stats
 
@@ -271,7 +280,7 @@ class ResidentPipeline:
     def load_checkpoint(self, ck: Checkpoint, prediction_type: str | None = None) -> SwapStats:
         """Show one model as it is (no merge)."""
         spec = spec_for(ck.tensors, ck.name, prediction_type)
-        return self._run(spec, lambda: self.write(ck.tensors.items()), ck.name, None)
+        return self._run(spec, lambda: self.write(ck.tensors.items()), ck.name, None, ck)
 
     def swap(self, plan: MergePlan, progress=None, should_stop=None, prediction_type: str | None = None,
              label: str = "", incremental: bool = True) -> SwapStats:
@@ -294,11 +303,11 @@ class ResidentPipeline:
             stats = self.write(items, out_for=self._out_for, partial=todo is not plan)
             self._last = (sig, ratios)
             return stats
-        return self._run(spec, run, label or plan.a.name, plan.recipe, partial=todo is not plan)
+        return self._run(spec, run, label or plan.a.name, plan.recipe, plan.a, partial=todo is not plan)
 
     def layout(self) -> dict:
         """LDM key -> shape of the loaded architecture."""
-        return checkpoint_layout(self.spec.arch, **(TINY[self.spec.arch] if self.spec.size == "tiny" else {}))
+        return sized_layout(self.spec.arch, self.spec.size)
 
     def add_deltas(self, applier, backup: dict | None = None) -> int:
         """Add LoRA changes (``applier.delta(key)``, LDM layout) to the parameters in place;
@@ -338,7 +347,7 @@ class ResidentPipeline:
                         v = v.T
                     parts.append(v)
                 out[key] = torch.cat(parts) if hit[0][0].kind == "rows" else parts[0]
-            layout = checkpoint_layout(self.spec.arch, **(TINY[self.spec.arch] if self.spec.size == "tiny" else {}))
+            layout = self.layout()
             for key, v in list(out.items()):  # VAE attention: linear back to 1x1 conv
                 want = layout.get(key)
                 if want is not None and tuple(v.shape) != want and v.numel() == torch.Size(want).numel():

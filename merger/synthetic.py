@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .ldm_layout import checkpoint_layout, tiny_layout
+from .ldm_layout import sized_layout
 
 EXTRA_KEYS_SD = {"alphas_cumprod": (1000,), "betas": (1000,), "model_ema.decay": ()}
 
@@ -18,7 +18,7 @@ def random_checkpoint(arch: str = "sd1", *, size: str = "tiny", seed: int = 0,
     """A state dict of ``arch`` with uniform random values in [-scale, scale] (norm weights
     around 1). ``extras`` adds the non-inference keys real files carry (EMA, schedule buffers,
     CLIP ``position_ids``) so pruning and key handling are exercised."""
-    layout = tiny_layout(arch) if size == "tiny" else checkpoint_layout(arch)
+    layout = sized_layout(arch, size)
     gen = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
     for key, shape in layout.items():
