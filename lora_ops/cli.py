@@ -5,14 +5,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 
 from merger.arch import detect_arch
 from merger.checkpoint_io import load_checkpoint
 from merger.errors import MergeError
 from merger.saving import SaveOptions, save_tensors
 
-from .formats import load_lora, metadata_table
+from .formats import load_lora, metadata_table, save_lora
 from .merge_ckpt import lora_path, merged_checkpoint, parse_specs
 
 
@@ -65,13 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_PREC = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _save_lora(path, sd, meta, precision, overwrite):
-    sd = {k: (v.to(_PREC[precision]) if k.endswith("weight") else v.float()) for k, v in sd.items()}
-    return save_tensors(path, sd, SaveOptions(overwrite=overwrite), meta)
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -86,26 +78,18 @@ def main(argv: list[str] | None = None) -> int:
                                {"format": "pt", "sdmw_loras": args.loras, "sdmw_base": ck.name})
             print(out)
         elif args.command == "merge-loras":
-            from .merge_loras import merge_concat, merge_same_rank, merge_svd
-            pairs = []
-            for item in (x.strip() for x in args.loras.split(",") if x.strip()):
-                name, _, ratio = item.rpartition(":") if ":" in item else (item, "", "1")
-                pairs.append((load_lora(lora_path(Path(args.lora_dir), name)), float(ratio)))
-            if args.method == "same-rank":
-                sd = merge_same_rank(pairs, args.same_strength, args.precision)
-            elif args.method == "concat":
-                sd = merge_concat(pairs, args.shuffle, precision=args.precision)
-            else:
-                sd = merge_svd(pairs, args.new_rank, args.new_conv_rank, precision=args.precision)
-            from .merge_loras import merged_metadata
+            from .merge_loras import merge_lora_set, merged_metadata, parse_ratio_list
+            pairs = [(load_lora(lora_path(Path(args.lora_dir), n)), r) for n, r in parse_ratio_list(args.loras)]
+            sd = merge_lora_set(pairs, args.method, same_strength=args.same_strength, shuffle=args.shuffle,
+                                new_rank=args.new_rank, new_conv_rank=args.new_conv_rank, precision=args.precision)
             meta = merged_metadata(pairs, args.metadata, {"ss_network_module": "networks.lora",
                                                           "sdmw_merged_from": args.loras, "sdmw_method": args.method})
-            print(_save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
+            print(save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
         elif args.command == "extract-loras":
             from .extract import extract_from_loras
             sd = extract_from_loras(load_lora(args.lora_b), load_lora(args.lora_c), args.alpha, args.beta,
                                     args.gamma, args.rank)
-            print(_save_lora(args.output, sd, {"ss_network_module": "networks.lora"}, "fp16", args.overwrite))
+            print(save_lora(args.output, sd, {"ss_network_module": "networks.lora"}, "fp16", args.overwrite))
         elif args.command == "extract":
             from .extract import extract_lora
             a, b = load_checkpoint(args.model_a), load_checkpoint(args.model_b)
@@ -113,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             arch = check_same_arch({a.name: detect_arch(a.tensors, a.name), b.name: detect_arch(b.tensors, b.name)})
             sd, meta = extract_lora(a.tensors, b.tensors, arch, args.dim, args.conv_dim, args.alpha, args.beta,
                                     args.clamp_quantile, fast=not args.full_svd)
-            print(_save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
+            print(save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
         else:
             lf = load_lora(args.lora)
             lin, conv = lf.dims()

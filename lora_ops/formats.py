@@ -11,6 +11,9 @@ import torch
 
 from merger.checkpoint_io import load_checkpoint
 from merger.errors import MergeError
+from merger.saving import SaveOptions, save_tensors
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -115,3 +118,12 @@ def metadata_table(lora: LoraFile) -> list[tuple[str, str]]:
             pass
         rows.append((k, v))
     return rows
+
+
+def save_lora(path: str | os.PathLike, sd: dict[str, torch.Tensor], metadata: dict[str, str],
+              precision: str = "fp16", overwrite: bool = False) -> Path:
+    """Write a kohya-format LoRA: weights in ``precision``, alphas in float32 (atomic, no
+    silent overwrite)."""
+    dtype = PRECISIONS[precision]
+    sd = {k: v.to(dtype) if k.endswith("weight") else v.float() for k, v in sd.items()}
+    return save_tensors(path, sd, SaveOptions(overwrite=overwrite), metadata)

@@ -79,11 +79,16 @@ def parse_specs(text: str, arch: str) -> list[LoraSpec]:
     return specs
 
 
+def _shape(t) -> tuple[int, ...]:
+    """A tensor's shape, or the shape itself (layouts give shapes, state dicts tensors)."""
+    return tuple(getattr(t, "shape", t))
+
+
 def target_map(tensors, arch: str) -> dict[str, list[tuple[str, object]]]:
-    """kohya module name -> [(LDM key, Target)] for the checkpoint's keys."""
+    """kohya module name -> [(LDM key, Target)] for a checkpoint's keys (tensors or shapes)."""
     out: dict[str, list] = {}
     for key, t in tensors.items():
-        width = t.shape[1] if key.endswith("in_proj_weight") else 1
+        width = _shape(t)[1] if key.endswith("in_proj_weight") else 1
         for name, target in kohya_targets(key, arch, width):
             out.setdefault(name, []).append((key, target))
     return out
@@ -94,6 +99,7 @@ class LoraApplier:
     demand (so a merge can stream: ΔW of one key at a time, never the whole LoRA at once)."""
 
     def __init__(self, shapes: dict, loras: list[tuple[LoraFile, LoraSpec]], arch: str):
+        """``shapes``: LDM key -> tensor or shape of the checkpoint the LoRAs go into."""
         tmap = target_map(shapes, arch)
         self.arch, self.by_key = arch, {}
         for lora, spec in loras:
@@ -107,7 +113,7 @@ class LoraApplier:
                     scale = spec.blocks.get(block_of(key, arch) or "BASE", 0.0)
                     if scale:
                         self.by_key.setdefault(key, []).append((lora.name, module, target, scale))
-        self.shapes = {k: tuple(shapes[k].shape) for k in self.by_key}
+        self.shapes = {k: _shape(shapes[k]) for k in self.by_key}
 
     @property
     def keys(self) -> list[str]:

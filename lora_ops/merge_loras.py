@@ -9,7 +9,7 @@ import torch
 from merger.errors import MergeError
 
 from .delta import module_delta
-from .formats import LoraFile
+from .formats import PRECISIONS, LoraFile
 from .svd import low_rank
 
 
@@ -20,7 +20,34 @@ def _lora_only(loras):
                              f"(use the SVD merge)")
 
 
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+def parse_ratio_list(text: str) -> list[tuple[str, float]]:
+    """``name:ratio, name, ...`` -> [(name, ratio)] (ratio 1 when left out; the last ':' splits,
+    so a path with a drive letter works)."""
+    pairs = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, sep, ratio = item.rpartition(":")
+        if not sep:
+            name, ratio = item, "1"
+        try:
+            pairs.append((name.strip(), float(ratio)))
+        except ValueError:
+            raise MergeError(f"LoRA list: bad ratio in {item!r}") from None
+    if not pairs:
+        raise MergeError("no LoRA given")
+    return pairs
+
+
+def merge_lora_set(pairs: list[tuple[LoraFile, float]], method: str, *, same_strength: bool = False,
+                   shuffle: bool = False, new_rank: int = 64, new_conv_rank: int | None = None,
+                   precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """One of the three merges by name: "same-rank", "concat" or "svd"."""
+    if method == "same-rank":
+        return merge_same_rank(pairs, same_strength, precision)
+    if method == "concat":
+        return merge_concat(pairs, shuffle, precision=precision)
+    if method == "svd":
+        return merge_svd(pairs, new_rank, new_conv_rank, precision=precision)
+    raise MergeError(f"unknown LoRA merge method {method!r} (same-rank, concat, svd)")
 
 
 def merge_same_rank(loras: list[tuple[LoraFile, float]], same_strength: bool = False,

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-
-import torch
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,8 +160,7 @@ class Workstation:
         backup: dict = {}
         if lora_text:      # applied for this generation only, then the merged weights come back exactly
             rp.check_ready()
-            rp.add_deltas(self.lora_applier(lora_text, {k: _Shape(v) for k, v in rp.layout().items()},
-                                            rp.spec.arch), backup)
+            rp.add_deltas(self.lora_applier(lora_text, rp.layout(), rp.spec.arch), backup)
             extra["LoRAs"] = lora_text
         try:
             from dataclasses import replace as _replace
@@ -219,23 +216,17 @@ class Workstation:
                          new_conv_rank: int | None = None, name: str = "merged-lora",
                          metadata: str = "create new", precision: str = "fp16") -> Outcome:
         """Merge LoRAs ("name:ratio, ...") into one LoRA file in the LoRA folder."""
-        from lora_ops.merge_loras import merge_concat, merge_same_rank, merge_svd, merged_metadata
-        pairs = []
-        for item in (x.strip() for x in text.split(",") if x.strip()):
-            n, _, r = item.partition(":")
-            try:
-                pairs.append((self.load_lora_file(n.strip()), float(r or 1)))
-            except ValueError:
-                raise MergeError(f"LoRA list: bad ratio in {item!r}") from None
-        if not pairs:
-            raise MergeError("no LoRA given")
-        sd = (merge_same_rank(pairs, same_strength) if method == "same-rank" else
-              merge_concat(pairs) if method == "concat" else merge_svd(pairs, new_rank, new_conv_rank))
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[precision]
-        sd = {k: v.to(dtype) if k.endswith("weight") else v.float() for k, v in sd.items()}
+        from lora_ops.merge_loras import merge_lora_set, merged_metadata, parse_ratio_list
+        pairs = [(self.load_lora_file(n), r) for n, r in parse_ratio_list(text)]
+        sd = merge_lora_set(pairs, method, same_strength=same_strength, new_rank=new_rank,
+                            new_conv_rank=new_conv_rank)
         meta = merged_metadata(pairs, metadata, {"ss_network_module": "networks.lora", "sdmw_merged_from": text,
                                                  "sdmw_method": method})
-        path = save_tensors(self.dirs.lora / _with_ext(name, SaveOptions()), sd, SaveOptions(), meta)
+        return self._save_lora(name, sd, meta, precision)
+
+    def _save_lora(self, name: str, sd: dict, meta: dict, precision: str = "fp16") -> Outcome:
+        from lora_ops.formats import save_lora
+        path = save_lora(self.dirs.lora / _with_ext(name, SaveOptions()), sd, meta, precision)
         return Outcome(f"saved {path}", path=path)
 
     def extract_from_loras(self, lora_b: str, lora_c: str, alpha: float, beta: float, gamma: float = 1.0,
@@ -243,11 +234,9 @@ class Workstation:
         """SuperMerger's extract on two LoRAs, written to the LoRA folder."""
         from lora_ops.extract import extract_from_loras
         sd = extract_from_loras(self.load_lora_file(lora_b), self.load_lora_file(lora_c), alpha, beta, gamma, rank)
-        sd = {k: v.half() if k.endswith("weight") else v for k, v in sd.items()}
         meta = {"ss_network_module": "networks.lora",
                 "sdmw_extract": f"{lora_b} / {lora_c}: alpha {alpha:g}, beta {beta:g}, gamma {gamma:g}"}
-        path = save_tensors(self.dirs.lora / _with_ext(name, SaveOptions()), sd, SaveOptions(), meta)
-        return Outcome(f"saved {path}", path=path)
+        return self._save_lora(name, sd, meta)
 
     def extract_lora(self, model_a: str, model_b: str, alpha: float = 1.0, beta: float = 1.0, dim: int = 128,
                      conv_dim: int | None = None, name: str = "extracted-lora", progress=None) -> Outcome:
@@ -260,9 +249,7 @@ class Workstation:
         self.stop_event.clear()
         sd, meta = extract_lora(a.tensors, b.tensors, arch, dim, conv_dim, alpha, beta,
                                 should_stop=self.should_stop, progress=progress)
-        sd = {k: v.half() if k.endswith("weight") else v for k, v in sd.items()}
-        path = save_tensors(self.dirs.lora / _with_ext(name, SaveOptions()), sd, SaveOptions(), meta)
-        return Outcome(f"saved {path}", path=path)
+        return self._save_lora(name, sd, meta)
 
     def unload(self) -> str:
         self.pipeline = ResidentPipeline(self.pipeline.device, self.pipeline.dtype)
@@ -270,13 +257,6 @@ class Workstation:
 
     def clear_cache(self) -> str:
         return f"cleared {self.cache.clear()} cached model(s)"
-
-
-class _Shape:
-    """A stand-in with ``.shape`` for layouts given as shapes."""
-
-    def __init__(self, shape):
-        self.shape = tuple(shape)
 
 
 def _with_ext(name: str, options: SaveOptions) -> str:

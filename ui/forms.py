@@ -13,6 +13,11 @@ SAVE_CHOICES = ["save model", "overwrite", "safetensors", "fp16", "save metadata
 SAVE_DEFAULT = ["safetensors", "save metadata"]
 INEX_CHOICES = [("Off", "off"), ("Include", "include"), ("Exclude", "exclude")]
 ADJUST_LABELS = ["IN", "OUT", "OUT2", "CONT", "BRI", "COL1", "COL2", "COL3"]
+# merge-tab widgets, in the order of build_recipe's / gen_params' arguments
+RECIPE_KEYS = ["arch", "a", "b", "c", "mode", "calcmode", "alpha", "beta", "gamma", "use_mbw", "mbw_a", "mbw_b",
+               "elemental", "inex", "inex_text", "adjust", "loras"]
+GEN_KEYS = ["prompt", "negative", "steps", "cfg", "seed", "width", "height", "batch_count", "batch_size",
+            "clip_skip", "sampler"]
 
 
 def visible_blocks(arch: str) -> list[bool]:

@@ -113,11 +113,12 @@ def build(ws):
 
 
 def _wire(ws, c):
-    recipe_inputs = [c[k] for k in ("arch", "a", "b", "c", "mode", "calcmode", "alpha", "beta", "gamma", "use_mbw",
-                                    "mbw_a", "mbw_b", "elemental", "inex", "inex_text", "adjust", "loras")]
-    gen_inputs = [c[k] for k in ("prompt", "negative", "steps", "cfg", "seed", "width", "height", "batch_count",
-                                 "batch_size", "clip_skip", "sampler")]
+    recipe_inputs = [c[k] for k in forms.RECIPE_KEYS]
+    gen_inputs = [c[k] for k in forms.GEN_KEYS]
     save_inputs = [c["save_flags"], c["bake_vae"], c["custom_name"]]
+
+    def options_for(flags, bake):
+        return forms.save_options(flags, str(ws.dirs.resolve("vae", bake)) if bake else None)
 
     def modes_changed(mode, calcmode):
         names = calcmode_names(mode)
@@ -169,7 +170,7 @@ def _wire(ws, c):
         out = ws.merge(recipe, progress=progress_cb(progress, "merging"))
         msg = f"{out.message} ({out.timings.line()})"
         if "save model" in flags:
-            saved = ws.save_current(name, forms.save_options(flags, str(ws.dirs.resolve("vae", bake)) if bake else None),
+            saved = ws.save_current(name, options_for(flags, bake),
                                     progress=progress_cb(progress, "saving"))
             msg += f"; {saved.message}"
         return msg, out.timings
@@ -216,15 +217,14 @@ def _wire(ws, c):
 
     @safe(1)
     def save_current(flags, bake, name, progress=gr.Progress()):
-        out = ws.save_current(name, forms.save_options(flags, str(ws.dirs.resolve("vae", bake)) if bake else None),
+        out = ws.save_current(name, options_for(flags, bake),
                               progress=progress_cb(progress, "saving"))
         return f"{out.message} ({out.timings.line()})"
     c["save_current"].click(save_current, save_inputs, c["status"])
     c["unload"].click(lambda: ws.unload(), None, c["status"])
     c["clear_cache"].click(lambda: ws.clear_cache(), None, c["status"])
 
-    widget_keys = ["a", "b", "c", "mode", "calcmode", "alpha", "beta", "gamma", "use_mbw", "mbw_a", "mbw_b",
-                   "elemental", "inex", "inex_text", "adjust", "loras"]
+    widget_keys = forms.RECIPE_KEYS[1:]      # everything but the detected architecture
 
     @safe(1 + len(widget_keys))
     def load_settings(ref):

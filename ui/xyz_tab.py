@@ -49,7 +49,7 @@ def build_plot_panel(ws, mc, queue):
 
 
 def _spec(ws, mc_values, plot_values) -> PlotSpec:
-    n_rec = 17
+    n_rec = len(forms.RECIPE_KEYS)
     recipe = forms.build_recipe(ws, *mc_values[:n_rec])
     gen = forms.gen_params(*mc_values[n_rec:])
     (xt, xv, yt, yv, zt, zv, da, db, lo, up, mn, mx, digits, seed, elist) = plot_values
@@ -60,14 +60,10 @@ def _spec(ws, mc_values, plot_values) -> PlotSpec:
 
 
 def _wire(ws, mc, c, queue):
-    recipe_keys = ["arch", "a", "b", "c", "mode", "calcmode", "alpha", "beta", "gamma", "use_mbw", "mbw_a", "mbw_b",
-                   "elemental", "inex", "inex_text", "adjust", "loras"]
-    gen_keys = ["prompt", "negative", "steps", "cfg", "seed", "width", "height", "batch_count", "batch_size",
-                "clip_skip", "sampler"]
     plot_keys = ["X_type", "X_values", "Y_type", "Y_values", "Z_type", "Z_values", "dice_a", "dice_b", "dice_lower",
                  "dice_upper", "dice_min", "dice_max", "dice_digits", "dice_seed", "elist"]
-    inputs = [mc[k] for k in recipe_keys + gen_keys] + [c[k] for k in plot_keys]
-    n_mc = len(recipe_keys) + len(gen_keys)
+    inputs = [mc[k] for k in forms.RECIPE_KEYS + forms.GEN_KEYS] + [c[k] for k in plot_keys]
+    n_mc = len(forms.RECIPE_KEYS) + len(forms.GEN_KEYS)
 
     def run_plot(*values, progress=gr.Progress()):
         try:
