@@ -220,7 +220,7 @@ class _Runner:
             if self.check_finite and _nonfinite(res):
                 self._overflow(job.key)
             o.copy_(res)
-        return chunked(out, tuple(x for x in (a, b, c) if x is not None), body)
+        return chunked(out, tuple(x for x in (a, b, c) if x is not None), body, chunk=CHUNK)
 
     def _fetch(self, t: torch.Tensor) -> torch.Tensor:
         """Inputs move to the merge device key by key (the models stay cached on the CPU)."""
