@@ -27,6 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--share", action="store_true", help="create a public Gradio link")
     p.add_argument("--cache-gb", type=float, default=12.0, help="RAM budget of the model cache")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    p.add_argument("--fp32-weights", action="store_true",
+                   help="computing in fp32 (CPU), hold fp16 models' weights in fp32 too (default: keep them "
+                        "in fp16 and upcast layer by layer: same images, half the RAM, faster merges)")
     p.add_argument("--no-demo", action="store_true", help="do not write demo models")
     return p.parse_args(argv)
 
@@ -42,7 +45,8 @@ def make_workstation(args):
         if written:
             print(f"wrote {len(written)} demo models under {dirs.ckpt.parent}")
     dirs.create()
-    return Workstation(dirs, cache_bytes=int(args.cache_gb * 2**30), device=args.device)
+    return Workstation(dirs, cache_bytes=int(args.cache_gb * 2**30), device=args.device,
+                       storage="compute" if args.fp32_weights else "model")
 
 
 def main(argv=None) -> int:

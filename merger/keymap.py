@@ -141,6 +141,16 @@ TEXT_ENCODERS = {
 }
 
 
+def component_of(key: str, arch: str) -> str | None:
+    """The pipeline component an LDM key belongs to ("unet", "vae", "text_encoder",
+    "text_encoder_2"), or None."""
+    if key.startswith(UNET):
+        return "unet"
+    if key.startswith(VAE):
+        return "vae"
+    return next((component for prefix, component, _ in TEXT_ENCODERS[arch] if key.startswith(prefix)), None)
+
+
 def targets_for(key: str, arch: str, widths: dict[str, int], text_prefixes: dict[str, str]) -> list[Target]:
     """Every pipeline parameter (or part) fed by LDM ``key``; [] for keys the pipeline lacks.
 

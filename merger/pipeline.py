@@ -5,11 +5,17 @@ uninitialised storage, then every merge streams its tensors straight into the pa
 where dtype and device agree the merge arithmetic writes into the parameter's own memory, so
 no second full copy of the model ever exists. A merge that is stopped or fails part-way leaves
 the pipeline marked *incomplete* (generation refuses, the UI says so) until the next merge.
+
+Storage precision: computing in fp32 (the CPU default), a component whose merged weights are
+all fp16 (or all bf16) keeps them in that precision and is upcast layer by layer for each
+forward pass (``weight_storage``). The values are exactly the merge's, so images are
+bit-identical to an fp32 pipeline loaded from the saved merge, with half the resident memory
+and half the bytes each merge writes.
 """
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -18,10 +24,11 @@ from .arch import ARCH_NAMES, detect_arch
 from .checkpoint_io import Checkpoint
 from .engine import MergePlan, check_inputs, iter_merge
 from .errors import MergeError
-from .keymap import Target, targets_for
+from .keymap import Target, component_of, targets_for
 from .ldm_layout import sized_layout, sized_params
 from .pipeline_config import pipeline_folder
 from .tensor_ops import ReusableBuffer
+from .weight_storage import store_low_precision
 
 
 def default_device() -> tuple[str, torch.dtype]:
@@ -38,6 +45,7 @@ class Spec:
     size: str                 # "full" or "tiny"
     in_channels: int = 4
     prediction_type: str = "epsilon"
+    storage: tuple[tuple[str, str], ...] = ()   # (component, dtype name) stored below the compute dtype
 
     def params(self) -> dict:
         p = sized_params(self.arch, self.size)
@@ -59,23 +67,53 @@ def spec_for(tensors, name: str = "checkpoint", prediction_type: str | None = No
                      f"({probe} is {list(tensors[probe].shape)})")
 
 
+REDUCED = (torch.float16, torch.bfloat16)
+# Layers kept in the compute dtype under low-precision storage: each component's first parameter
+# (diffusers and transformers report a model's dtype as its first parameter's and cast inputs to
+# it), and the text encoders' embeddings.
+KEEP_IN_COMPUTE = {"unet": (r"^conv_in$",), "vae": (r"^encoder\.conv_in$",),
+                   "text_encoder": ("embeddings",), "text_encoder_2": ("embeddings",)}
+
+
+def storage_dtypes(dtypes: Mapping[str, torch.dtype], arch: str,
+                   compute: torch.dtype) -> tuple[tuple[str, str], ...]:
+    """``(component, dtype name)`` for each component whose floating-point weights (``dtypes``:
+    LDM key -> dtype of the merge result) are all fp16, or all bf16, while computing in fp32:
+    such a component is stored in that precision. Anything else is stored in ``compute``."""
+    if compute != torch.float32:
+        return ()
+    seen: dict[str, set[torch.dtype]] = {}
+    for key, dt in dtypes.items():
+        comp = component_of(key, arch) if dt.is_floating_point else None
+        if comp is not None:
+            seen.setdefault(comp, set()).add(dt)
+    return tuple(sorted((c, str(next(iter(d))).removeprefix("torch.")) for c, d in seen.items()
+                        if len(d) == 1 and next(iter(d)) in REDUCED))
+
+
 @torch.no_grad()
 def detect_v_prediction(unet) -> bool:
     """A1111's test for SD2 v-parameterisation: at t=999, an epsilon model's output minus its
     input averages above -1 for a constant input of 0.5, a v model's far below."""
     p = next(unet.parameters())
-    x = torch.ones((1, unet.config.in_channels, 8, 8), device=p.device, dtype=p.dtype) / 2
-    ctx = torch.ones((1, 2, unet.config.cross_attention_dim), device=p.device, dtype=p.dtype) / 2
+    x = torch.ones((1, unet.config.in_channels, 8, 8), device=p.device, dtype=unet.dtype) / 2
+    ctx = torch.ones((1, 2, unet.config.cross_attention_dim), device=p.device, dtype=unet.dtype) / 2
     out = unet(x, torch.tensor([999], device=p.device), encoder_hidden_states=ctx).sample
     return (out[:, :4].float() - x[:, :4].float()).mean().item() < -1
 
 
-def empty_module(make, device: str, dtype: torch.dtype):
+def empty_module(make, device: str, dtype: torch.dtype, storage: torch.dtype | None = None,
+                 keep: tuple[str, ...] = ()):
     """A module built on the meta device, then given uninitialised storage (the weights come
-    from a checkpoint); non-persistent ``position_ids`` buffers are filled in."""
+    from a checkpoint); non-persistent ``position_ids`` buffers are filled in. With ``storage``,
+    its Linear/Conv/Embedding layers (but those whose names match a ``keep`` pattern) are stored
+    in that dtype and cast to ``dtype`` around each forward pass."""
     with torch.device("meta"):
         module = make()
-    module = module.to(dtype=dtype).to_empty(device=device)
+    module = module.to(dtype=dtype)
+    if storage is not None and storage != dtype:
+        store_low_precision(module, storage, dtype, keep)
+    module = module.to_empty(device=device)
     for name, buf in module.named_buffers():
         if name.endswith("position_ids"):
             buf.copy_(torch.arange(buf.shape[-1], device=device).expand_as(buf))
@@ -90,18 +128,22 @@ def _build_components(spec: Spec, device: str, dtype: torch.dtype):
     pred = "epsilon" if spec.prediction_type == "auto" else spec.prediction_type
     folder = pipeline_folder(spec.arch, spec.params(), pred)
 
-    def empty(make):
-        return empty_module(make, device, dtype)
+    storage = {c: getattr(torch, name) for c, name in spec.storage}
+
+    def empty(component, make):
+        return empty_module(make, device, dtype, storage.get(component), KEEP_IN_COMPUTE[component])
 
     parts = {
-        "unet": empty(lambda: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))),
-        "vae": empty(lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))),
-        "text_encoder": empty(lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))),
+        "unet": empty("unet", lambda: UNet2DConditionModel.from_config(
+            UNet2DConditionModel.load_config(folder / "unet"))),
+        "vae": empty("vae", lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))),
+        "text_encoder": empty("text_encoder", lambda: CLIPTextModel(
+            CLIPTextConfig.from_pretrained(folder / "text_encoder"))),
         "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         "scheduler": EulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
     }
     if spec.arch == "sdxl":
-        parts["text_encoder_2"] = empty(lambda: CLIPTextModelWithProjection(
+        parts["text_encoder_2"] = empty("text_encoder_2", lambda: CLIPTextModelWithProjection(
             CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
         parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
         return StableDiffusionXLPipeline(**parts), folder
@@ -119,11 +161,15 @@ class SwapStats:
 
 class ResidentPipeline:
     """One loaded pipeline that merges are swapped into. Thread-safe (one swap or generation
-    at a time)."""
+    at a time). ``dtype`` is the compute dtype; ``storage="model"`` stores fp16/bf16 merges in
+    their own precision when computing in fp32 (see the module notes), ``"compute"`` stores
+    everything in ``dtype``."""
 
-    def __init__(self, device: str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, device: str | None = None, dtype: torch.dtype | None = None, storage: str = "model"):
+        if storage not in ("model", "compute"):
+            raise ValueError(f"storage must be 'model' or 'compute', not {storage!r}")
         dev, dt = default_device()
-        self.device, self.dtype = device or dev, dtype or dt
+        self.device, self.dtype, self.storage = device or dev, dtype or dt, storage
         self.pipe = None
         self.modules: dict = {}
         self.prediction_type = "epsilon"
@@ -263,6 +309,12 @@ class ResidentPipeline:
             self.state, self.problem, self.recipe, self.label = "ok", "", recipe, label
             return stats
 
+    def _spec(self, tensors, name: str, prediction_type: str | None, dtypes: Mapping[str, torch.dtype]) -> Spec:
+        spec = spec_for(tensors, name, prediction_type)
+        if self.storage == "compute":
+            return spec
+        return replace(spec, storage=storage_dtypes(dtypes, spec.arch, self.dtype))
+
     def _set_prediction(self, kind: str) -> None:
         if self.pipe.scheduler.config.prediction_type != kind:
             self.pipe.scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config,
@@ -279,7 +331,7 @@ class ResidentPipeline:
 
     def load_checkpoint(self, ck: Checkpoint, prediction_type: str | None = None) -> SwapStats:
         """Show one model as it is (no merge)."""
-        spec = spec_for(ck.tensors, ck.name, prediction_type)
+        spec = self._spec(ck.tensors, ck.name, prediction_type, {k: t.dtype for k, t in ck.tensors.items()})
         return self._run(spec, lambda: self.write(ck.tensors.items()), ck.name, None, ck)
 
     def swap(self, plan: MergePlan, progress=None, should_stop=None, prediction_type: str | None = None,
@@ -288,7 +340,8 @@ class ResidentPipeline:
         the previous swap used the same models, mode and calcmode, only the keys whose
         effective ratios (or adjust) changed are recomputed (an XYZ sweep over one block touches
         only that block)."""
-        spec = spec_for(plan.a.tensors, plan.a.name, prediction_type)
+        spec = self._spec(plan.a.tensors, plan.a.name, prediction_type,
+                          {k: dt for k, (_, dt) in plan.output_spec().items()})
         check_inputs(plan)   # bad input is refused while the pipeline still holds its last merge
         sig = self._signature(plan, spec)
         ratios = {j.key: (j.ratios, j.channels, repr(j.adjust), j.source) for j in plan.jobs}
@@ -320,7 +373,11 @@ class ResidentPipeline:
                 for target, param in self._targets(key):
                     if backup is not None and id(param) not in backup:
                         backup[id(param)] = (param, param.detach().clone())
-                    param.data.add_(target.view_of(d).reshape(param.shape).to(param.device, param.dtype))
+                    v = target.view_of(d).reshape(param.shape).to(param.device)
+                    if v.dtype == param.dtype:
+                        param.data.add_(v)
+                    else:   # add in the delta's precision, round once (as kohya's merge does)
+                        param.data.copy_(torch.add(v, param.data))
                     n += 1
             return n
 
@@ -332,17 +389,19 @@ class ResidentPipeline:
     # ------------------------------------------------------------------ reading back
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights the pipeline holds, in LDM layout (plus the keys it has no parameter
-        for, kept from the last merge), for "Save current merge"."""
+        for, kept from the last merge), for "Save current merge". Components stored in fp16/bf16
+        come back wholly in that dtype (their norms, kept in fp32, hold values of it)."""
         with self.lock:
             if self.state != "ok":
                 raise MergeError(f"nothing to save: {self.problem or 'no model loaded'}")
+            stored = {c: getattr(torch, name) for c, name in self.spec.storage}
             out: dict[str, torch.Tensor] = {}
             for key, hit in self.targets.items():
                 if not hit:
                     continue
                 parts = []
                 for target, param in hit:
-                    v = param.detach().to("cpu")
+                    v = param.detach().to("cpu", stored.get(target.component, param.dtype))
                     if target.kind == "transpose":
                         v = v.T
                     parts.append(v)

@@ -47,11 +47,11 @@ class Outcome:
 
 class Workstation:
     def __init__(self, dirs: ModelDirs, cache_bytes: int = 12 << 30, device: str | None = None,
-                 dtype=None, outputs: Path | None = None, history=None):
+                 dtype=None, outputs: Path | None = None, history=None, storage: str = "model"):
         from mergehistory import MergeHistory
         self.dirs = dirs
         self.cache = ModelCache(cache_bytes)
-        self.pipeline = ResidentPipeline(device, dtype)
+        self.pipeline = ResidentPipeline(device, dtype, storage)
         self.history = history or MergeHistory()
         self.outputs = Path(outputs) if outputs else data_dir() / "outputs"
         self.stop_event = threading.Event()
@@ -252,7 +252,7 @@ class Workstation:
         return self._save_lora(name, sd, meta)
 
     def unload(self) -> str:
-        self.pipeline = ResidentPipeline(self.pipeline.device, self.pipeline.dtype)
+        self.pipeline = ResidentPipeline(self.pipeline.device, self.pipeline.dtype, self.pipeline.storage)
         return "pipeline unloaded"
 
     def clear_cache(self) -> str:

@@ -21,6 +21,9 @@ def test_given_folders_are_used_as_they_are(tmp_path):
                                               "--vae-dir", str(tmp_path / "v"), "--cache-gb", "2"]))
     assert (ws.dirs.ckpt, ws.dirs.lora, ws.dirs.vae) == (tmp_path / "c", tmp_path / "l", tmp_path / "v")
     assert ws.cache.budget == 2 * 2**30 and ws.dirs.checkpoints() == []
+    assert ws.pipeline.storage == "model"
+    ws = app.make_workstation(app.parse_args(["--models-dir", str(tmp_path / "m"), "--fp32-weights"]))
+    assert ws.pipeline.storage == "compute" and ws.unload() and ws.pipeline.storage == "compute"
 
 
 def test_device_is_cuda_fp16_when_present_else_cpu_fp32(monkeypatch):

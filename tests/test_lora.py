@@ -315,7 +315,7 @@ def test_recipe_loras_merge_history_and_save(ws):
     k = "model.diffusion_model.output_blocks.4.1.transformer_blocks.0.attn2.to_q.weight"
     plain = ws.cache.get(ws.dirs.resolve("ckpt", "demo-sd1-tiny-A.safetensors")).tensors[k]
     assert not torch.equal(got[k], plain)
-    torch.testing.assert_close(got[k].float(), held[k], rtol=0, atol=2e-3)     # file fp16, pipeline fp32
+    assert got[k].dtype == held[k].dtype == torch.float16 and torch.equal(got[k], held[k])  # rounded once, alike
     k_in = "model.diffusion_model.input_blocks.1.1.proj_in.weight"                # OUTALL: IN blocks untouched
     from merger.engine import merge
     m = ws.cache.get(ws.dirs.resolve("ckpt", "demo-sd1-tiny-A.safetensors"))

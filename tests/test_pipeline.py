@@ -12,7 +12,7 @@ from merger.engine import merge, plan_merge
 from merger.errors import MergeError, MergeStopped
 from merger.generate import SAMPLERS, GenParams, encode_prompt, generate
 from merger.model_dirs import ModelDirs
-from merger.pipeline import ResidentPipeline, spec_for
+from merger.pipeline import ResidentPipeline, spec_for, storage_dtypes
 from merger.pipeline_config import clip_vocab
 from merger.pnginfo import read_png_info
 from merger.recipe import Recipe
@@ -97,6 +97,74 @@ def test_stop_or_error_marks_incomplete_until_next_merge():
     assert rp.state == "incomplete"
     rp.swap(plan_merge(Recipe("a", "b"), A, ck("sd1", 3)))
     assert rp.state == "ok"
+
+
+def _param_bytes(module):
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_fp16_merge_is_stored_in_fp16_and_computes_as_fp32(arch):
+    """Computing in fp32, an fp16 merge stays fp16 in memory (Linear/Conv layers; norms, text
+    embeddings and each component's first layer in fp32) and is upcast layer by layer: the U-Net, text encoders and
+    images are bit-identical to a pipeline holding the same values in fp32."""
+    A, B = ck(arch, 1), ck(arch, 2)
+    plan = plan_merge(Recipe("a", "b", alpha=0.3), A, B)
+    half, full = ResidentPipeline("cpu", torch.float32), ResidentPipeline("cpu", torch.float32, storage="compute")
+    half.swap(plan)
+    full.swap(plan)
+    unet = half.modules["unet"]
+    assert unet.conv_out.weight.dtype == torch.float16 and unet.conv_norm_out.weight.dtype == torch.float32
+    for name in ("unet", "vae", "text_encoder"):
+        assert half.modules[name].dtype == torch.float32            # what the pipeline casts inputs to
+    assert _param_bytes(unet) < 0.55 * _param_bytes(full.modules["unet"])
+    for comp, m in half.modules.items():
+        other = dict(full.modules[comp].named_parameters())
+        assert all(torch.equal(p, other[n]) for n, p in m.named_parameters()), comp
+    with torch.no_grad():
+        x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+        ctx = torch.randn(1, 3, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+        extra = {}
+        if arch == "sdxl":
+            c = unet.config
+            pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+            extra = {"added_cond_kwargs": {"text_embeds": torch.ones(1, pooled), "time_ids": torch.ones(1, 6)}}
+        assert torch.equal(unet(x, t, ctx, **extra).sample, full.modules["unet"](x, t, ctx, **extra).sample)
+        ids = torch.tensor([[49406, 320, 1125, 49407]])
+        for name in [n for n in half.modules if n.startswith("text")]:
+            assert torch.equal(half.modules[name](ids, output_hidden_states=True).hidden_states[-2],
+                               full.modules[name](ids, output_hidden_states=True).hidden_states[-2])
+    g = small(prompt="a (cat:1.2) --n dog", clip_skip=2)
+    assert np.array_equal(img(generate(half, g)), img(generate(full, g)))
+    assert unet.conv_out.weight.dtype == torch.float16              # back to fp16 after the forward passes
+
+
+def test_storage_dtypes_per_component():
+    f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
+    sd1 = {"model.diffusion_model.a.weight": f16, "model.diffusion_model.b.bias": f16, "model.diffusion_model.c": torch.int64,
+           "first_stage_model.a.weight": bf16, "cond_stage_model.transformer.text_model.a.weight": f16,
+           "cond_stage_model.transformer.text_model.b.weight": f32}           # mixed: stays fp32
+    assert storage_dtypes(sd1, "sd1", f32) == (("unet", "float16"), ("vae", "bfloat16"))
+    assert storage_dtypes(sd1, "sd1", f16) == ()                              # only below an fp32 compute dtype
+    xl = {"conditioner.embedders.0.transformer.text_model.a.weight": f16, "conditioner.embedders.1.model.a.weight": f16}
+    assert storage_dtypes(xl, "sdxl", f32) == (("text_encoder", "float16"), ("text_encoder_2", "float16"))
+    with pytest.raises(ValueError, match="storage"):
+        ResidentPipeline("cpu", f32, storage="half")
+
+
+def test_storage_follows_the_precision_of_each_component():
+    """fp32 models are stored in fp32; a model with an fp16 U-Net and an fp32 VAE keeps its VAE in
+    fp32; a later fp16 merge rebuilds the pipeline with fp16 storage."""
+    rp = ResidentPipeline("cpu", torch.float32)
+    rp.load_checkpoint(ck("sd1", 1, torch.float32))
+    assert rp.modules["unet"].conv_in.weight.dtype == torch.float32 and rp.spec.storage == ()
+    mixed = {k: v.float() if k.startswith("first_stage_model.") else v for k, v in ck("sd1", 2).tensors.items()}
+    rp.load_checkpoint(Checkpoint(Path("mixed.safetensors"), mixed))
+    assert rp.builds == 2 and dict(rp.spec.storage) == {"unet": "float16", "text_encoder": "float16"}
+    assert rp.modules["vae"].decoder.conv_in.weight.dtype == torch.float32
+    sd = rp.state_dict()
+    assert all(torch.equal(sd[k], v) and sd[k].dtype == v.dtype for k, v in mixed.items() if k in sd and v.is_floating_point())
+    assert ResidentPipeline("cpu", torch.float16)._spec(mixed, "m", None, {k: v.dtype for k, v in mixed.items()}).storage == ()
 
 
 def test_save_current_merge_is_what_the_pipeline_holds(tmp_path):
