@@ -6,7 +6,7 @@ exactly the merge's, so every output is bit-identical to an fp32 module holding 
 parameters take half the memory and a merge writes half the bytes. diffusers' own layerwise
 casting (``apply_layerwise_casting``) does the same by re-allocating every layer twice per call,
 which on the CPU made one SD1.5 U-Net step 1.47x slower (page faults on fresh memory); with the
-scratch buffer a step takes 0.92-1.03x the time of fp32 weights (``bench/swap_bench.py``).
+scratch buffer a step takes 0.91-1.03x the time of fp32 weights (``bench/swap_bench.py``).
 
 The first parameter of a module is left in the compute dtype by the caller (``keep``): diffusers
 and transformers report a model's ``dtype`` as its first floating-point parameter's and cast
