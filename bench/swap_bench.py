@@ -29,7 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench.merge_bench import best, build, peak_gib, reset_peak  # noqa: E402
 from merger.engine import merge, plan_merge  # noqa: E402
 from merger.ldm_layout import checkpoint_layout  # noqa: E402
-from merger.pipeline import ResidentPipeline  # noqa: E402
+from merger.pipeline import ResidentPipeline, spec_for  # noqa: E402
+from merger.pipeline_config import pipeline_folder  # noqa: E402
 from merger.recipe import Recipe  # noqa: E402
 from merger.saving import SaveOptions, save_tensors  # noqa: E402
 
@@ -102,7 +103,7 @@ def main() -> None:
     from diffusers import StableDiffusionPipeline
     with tempfile.TemporaryDirectory(dir=ROOT) as d:
         path = Path(d) / "merged.safetensors"
-        folder = ResidentPipeline("cpu", torch.float32)
+        cfg = pipeline_folder("sd1", spec_for(A.tensors).params())
 
         def save_and_reload():
             path.unlink(missing_ok=True)
@@ -116,10 +117,6 @@ def main() -> None:
             del pipe
             gc.collect()
             return t_save, time.perf_counter() - t
-        folder.load_checkpoint(A)
-        cfg = folder.folder
-        del folder
-        gc.collect()
         save_and_reload()   # warm-up
         reset_peak()
         t_save, t_load = min((save_and_reload() for _ in range(3)), key=sum)

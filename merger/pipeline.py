@@ -47,6 +47,11 @@ class Spec:
     prediction_type: str = "epsilon"
     storage: tuple[tuple[str, str], ...] = ()   # (component, dtype name) stored below the compute dtype
 
+    @property
+    def stored(self) -> dict[str, torch.dtype]:
+        """component -> dtype its weights are held in, for those held below the compute dtype."""
+        return {c: getattr(torch, name) for c, name in self.storage}
+
     def params(self) -> dict:
         p = sized_params(self.arch, self.size)
         p["unet"] = {**p["unet"], "in_channels": self.in_channels}
@@ -128,10 +133,8 @@ def _build_components(spec: Spec, device: str, dtype: torch.dtype):
     pred = "epsilon" if spec.prediction_type == "auto" else spec.prediction_type
     folder = pipeline_folder(spec.arch, spec.params(), pred)
 
-    storage = {c: getattr(torch, name) for c, name in spec.storage}
-
     def empty(component, make):
-        return empty_module(make, device, dtype, storage.get(component), KEEP_IN_COMPUTE[component])
+        return empty_module(make, device, dtype, spec.stored.get(component), KEEP_IN_COMPUTE[component])
 
     parts = {
         "unet": empty("unet", lambda: UNet2DConditionModel.from_config(
@@ -394,7 +397,7 @@ class ResidentPipeline:
         with self.lock:
             if self.state != "ok":
                 raise MergeError(f"nothing to save: {self.problem or 'no model loaded'}")
-            stored = {c: getattr(torch, name) for c, name in self.spec.storage}
+            stored = self.spec.stored
             out: dict[str, torch.Tensor] = {}
             for key, hit in self.targets.items():
                 if not hit:

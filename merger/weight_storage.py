@@ -6,7 +6,7 @@ exactly the merge's, so every output is bit-identical to an fp32 module holding 
 parameters take half the memory and a merge writes half the bytes. diffusers' own layerwise
 casting (``apply_layerwise_casting``) does the same by re-allocating every layer twice per call,
 which on the CPU made one SD1.5 U-Net step 1.47x slower (page faults on fresh memory); with the
-scratch buffer a step takes 0.91-1.03x the time of fp32 weights (``bench/swap_bench.py``).
+scratch buffer a step takes 0.91-1.15x the time of fp32 weights (``bench/swap_bench.py``).
 
 The first parameter of a module is left in the compute dtype by the caller (``keep``): diffusers
 and transformers report a model's ``dtype`` as its first floating-point parameter's and cast
@@ -30,24 +30,22 @@ class _Scratch:
         self.dtype = dtype
         self.buf: torch.Tensor | None = None
 
-    def take(self, n: int, device) -> torch.Tensor:
-        if self.buf is None or self.buf.numel() < n or self.buf.device != torch.device(device):
+    def take(self, n: int, device: torch.device) -> torch.Tensor:
+        if self.buf is None or self.buf.numel() < n or self.buf.device != device:
             self.buf = torch.empty(n, dtype=self.dtype, device=device)
         return self.buf[:n]
 
 
 def _pre(scratch: _Scratch):
     def hook(module: nn.Module, args):
-        stored = module._lowp_stored = dict(module._parameters)
-        n = sum(p.numel() for p in stored.values() if p is not None)
-        flat = scratch.take(n, next(p for p in stored.values() if p is not None).device)
+        stored = module._lowp_stored = {n: p for n, p in module._parameters.items() if p is not None}
+        flat = scratch.take(sum(p.numel() for p in stored.values()), next(iter(stored.values())).device)
         at = 0
         for name, p in stored.items():
-            if p is not None:
-                view = flat[at: at + p.numel()].view(p.shape)
-                view.copy_(p)
-                module._parameters[name] = nn.Parameter(view, requires_grad=False)
-                at += p.numel()
+            view = flat[at: at + p.numel()].view(p.shape)
+            view.copy_(p)
+            module._parameters[name] = nn.Parameter(view, requires_grad=False)
+            at += p.numel()
     return hook
 
 
@@ -60,17 +58,13 @@ def _post(module: nn.Module, args, output):
 
 
 def store_low_precision(module: nn.Module, storage: torch.dtype, compute: torch.dtype,
-                        keep: tuple[str, ...] = ()) -> int:
+                        keep: tuple[str, ...] = ()) -> None:
     """Store the Linear/Conv/Embedding layers of ``module`` (but those whose qualified name
     matches a ``keep`` regex) in ``storage``, computing in ``compute``. Works on meta modules
-    (before ``to_empty``). Returns the number of layers converted."""
+    (before ``to_empty``)."""
     scratch = _Scratch(compute)
-    count = 0
     for name, layer in module.named_modules():
-        if not isinstance(layer, LAYERS) or any(re.search(k, name) for k in keep):
-            continue
-        layer.to(dtype=storage)
-        layer.register_forward_pre_hook(_pre(scratch))
-        layer.register_forward_hook(_post, always_call=True)
-        count += 1
-    return count
+        if isinstance(layer, LAYERS) and not any(re.search(k, name) for k in keep):
+            layer.to(dtype=storage)
+            layer.register_forward_pre_hook(_pre(scratch))
+            layer.register_forward_hook(_post, always_call=True)
