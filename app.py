@@ -36,7 +36,7 @@ def parse_args(argv=None):
 
 def make_workstation(args):
     from merger.demo import ensure_demo_models
-    from merger.model_dirs import ModelDirs
+    from merger.files.model_dirs import ModelDirs
     from merger.workstation import Workstation
     given = args.models_dir or args.ckpt_dir
     dirs = ModelDirs.from_models_dir(args.models_dir or ROOT / "models", args.ckpt_dir, args.lora_dir, args.vae_dir)

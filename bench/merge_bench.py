@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from merger.checkpoint_io import Checkpoint, load_checkpoint  # noqa: E402
+from merger.files.checkpoint_io import Checkpoint, load_checkpoint  # noqa: E402
 from merger.engine import iter_merge, merge, plan_merge  # noqa: E402
 from merger.ldm_layout import checkpoint_layout  # noqa: E402
 from merger.recipe import Recipe  # noqa: E402

@@ -32,7 +32,7 @@ from merger.ldm_layout import checkpoint_layout  # noqa: E402
 from merger.pipeline import ResidentPipeline, spec_for  # noqa: E402
 from merger.pipeline_config import pipeline_folder  # noqa: E402
 from merger.recipe import Recipe  # noqa: E402
-from merger.saving import SaveOptions, save_tensors  # noqa: E402
+from merger.files.saving import SaveOptions, save_tensors  # noqa: E402
 
 
 def bytes_moved(rp: ResidentPipeline) -> int:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from merger.errors import MergeError
-from merger.paths import data_dir
+from merger.files.paths import data_dir
 
 from .formats import load_lora
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 
 from merger.arch import detect_arch
-from merger.checkpoint_io import load_checkpoint
+from merger.files.checkpoint_io import load_checkpoint
 from merger.errors import MergeError
-from merger.saving import SaveOptions, save_tensors
+from merger.files.saving import SaveOptions, save_tensors
 
 from .formats import load_lora, metadata_table, save_lora
 from .merge_ckpt import lora_path, merged_checkpoint, parse_specs

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from merger.checkpoint_io import load_checkpoint
+from merger.files.checkpoint_io import load_checkpoint
 from merger.errors import MergeError
-from merger.saving import SaveOptions, save_tensors
+from merger.files.saving import SaveOptions, save_tensors
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

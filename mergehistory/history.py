@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from merger.errors import MergeError
-from merger.paths import data_dir
+from merger.files.paths import data_dir
 from merger.recipe import Recipe
 
 COLUMNS = ["id", "time", "model_a", "hash_a", "model_b", "hash_b", "model_c", "hash_c", "mode",
@@ -91,7 +91,7 @@ class MergeHistory:
     def append(self, recipe: Recipe, source: str = "ui", saved_to: str = "", seconds: float = 0.0,
                label: str = "") -> int:
         """Append one merge; returns its ID (1, 2, ...)."""
-        from merger.saving import model_label
+        from merger.files.saving import model_label
         with self._locked():
             rows = self._read()
             new_id = max((int(r["id"]) for r in rows), default=0) + 1

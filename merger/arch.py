@@ -56,7 +56,7 @@ def detect_arch_of_file(path) -> str:
     """Architecture from a file's key names only (reads just the safetensors header)."""
     from pathlib import Path
 
-    from .checkpoint_io import load_checkpoint, read_safetensors_header
+    from .files.checkpoint_io import load_checkpoint, read_safetensors_header
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
         header, _ = read_safetensors_header(path)

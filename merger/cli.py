@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 
 from .calcmodes import calcmode_names
-from .checkpoint_io import load_checkpoint, short_hash
+from .files.checkpoint_io import load_checkpoint, short_hash
 from .elements import list_elements
 from .engine import plan_merge
 from .errors import MergeError
 from .presets import parse_vector
 from .recipe import MODES, Recipe
-from .saving import SaveOptions, auto_filename, save_merge
+from .files.saving import SaveOptions, auto_filename, save_merge
 
 
 def _floats(text: str, n: int, what: str) -> list[float]:

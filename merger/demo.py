@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .model_dirs import ModelDirs
+from .files.model_dirs import ModelDirs
 from .synthetic import random_checkpoint, random_vae
 
 DEMO_CHECKPOINTS = {  # file name: (architecture, seed)

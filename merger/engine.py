@@ -19,7 +19,7 @@ import torch
 from .adjust import adjust_factors, apply_adjust
 from .arch import check_same_arch, detect_arch
 from .calcmodes import CalcContext, get_calcmode
-from .checkpoint_io import Checkpoint
+from .files.checkpoint_io import Checkpoint
 from .errors import MergeError, MergeStopped
 from .ratios import RatioPlan
 from .recipe import Recipe

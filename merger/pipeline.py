@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .arch import ARCH_NAMES, detect_arch
-from .checkpoint_io import Checkpoint
+from .files.checkpoint_io import Checkpoint
 from .engine import MergePlan, check_inputs, iter_merge
 from .errors import MergeError
 from .keymap import Target, component_of, targets_for

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .errors import MergeError, MergeStopped
-from .paths import data_dir
+from .files.paths import data_dir
 from .xyz_run import PlotSpec, prepare, run
 
 

@@ -9,17 +9,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .checkpoint_io import short_hash
+from .files.checkpoint_io import short_hash
 from .engine import plan_merge
 from .errors import MergeError
 from .generate import GenParams, GenResult, generate
-from .model_cache import ModelCache
-from .model_dirs import ModelDirs
-from .paths import data_dir
+from .files.model_cache import ModelCache
+from .files.model_dirs import ModelDirs
+from .files.paths import data_dir
 from .pipeline import ResidentPipeline
 from .pnginfo import save_png
 from .recipe import Recipe
-from .saving import SaveOptions, auto_filename, model_label, recipe_metadata, save_merge, save_tensors
+from .files.saving import SaveOptions, auto_filename, model_label, recipe_metadata, save_merge, save_tensors
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Workstation:
         return Outcome(f"loaded {name}", Timings(load=time.perf_counter() - t0))
 
     def set_vae(self, name: str | None) -> None:
-        from .saving import load_vae
+        from .files.saving import load_vae
         self.pipeline.use_vae(load_vae(self.dirs.resolve("vae", name)) if name else None, name or "")
 
     def generate(self, params: GenParams, progress=None, save: bool = True, interruptible: bool = True,

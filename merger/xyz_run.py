@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .arch import detect_arch_of_file
-from .checkpoint_io import short_hash
+from .files.checkpoint_io import short_hash
 from .dice import DiceSettings, elist_csv, new_seed, roll
 from .generate import GenParams
 from .pnginfo import save_png

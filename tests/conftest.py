@@ -15,7 +15,7 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
-from merger.checkpoint_io import Checkpoint  # noqa: E402
+from merger.files.checkpoint_io import Checkpoint  # noqa: E402
 from merger.synthetic import random_checkpoint  # noqa: E402
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from merger.checkpoint_io import load_checkpoint
+from merger.files.checkpoint_io import load_checkpoint
 from merger.demo import ensure_demo_models
-from merger.model_dirs import ModelDirs
+from merger.files.model_dirs import ModelDirs
 from tests.conftest import ROOT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

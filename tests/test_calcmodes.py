@@ -8,7 +8,7 @@ import scipy.ndimage
 import torch
 
 from merger.calcmodes import REGISTRY, calcmode_names, get_calcmode
-from merger.checkpoint_io import Checkpoint
+from merger.files.checkpoint_io import Checkpoint
 from merger.engine import merge
 from merger.errors import MergeError
 from merger.modes import add_difference, sum_twice, triple_sum, weight_sum

@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch as st
 import torch
 
-from merger.checkpoint_io import load_checkpoint
+from merger.files.checkpoint_io import load_checkpoint
 from merger.engine import merge
 from merger.recipe import Recipe
 from mergehistory import MergeHistory

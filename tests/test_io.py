@@ -8,14 +8,14 @@ import pickle
 import pytest
 import torch
 
-from merger import checkpoint_io
+from merger.files import checkpoint_io
 from merger.arch import detect_arch
 from merger.blocks import block_ids, block_of, expand_blocks
-from merger.checkpoint_io import HashCache, load_checkpoint, short_hash
+from merger.files.checkpoint_io import HashCache, load_checkpoint, short_hash
 from merger.elements import list_elements
 from merger.errors import MergeError
 from merger.ldm_layout import arch_params, checkpoint_layout, tiny_layout, unet_layout
-from merger.model_cache import ModelCache
+from merger.files.model_cache import ModelCache
 from merger.presets import parse_vector, presets
 from merger.synthetic import random_checkpoint
 from tests.conftest import write

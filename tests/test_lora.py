@@ -11,7 +11,7 @@ from lora_ops.formats import LoraModule, load_lora
 from lora_ops.merge_ckpt import merge_loras, merged_checkpoint, parse_specs
 from lora_ops.naming import kohya_targets
 from merger.blocks import block_of
-from merger.checkpoint_io import Checkpoint
+from merger.files.checkpoint_io import Checkpoint
 from merger.demo import demo_lora
 from merger.errors import MergeError
 from merger.pipeline import ResidentPipeline
@@ -286,7 +286,7 @@ def test_cli_merge_loras_and_extract(base, tmp_path):
 @pytest.fixture
 def ws(tmp_path):
     from merger.demo import ensure_demo_models
-    from merger.model_dirs import ModelDirs
+    from merger.files.model_dirs import ModelDirs
     from merger.workstation import Workstation
     dirs = ModelDirs.from_models_dir(tmp_path / "models")
     ensure_demo_models(dirs)

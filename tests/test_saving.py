@@ -8,12 +8,12 @@ import safetensors
 import safetensors.torch as st
 import torch
 
-from merger import saving
-from merger.checkpoint_io import load_checkpoint
+from merger.files import saving
+from merger.files.checkpoint_io import load_checkpoint
 from merger.engine import merge, plan_merge
 from merger.errors import MergeError, MergeStopped
 from merger.recipe import Recipe
-from merger.saving import SaveOptions, auto_filename, model_label, save_merge, save_tensors
+from merger.files.saving import SaveOptions, auto_filename, model_label, save_merge, save_tensors
 from merger.synthetic import random_checkpoint, random_vae
 from tests.conftest import write
 

@@ -10,7 +10,7 @@ from merger.dice import DiceSettings, roll
 from merger.engine import plan_merge
 from merger.errors import MergeError
 from merger.generate import GenParams
-from merger.model_dirs import ModelDirs
+from merger.files.model_dirs import ModelDirs
 from merger.pipeline import ResidentPipeline
 from merger.pnginfo import read_png_info
 from merger.recipe import Recipe

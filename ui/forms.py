@@ -6,7 +6,7 @@ from merger.generate import GenParams
 from merger.presets import parse_vector
 from merger.ratios import split_inex
 from merger.recipe import MODE_LABELS, Recipe
-from merger.saving import SaveOptions
+from merger.files.saving import SaveOptions
 
 MODE_CHOICES = [(label, mode) for mode, label in MODE_LABELS.items()]
 SAVE_CHOICES = ["save model", "overwrite", "safetensors", "fp16", "save metadata", "prune", "Reset CLIP ids"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import MergeError
+from ..errors import MergeError
 
 ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint_io import CHECKPOINT_EXTS
-from .errors import MergeError
+from ..errors import MergeError
 
 
 @dataclass

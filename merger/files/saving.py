@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint_io import ST_NAMES, load_checkpoint, short_hash
-from .errors import MergeError, MergeStopped
-from .recipe import MODES_WITH_C, Recipe
+from ..errors import MergeError, MergeStopped
+from ..recipe import MODES_WITH_C, Recipe
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 CLIP_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
@@ -225,8 +225,8 @@ def save_merge(plan, path: str | os.PathLike, options: SaveOptions,
                progress=None, should_stop=None, post=None) -> Path:
     """Merge ``plan`` (see :mod:`merger.engine`) straight into a file. ``post(key, tensor)``
     may change tensors on the way (LoRAs merged on top)."""
-    from .engine import iter_merge
-    from .tensor_ops import ReusableBuffer
+    from ..engine import iter_merge
+    from ..tensor_ops import ReusableBuffer
     # a streamed safetensors write consumes each tensor at once: compute into one reused buffer
     alloc = ReusableBuffer() if options.fmt == "safetensors" else None
     items = iter_merge(plan, progress=progress, should_stop=should_stop, alloc=alloc)
