@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 ROOT = Path(__file__).resolve().parent
+STARTED = time.time()
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def parse_args(argv=None):
@@ -25,6 +28,10 @@ def parse_args(argv=None):
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="create a public Gradio link")
+    p.add_argument("--auth", metavar="USER:PASS",
+                   help="require this login (use it with --share or a --host other than 127.0.0.1)")
+    p.add_argument("--max-cells", type=int, default=500,
+                   help="XYZ plots with more cells need 'allow large plots' ticked (default 500)")
     p.add_argument("--cache-gb", type=float, default=12.0, help="RAM budget of the model cache")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     p.add_argument("--fp32-weights", action="store_true",
@@ -45,12 +52,34 @@ def make_workstation(args):
         if written:
             print(f"wrote {len(written)} demo models under {dirs.ckpt.parent}")
     dirs.create()
-    return Workstation(dirs, cache_bytes=int(args.cache_gb * 2**30), device=args.device,
-                       storage="compute" if args.fp32_weights else "model")
+    ws = Workstation(dirs, cache_bytes=int(args.cache_gb * 2**30), device=args.device,
+                     storage="compute" if args.fp32_weights else "model", max_cells=args.max_cells)
+    from merger.files.paths import data_dir
+    from merger.files.saving import clean_stale_temps
+    removed = clean_stale_temps([dirs.ckpt, dirs.lora, dirs.vae, data_dir()], STARTED)
+    if removed:
+        print(f"removed {len(removed)} temp file(s) left by an interrupted save: {', '.join(p.name for p in removed)}")
+    return ws
+
+
+def auth_of(args) -> list[tuple[str, str]] | None:
+    """``--auth user:pass`` for Gradio; warns when the app can be reached by others without it."""
+    exposed = args.share or args.host not in LOOPBACK
+    if args.auth:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit("error: --auth must be USER:PASS")
+        return [(user, password)]
+    if exposed:
+        where = "a public link (--share)" if args.share else f"--host {args.host}"
+        print(f"WARNING: with {where} anyone who can reach this port can merge, generate and write files in "
+              f"your model folders. Add --auth USER:PASS to require a login.", file=sys.stderr)
+    return None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    auth = auth_of(args)
     ws = make_workstation(args)
     import diffusers  # noqa: F401  (import now: the first merge should not wait for it)
 
@@ -59,7 +88,7 @@ def main(argv=None) -> int:
     demo.queue(default_concurrency_limit=1)
     print(f"models: {ws.dirs.ckpt}  |  device: {ws.pipeline.device} ({ws.pipeline.dtype})")
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                allowed_paths=[str(ws.outputs)])
+                allowed_paths=[str(ws.outputs)], auth=auth)
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from merger.arch import detect_arch
 from merger.files.checkpoint_io import load_checkpoint
-from merger.errors import MergeError
+from merger.errors import MergeError, report_unexpected
 from merger.files.saving import SaveOptions, save_tensors
 
 from .formats import load_lora, metadata_table, save_lora
@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def cli_lora_path(folder: str, name: str) -> Path:
+    """The CLI takes a LoRA's path (its user's own shell) or a name inside ``--lora-dir``."""
+    return Path(name) if Path(name).is_file() else lora_path(Path(folder), name)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -72,14 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             ck = load_checkpoint(args.model)
             arch = detect_arch(ck.tensors, ck.name)
             specs = parse_specs(args.loras, arch)
-            loras = [(load_lora(lora_path(Path(args.lora_dir), s.name)), s) for s in specs]
+            loras = [(load_lora(cli_lora_path(args.lora_dir, s.name)), s) for s in specs]
             merged = merged_checkpoint(ck.tensors, loras, arch)
             out = save_tensors(args.output, merged, SaveOptions(fp16=args.fp16, overwrite=args.overwrite),
                                {"format": "pt", "sdmw_loras": args.loras, "sdmw_base": ck.name})
             print(out)
         elif args.command == "merge-loras":
             from .merge_loras import merge_lora_set, merged_metadata, parse_ratio_list
-            pairs = [(load_lora(lora_path(Path(args.lora_dir), n)), r) for n, r in parse_ratio_list(args.loras)]
+            pairs = [(load_lora(cli_lora_path(args.lora_dir, n)), r) for n, r in parse_ratio_list(args.loras)]
             sd = merge_lora_set(pairs, args.method, same_strength=args.same_strength, shuffle=args.shuffle,
                                 new_rank=args.new_rank, new_conv_rank=args.new_conv_rank, precision=args.precision)
             meta = merged_metadata(pairs, args.metadata, {"ss_network_module": "networks.lora",
@@ -107,4 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except MergeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no file was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        print(f"error: {report_unexpected(e)}", file=sys.stderr)
         return 1

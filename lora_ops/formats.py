@@ -85,6 +85,8 @@ def load_lora(path: str | os.PathLike) -> LoraFile:
         name, param = key.split(".", 1)
         mod = modules.setdefault(name, LoraModule(name, ""))
         if param == "alpha":
+            if t.numel() != 1 or not t.is_floating_point() and t.dtype == torch.bool:
+                raise MergeError(f"{Path(path).name} is corrupt: the alpha of {name} is not one number")
             mod.alpha = float(t.float().item())
             continue
         kind = next((k for p, k in _KIND.items() if param.startswith(p)), None)
@@ -104,6 +106,10 @@ def load_lora(path: str | os.PathLike) -> LoraFile:
             missing = ["lokr_w1/lokr_w2"]
         if missing:
             raise MergeError(f"{Path(path).name}: module {m.name} lacks {', '.join(missing)}")
+    bad = sorted(ck.value_stats()[0])
+    if bad:
+        raise MergeError(f"{Path(path).name} contains NaN/Inf values in {bad[0]}"
+                         + (f" and {len(bad) - 1} more tensors" if len(bad) > 1 else "") + ": it cannot be used")
     return LoraFile(Path(path), modules, dict(ck.metadata))
 
 

@@ -13,12 +13,14 @@ import torch
 
 from merger.blocks import BLOCKS_SD, BLOCKS_XL, block_ids, block_of
 from merger.errors import MergeError
+from merger.files.names import resolve_in
 from merger.presets import PRESET_DIR, parse_preset_text
 
 from .delta import module_delta
 from .formats import LoraFile
 from .naming import kohya_targets
 
+LORA_SUFFIXES = ("", ".safetensors", ".pt", ".ckpt")
 BLOCKS17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05",
             "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"]
 BLOCKS12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05"]
@@ -156,7 +158,5 @@ def merged_checkpoint(tensors: dict, loras, arch: str, should_stop=None) -> dict
 
 
 def lora_path(folder: Path, name: str) -> Path:
-    for cand in (Path(name), folder / name, folder / f"{name}.safetensors", folder / f"{name}.pt", folder / f"{name}.ckpt"):
-        if cand.is_file():
-            return cand
-    raise MergeError(f"LoRA not found: {name} (looked in {folder})")
+    """A LoRA named relative to ``folder`` (extension optional); never a path outside it."""
+    return resolve_in(folder, name, "LoRA", LORA_SUFFIXES)

@@ -56,10 +56,10 @@ def detect_arch_of_file(path) -> str:
     """Architecture from a file's key names only (reads just the safetensors header)."""
     from pathlib import Path
 
-    from .files.checkpoint_io import load_checkpoint, read_safetensors_header
+    from .files.checkpoint_io import header_entries, load_checkpoint, read_safetensors_header
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
         header, _ = read_safetensors_header(path)
-        header.pop("__metadata__", None)
-        return detect_arch({k: tuple(v.get("shape", ())) for k, v in header.items()}, path.name)
+        _, entries = header_entries(header, path.name)
+        return detect_arch({e.key: e.shape for e in entries}, path.name)
     return detect_arch(load_checkpoint(path).tensors, path.name)

@@ -10,7 +10,7 @@ from .calcmodes import calcmode_names
 from .files.checkpoint_io import load_checkpoint, short_hash
 from .elements import list_elements
 from .engine import plan_merge
-from .errors import MergeError
+from .errors import MergeError, report_unexpected
 from .presets import parse_vector
 from .recipe import MODES, Recipe
 from .files.saving import SaveOptions, auto_filename, save_merge
@@ -107,10 +107,16 @@ def run_merge(args) -> Path:
     finally:
         if bar is not None:
             bar.close()
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
     if not args.no_history:
         from mergehistory import MergeHistory
-        MergeHistory(args.history).append(recipe, source="cli", saved_to=str(saved),
-                                          seconds=time.perf_counter() - t0)
+        try:
+            MergeHistory(args.history).append(recipe, source="cli", saved_to=str(saved),
+                                              seconds=time.perf_counter() - t0, notes=plan.notes)
+        except (OSError, MergeError) as e:
+            print(f"warning: {saved} was saved, but its history row could not be written "
+                  f"({getattr(e, 'strerror', None) or e})", file=sys.stderr)
     return saved
 
 
@@ -130,3 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; no file was written", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        print(f"error: {report_unexpected(e)}", file=sys.stderr)
+        return 1

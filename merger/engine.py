@@ -20,6 +20,7 @@ from .adjust import adjust_factors, apply_adjust
 from .arch import check_same_arch, detect_arch
 from .calcmodes import CalcContext, get_calcmode
 from .files.checkpoint_io import Checkpoint
+from .key_coverage import check_coverage
 from .errors import MergeError, MergeStopped
 from .ratios import RatioPlan
 from .recipe import Recipe
@@ -47,6 +48,7 @@ class MergePlan:
     b: Checkpoint | None
     c: Checkpoint | None
     jobs: list[KeyJob] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)   # which model provided what (key_coverage)
 
     @property
     def merged_keys(self) -> list[str]:
@@ -103,9 +105,10 @@ def plan_merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None,
             raise MergeError(f"model {n} is not loaded")
     present = {n: ck for n, ck in (("A", a), ("B", b), ("C", c)) if ck is not None}
     arch = arch or check_same_arch({ck.name: detect_arch(ck.tensors, ck.name) for ck in present.values()})
+    notes = check_coverage(needed)
     ratios = RatioPlan(recipe, arch)
     adjust = adjust_factors(recipe.adjust, arch)
-    plan = MergePlan(recipe, arch, a, b, c)
+    plan = MergePlan(recipe, arch, a, b, c, notes=notes)
     for key, t in a.tensors.items():
         job = KeyJob(key)
         plan.jobs.append(job)

@@ -5,6 +5,16 @@ class MergeError(Exception):
     """A problem with the user's input (files, recipe, values); ``str(e)`` is a one-line reason."""
 
 
+def report_unexpected(e: BaseException) -> str:
+    """One line for an error that is a bug, not bad input (``SDMW_DEBUG=1`` prints the trace)."""
+    import os
+    import traceback
+    if os.environ.get("SDMW_DEBUG"):
+        traceback.print_exc()
+    first = (str(e).splitlines() or [""])[0][:200]
+    return f"unexpected {type(e).__name__}: {first} (a bug: please report it; SDMW_DEBUG=1 shows the trace)"
+
+
 class MergeStopped(MergeError):
     """Raised when the user pressed Stop; nothing half-done is kept."""
 

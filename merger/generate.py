@@ -60,6 +60,14 @@ class GenParams:
                 raise MergeError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
         if self.width % 8 or self.height % 8:
             raise MergeError(f"width and height must be multiples of 8, got {self.width}x{self.height}")
+        last = MAX_SEED - self.batch_count * self.batch_size + 1
+        if not isinstance(self.seed, int) or not (self.seed == -1 or 0 <= self.seed <= last):
+            raise MergeError(f"seed must be -1 (random) or a whole number from 0 to {last}, got {self.seed!r}")
+        if not isinstance(self.cfg, (int, float)) or not 0 <= self.cfg <= 100:
+            raise MergeError(f"CFG scale must be a number from 0 to 100, got {self.cfg!r}")
+
+
+MAX_SEED = 2**63 - 1     # torch generators take 64-bit seeds; image i of a run uses seed + i
 
 
 @dataclass

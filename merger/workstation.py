@@ -22,6 +22,9 @@ from .recipe import Recipe
 from .files.saving import SaveOptions, auto_filename, model_label, recipe_metadata, save_merge, save_tensors
 
 
+DEFAULT_MAX_CELLS = 500
+
+
 @dataclass
 class Timings:
     load: float = 0.0
@@ -43,11 +46,13 @@ class Outcome:
     result: GenResult | None = None
     path: Path | None = None
     files: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 class Workstation:
     def __init__(self, dirs: ModelDirs, cache_bytes: int = 12 << 30, device: str | None = None,
-                 dtype=None, outputs: Path | None = None, history=None, storage: str = "model"):
+                 dtype=None, outputs: Path | None = None, history=None, storage: str = "model",
+                 max_cells: int = DEFAULT_MAX_CELLS):
         from mergehistory import MergeHistory
         self.dirs = dirs
         self.cache = ModelCache(cache_bytes)
@@ -57,13 +62,14 @@ class Workstation:
         self.stop_event = threading.Event()
         self.history_id: int | None = None
         self._loras: dict = {}
+        self.max_cells = max_cells                  # XYZ plots above this need confirming
+        self.cell_seconds: float | None = None      # running average of a plot cell's time
 
     # ------------------------------------------------------------------ LoRAs
     def load_lora_file(self, name: str):
         """A LoRA file by name (cached until the file changes)."""
         from lora_ops.formats import load_lora
-        from lora_ops.merge_ckpt import lora_path
-        path = lora_path(self.dirs.lora, name)
+        path = self.dirs.resolve("lora", name)
         stamp = (path.stat().st_size, path.stat().st_mtime_ns)
         hit = self._loras.get(path)
         if hit is None or hit[0] != stamp:
@@ -84,6 +90,8 @@ class Workstation:
 
     def recipe(self, model_a: str, model_b: str = "", model_c: str = "", **settings) -> Recipe:
         """A recipe naming models by file name with their short hashes."""
+        if not model_a:
+            raise MergeError("model A is not selected")
         paths = {s: self.dirs.resolve("ckpt", n) for s, n in (("a", model_a), ("b", model_b), ("c", model_c)) if n}
         return Recipe(model_a=model_a, model_b=model_b or "", model_c=model_c or "",
                       hash_a=short_hash(paths["a"]), hash_b=short_hash(paths["b"]) if "b" in paths else "",
@@ -124,8 +132,20 @@ class Workstation:
         if applier is not None:
             self.pipeline.add_deltas(applier)
         t.merge = time.perf_counter() - t0
-        self.history_id = self.history.append(recipe, source=source, seconds=t.load + t.merge)
-        return Outcome(f"merged #{self.history_id}: {model_label(recipe)}", t, self.history_id)
+        notes = list(plan.notes)
+        self.history_id = self.record(recipe, notes, source=source, seconds=t.load + t.merge)
+        head = f"merged #{self.history_id}" if self.history_id is not None else "merged"
+        return Outcome("; ".join([f"{head}: {model_label(recipe)}"] + notes), t, self.history_id, notes=notes)
+
+    def record(self, recipe: Recipe, notes: list[str], **row) -> int | None:
+        """Append the history row of a merge that has happened. A failure to write it (full
+        disk, read-only folder) must not undo the merge the user already sees: it is added to
+        ``notes`` and the merge has no ID."""
+        try:
+            return self.history.append(recipe, notes=notes, **row)
+        except (OSError, MergeError) as e:
+            notes.append(f"warning: the history row could not be written ({getattr(e, 'strerror', None) or e})")
+            return None
 
     def load_model(self, name: str) -> Outcome:
         """Show one checkpoint unmerged."""
@@ -187,10 +207,10 @@ class Workstation:
         options = options or SaveOptions()
         t0 = time.perf_counter()
         rp = self.pipeline
-        tensors = rp.state_dict()
         recipe = rp.recipe
         fname = name or (auto_filename(recipe, options) if recipe else Path(rp.label).stem + "-copy.safetensors")
-        path = self.dirs.ckpt / _with_ext(fname, options)
+        path = self.dirs.new_file("ckpt", fname, _ext(options))
+        tensors = rp.state_dict()
         meta = recipe_metadata(recipe) if recipe else {}
         saved = save_tensors(path, tensors, options, meta, progress)
         return Outcome(f"saved {saved}", Timings(save=time.perf_counter() - t0), path=saved)
@@ -201,9 +221,9 @@ class Workstation:
         options = options or SaveOptions()
         self.stop_event.clear()
         t0 = time.perf_counter()
+        path = self.dirs.new_file("ckpt", name or auto_filename(recipe, options), _ext(options))
         models, paths = self._load(recipe)
         plan = plan_merge(recipe, models["a"], models.get("b"), models.get("c"))
-        path = self.dirs.ckpt / _with_ext(name or auto_filename(recipe, options), options)
         post = None
         if recipe.loras:
             applier = self.lora_applier(recipe.loras, models["a"].tensors, plan.arch)
@@ -217,39 +237,43 @@ class Workstation:
                          metadata: str = "create new", precision: str = "fp16") -> Outcome:
         """Merge LoRAs ("name:ratio, ...") into one LoRA file in the LoRA folder."""
         from lora_ops.merge_loras import merge_lora_set, merged_metadata, parse_ratio_list
+        path = self.dirs.new_file("lora", name, ".safetensors")
         pairs = [(self.load_lora_file(n), r) for n, r in parse_ratio_list(text)]
         sd = merge_lora_set(pairs, method, same_strength=same_strength, new_rank=new_rank,
                             new_conv_rank=new_conv_rank)
         meta = merged_metadata(pairs, metadata, {"ss_network_module": "networks.lora", "sdmw_merged_from": text,
                                                  "sdmw_method": method})
-        return self._save_lora(name, sd, meta, precision)
+        return self._save_lora(path, sd, meta, precision)
 
-    def _save_lora(self, name: str, sd: dict, meta: dict, precision: str = "fp16") -> Outcome:
+    @staticmethod
+    def _save_lora(path: Path, sd: dict, meta: dict, precision: str = "fp16") -> Outcome:
         from lora_ops.formats import save_lora
-        path = save_lora(self.dirs.lora / _with_ext(name, SaveOptions()), sd, meta, precision)
+        path = save_lora(path, sd, meta, precision)
         return Outcome(f"saved {path}", path=path)
 
     def extract_from_loras(self, lora_b: str, lora_c: str, alpha: float, beta: float, gamma: float = 1.0,
                            rank: int = 64, name: str = "extracted-features") -> Outcome:
         """SuperMerger's extract on two LoRAs, written to the LoRA folder."""
         from lora_ops.extract import extract_from_loras
+        path = self.dirs.new_file("lora", name, ".safetensors")
         sd = extract_from_loras(self.load_lora_file(lora_b), self.load_lora_file(lora_c), alpha, beta, gamma, rank)
         meta = {"ss_network_module": "networks.lora",
                 "sdmw_extract": f"{lora_b} / {lora_c}: alpha {alpha:g}, beta {beta:g}, gamma {gamma:g}"}
-        return self._save_lora(name, sd, meta)
+        return self._save_lora(path, sd, meta)
 
     def extract_lora(self, model_a: str, model_b: str, alpha: float = 1.0, beta: float = 1.0, dim: int = 128,
                      conv_dim: int | None = None, name: str = "extracted-lora", progress=None) -> Outcome:
         """A LoRA approximating α·A − β·B, written to the LoRA folder."""
         from lora_ops.extract import extract_lora
         from .arch import check_same_arch, detect_arch
+        path = self.dirs.new_file("lora", name, ".safetensors")
         a = self.cache.get(self.dirs.resolve("ckpt", model_a))
         b = self.cache.get(self.dirs.resolve("ckpt", model_b), pinned=(self.dirs.resolve("ckpt", model_a),))
         arch = check_same_arch({a.name: detect_arch(a.tensors, a.name), b.name: detect_arch(b.tensors, b.name)})
         self.stop_event.clear()
         sd, meta = extract_lora(a.tensors, b.tensors, arch, dim, conv_dim, alpha, beta,
                                 should_stop=self.should_stop, progress=progress)
-        return self._save_lora(name, sd, meta)
+        return self._save_lora(path, sd, meta)
 
     def unload(self) -> str:
         self.pipeline = ResidentPipeline(self.pipeline.device, self.pipeline.dtype, self.pipeline.storage)
@@ -259,6 +283,5 @@ class Workstation:
         return f"cleared {self.cache.clear()} cached model(s)"
 
 
-def _with_ext(name: str, options: SaveOptions) -> str:
-    ext = ".safetensors" if options.fmt == "safetensors" else ".ckpt"
-    return name if name.lower().endswith(ext) else name + ext
+def _ext(options: SaveOptions) -> str:
+    return ".safetensors" if options.fmt == "safetensors" else ".ckpt"

@@ -8,6 +8,7 @@ from pathlib import Path
 from .arch import detect_arch_of_file
 from .files.checkpoint_io import short_hash
 from .dice import DiceSettings, elist_csv, new_seed, roll
+from .errors import MergeError
 from .generate import GenParams
 from .pnginfo import save_png
 from .ratios import RatioPlan, parse_elemental
@@ -23,15 +24,18 @@ class PlotSpec:
     axes: dict = field(default_factory=lambda: {"X": ("alpha", "0.25,0.5,0.75"), "Y": ("none", ""), "Z": ("none", "")})
     dice: DiceSettings | None = None
     save_elist: bool = False
+    allow_large: bool = False       # run even above the workstation's cell limit (the user confirmed)
 
     def to_dict(self) -> dict:
         return {"recipe": self.recipe.to_line(), "gen": asdict(self.gen), "axes": self.axes,
-                "dice": asdict(self.dice) if self.dice else None, "save_elist": self.save_elist}
+                "dice": asdict(self.dice) if self.dice else None, "save_elist": self.save_elist,
+                "allow_large": self.allow_large}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PlotSpec":
         return cls(Recipe.from_line(d["recipe"]), GenParams(**d["gen"]), {k: tuple(v) for k, v in d["axes"].items()},
-                   DiceSettings(**d["dice"]) if d.get("dice") else None, d.get("save_elist", False))
+                   DiceSettings(**d["dice"]) if d.get("dice") else None, d.get("save_elist", False),
+                   d.get("allow_large", False))
 
 
 @dataclass
@@ -65,6 +69,12 @@ def prepare(ws, spec: PlotSpec) -> Prepared:
         if ax.type.startswith("model_"):   # grid labels name each model with its short hash
             ax.labels = [f"{ax.type[-1]}: {m} [{short_hash(ws.dirs.resolve('ckpt', m))}]" for m in ax.values]
     cells = plan_cells(r, spec.gen, axes["X"], axes["Y"], axes["Z"], arch)
+    limit = ws.max_cells
+    if len(cells) > limit and not spec.allow_large:
+        raise MergeError(f"this plot has {len(cells):,} cells ({estimate(ws, len(cells))}), more than the limit of "
+                         f"{limit:,}: tick 'allow large plots' to run it anyway, or use fewer values")
+    for c in cells:
+        c.gen.with_prompt_options().check()
     dice_seed = None
     if any(c.roll is not None for c in cells):
         dice = spec.dice or DiceSettings()
@@ -87,6 +97,15 @@ def prepare(ws, spec: PlotSpec) -> Prepared:
     return Prepared(spec, arch, axes, cells, dice_seed)
 
 
+def estimate(ws, n_cells: int) -> str:
+    """"about 3 min", from the average time of the last cells run on this workstation."""
+    per = ws.cell_seconds
+    if not per:
+        return "time unknown until a cell has run"
+    s = per * n_cells
+    return f"about {s:.0f} s" if s < 120 else f"about {s / 60:.0f} min" if s < 7200 else f"about {s / 3600:.1f} h"
+
+
 def run(ws, prep: Prepared, progress=None, on_cell=None) -> PlotResult:
     """Merge and generate every cell; Stop ends the plot after the current cell (what is done
     is kept and gridded). ``on_cell(grid_images)`` gets the grids so far after each cell."""
@@ -100,8 +119,7 @@ def iter_run(ws, prep: Prepared, progress=None):
     """Like :func:`run`, yielding ``(grid images so far, result)`` after each cell and
     ``(None, final result)`` at the end (for a UI that shows cells as they finish)."""
     ws.stop_event.clear()
-    folder = ws.outputs / "xyz" / time.strftime("%Y%m%d-%H%M%S")
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = ws.outputs / "xyz" / time.strftime("%Y%m%d-%H%M%S")   # created by the first PNG saved
     x, y, z = prep.axes["X"], prep.axes["Y"], prep.axes["Z"]
     per_z = len(x) * len(y)
     images: list = [None] * len(prep.cells)
@@ -112,12 +130,15 @@ def iter_run(ws, prep: Prepared, progress=None):
         if ws.should_stop():
             res.stopped = True
             break
+        t_cell = time.perf_counter()
         out = ws.merge(cell.recipe, source=source, interruptible=False)
         res.history_ids.append(out.history_id)
         gen = ws.generate(cell.gen, interruptible=False, folder=folder,
                           stem=f"cell-z{cell.z:02}-y{cell.y:02}-x{cell.x:02}")
         images[i] = gen.result.images[0].image
         res.cells_done += 1
+        took = time.perf_counter() - t_cell
+        ws.cell_seconds = took if not ws.cell_seconds else 0.7 * ws.cell_seconds + 0.3 * took
         if prep.spec.save_elist and cell.roll is not None:
             plan = RatioPlan(cell.recipe, prep.arch)
             keys = ws.cache.get(ws.dirs.resolve("ckpt", cell.recipe.model_a)).tensors
@@ -129,6 +150,7 @@ def iter_run(ws, prep: Prepared, progress=None):
         grid = grid_image(images[k * per_z:(k + 1) * per_z], x, y, _ztitle(z, k))
         res.grids.append(save_png(grid, folder / f"grid-{k:02}.png", _describe(prep, k)))
     if elist:
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "e-list.csv").write_text(elist_csv(elist))
     yield None, res
 

@@ -52,3 +52,14 @@ def models(tmp_path):
     """Three tiny SD1 checkpoint files A, B, C (fp16) on disk."""
     return {s: write(tmp_path, f"model_{s}.safetensors", random_checkpoint("sd1", seed=i + 1, dtype=torch.float16))
             for i, s in enumerate("abc")}
+
+
+@pytest.fixture
+def demo_ws(tmp_path):
+    """A workstation on the demo models (tiny SD1 A/B/C, SDXL, a LoRA, a VAE), CPU fp32."""
+    from merger.demo import ensure_demo_models
+    from merger.files.model_dirs import ModelDirs
+    from merger.workstation import Workstation
+    dirs = ModelDirs.from_models_dir(tmp_path / "models")
+    ensure_demo_models(dirs)
+    return Workstation(dirs, device="cpu", dtype=torch.float32, outputs=tmp_path / "out")

@@ -1,4 +1,6 @@
 """MBW, elemental, include/exclude, adjust, key handling and recipes on tiny real-layout models."""
+import re
+
 import pytest
 import torch
 
@@ -146,19 +148,59 @@ def test_mixed_architectures_name_both_files():
 
 
 def test_key_handling_like_supermerger():
+    """Keys outside the model components follow SuperMerger: A's are kept, B's extra ones with
+    "model" in the name are added, position_ids are never merged."""
     A, B = tiny("sd1", 1), tiny("sd1", 2)
-    only_a = "model.diffusion_model.only_in_a.weight"
-    only_b = "model.diffusion_model.only_in_b.weight"
-    A.tensors[only_a] = torch.ones(3)
+    only_b = "model_ema.only_in_b"
     B.tensors[only_b] = torch.ones(2)
     pid = "cond_stage_model.transformer.text_model.embeddings.position_ids"
     B.tensors[pid] = torch.arange(77)[None] * 0
-    out = merge(Recipe("a", "b", alpha=0.5), A, B).tensors
-    assert torch.equal(out[only_a], A.tensors[only_a])
+    del A.tensors["model_ema.decay"]
+    plan = merge(Recipe("a", "b", alpha=0.5), A, B)
+    out = plan.tensors
     assert torch.equal(out[only_b], B.tensors[only_b])          # added from B
     assert torch.equal(out[pid], A.tensors[pid])                # never merged
     assert torch.equal(out["alphas_cumprod"], A.tensors["alphas_cumprod"])  # no "model" in name
     assert list(out)[: len(A.tensors)] == list(A.tensors)
+    assert plan.plan.notes == []
+
+
+def test_a_partial_component_is_refused_naming_the_keys():
+    A, B = tiny("sd1", 1), tiny("sd1", 2)
+    gone = "model.diffusion_model.output_blocks.2.0.out_layers.3.weight"
+    del B.tensors[gone]
+    with pytest.raises(MergeError, match=r"model B \(sd1_2.safetensors\) lacks 1 U-Net tensor\(s\) that model A "
+                                         r"has \(" + re.escape(gone)):
+        merge(Recipe("a", "b", alpha=0.5), A, B)
+    A.tensors["model.diffusion_model.only_in_a.weight"] = torch.ones(3)
+    del A.tensors["model.diffusion_model.out.0.bias"]
+    with pytest.raises(MergeError, match="model A .* lacks 1 U-Net tensor"):
+        merge(Recipe("a", "b", alpha=0.5), A, tiny("sd1", 3))
+
+
+@pytest.mark.parametrize("lacking", ["A", "B", "C"])
+def test_a_missing_vae_is_merged_around_and_reported(lacking):
+    models = {s: tiny("sd1", i + 1) for i, s in enumerate("ABC")}
+    vae = [k for k in models["A"].tensors if k.startswith("first_stage_model.")]
+    for k in vae:
+        del models[lacking].tensors[k]
+    res = merge(Recipe("a", "b", "c", mode="add_difference", alpha=0.5), models["A"], models["B"], models["C"])
+    source = "B" if lacking == "A" else "A"
+    assert res.plan.notes == [f"model {lacking} ({models[lacking].name}) has no VAE: model {source}'s VAE is "
+                              f"used as it is (not merged)"]
+    for k in vae:
+        assert torch.equal(res.tensors[k], models[source].tensors[k])
+    unet = "model.diffusion_model.middle_block.0.in_layers.2.weight"
+    a, b, c = (models[s].tensors[unet] for s in "ABC")
+    assert torch.allclose(res.tensors[unet], a + 0.5 * (b - c))
+
+
+def test_float_and_integer_versions_of_one_tensor_are_refused():
+    A, B = tiny("sd1", 1), tiny("sd1", 2)
+    k = "model.diffusion_model.middle_block.0.in_layers.2.weight"
+    B.tensors[k] = torch.zeros(B.tensors[k].shape, dtype=torch.int16)
+    with pytest.raises(MergeError, match=r"model B \(sd1_2.safetensors\) has " + re.escape(k) + " as torch.int16"):
+        merge(Recipe("a", "b", alpha=0.5), A, B)
 
 
 def test_dtypes_follow_a():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from merger.blocks import BLOCKS_SD, BLOCKS_XL
+from merger.errors import MergeError
 from merger.generate import GenParams
 from merger.presets import parse_vector
 from merger.ratios import split_inex
@@ -39,9 +40,24 @@ def adjust_text(values) -> str:
     return ",".join(f"{float(v):g}" for v in values)
 
 
+def number(value, name: str, whole: bool = False):
+    """A widget's value as a finite float (or int): an empty box or a word is a clear error."""
+    import math
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise MergeError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(v) or (whole and v != int(v)):
+        raise MergeError(f"{name} must be a finite {'whole ' if whole else ''}number, got {value!r}")
+    return int(v) if whole else v
+
+
 def adjust_values(text: str) -> list[float]:
-    parts = [p.strip() for p in text.split(",")]
-    out = [float(p) if p else 0.0 for p in parts[:8]]
+    """8 comma-separated numbers (missing trailing values are 0)."""
+    parts = [p.strip() for p in (text or "").split(",")]
+    if len(parts) > 8:
+        raise MergeError(f"adjust takes 8 values ({', '.join(ADJUST_LABELS)}), got {len(parts)}")
+    out = [number(p, f"adjust {label}") if p else 0.0 for p, label in zip(parts, ADJUST_LABELS)]
     return out + [0.0] * (8 - len(out))
 
 
@@ -49,12 +65,12 @@ def build_recipe(ws, arch: str, a, b, c, mode, calcmode, alpha, beta, gamma, use
                  elemental, inex, inex_text, adjust, loras="", seed=-1) -> Recipe:
     blocks, elements = split_inex(inex_text or "", arch)
     adj = adjust_values(adjust) if adjust else None
-    return ws.recipe(a, b or "", c or "", mode=mode, calcmode=calcmode, alpha=float(alpha), beta=float(beta),
-                     gamma=float(gamma), mbw_alpha=parse_vector(mbw_a, arch, "MBW alpha") if use_mbw else None,
+    return ws.recipe(a or "", b or "", c or "", mode=mode, calcmode=calcmode, alpha=number(alpha, "alpha"),
+                     beta=number(beta, "beta"), gamma=number(gamma, "gamma"), mbw_alpha=parse_vector(mbw_a, arch, "MBW alpha") if use_mbw else None,
                      mbw_beta=parse_vector(mbw_b, arch, "MBW beta") if use_mbw and mbw_b else None,
                      elemental=elemental or "", inex=inex, inex_blocks=blocks if inex != "off" else [],
                      inex_elements=elements if inex != "off" else [], adjust=adj if adj and any(adj) else None,
-                     loras=(loras or "").strip(), seed=int(seed))
+                     loras=(loras or "").strip(), seed=number(seed, "seed", whole=True))
 
 
 def recipe_to_widgets(r: Recipe) -> dict:
@@ -78,6 +94,9 @@ def save_options(flags: list[str], vae_path: str | None = None) -> SaveOptions:
 
 def gen_params(prompt, negative, steps, cfg, seed, width, height, batch_count, batch_size, clip_skip,
                sampler) -> GenParams:
-    return GenParams(prompt=prompt or "", negative=negative or "", steps=int(steps), cfg=float(cfg),
-                     seed=int(seed), width=int(width), height=int(height), batch_count=int(batch_count),
-                     batch_size=int(batch_size), clip_skip=int(clip_skip), sampler=sampler)
+    w = {name: number(v, name, whole=True) for name, v in (
+        ("steps", steps), ("seed", seed), ("width", width), ("height", height), ("batch count", batch_count),
+        ("batch size", batch_size), ("clip skip", clip_skip))}
+    return GenParams(prompt=prompt or "", negative=negative or "", steps=w["steps"], cfg=number(cfg, "CFG scale"),
+                     seed=w["seed"], width=w["width"], height=w["height"], batch_count=w["batch count"],
+                     batch_size=w["batch size"], clip_skip=w["clip skip"], sampler=sampler)

@@ -11,6 +11,7 @@ from merger.elements import list_elements
 from . import forms
 from .common import safe
 
+HISTORY_SHOWN = 500      # rows sent to the table; the search itself covers the whole history
 HISTORY_COLS = ["id", "time", "model_a", "model_b", "model_c", "mode", "calcmode", "alpha", "beta", "label", "source"]
 
 
@@ -26,11 +27,17 @@ def history_tab(ws, merge_c):
         save = gr.Button("Save this merge to a file", elem_id="history_save")
 
     def rows(q):
-        data = ws.history.search(q or "")
+        data, _ = ws.history.find(q or "", newest=HISTORY_SHOWN)
         return pd.DataFrame([[r[k] for k in HISTORY_COLS] for r in reversed(data)], columns=HISTORY_COLS)
 
-    search.click(lambda q: (rows(q), ""), query, [table, status])
-    query.submit(lambda q: (rows(q), ""), query, [table, status])
+    def searched(q):
+        data, total = ws.history.find(q or "", newest=HISTORY_SHOWN)
+        df = pd.DataFrame([[r[k] for k in HISTORY_COLS] for r in reversed(data)], columns=HISTORY_COLS)
+        shown = f"the newest {len(data)} of " if total > len(data) else ""
+        return df, f"{shown}{total} merge(s)" + (f" matching {q!r}" if (q or "").strip() else "")
+
+    search.click(searched, query, [table, status])
+    query.submit(searched, query, [table, status])
 
     def select(df, evt: gr.SelectData):
         return str(df.iloc[evt.index[0]]["id"])

@@ -1,6 +1,9 @@
 """XYZ plot, Let the Dice Roll and the reservation queue (widgets only)."""
 from __future__ import annotations
 
+import logging
+import traceback
+
 import gradio as gr
 import pandas as pd
 
@@ -8,11 +11,12 @@ from merger.dice import DiceSettings
 from merger.errors import MergeError
 from merger.presets import presets
 from merger.xyz import AXIS_TYPES
-from merger.xyz_run import PlotSpec, iter_run, prepare
+from merger.xyz_run import PlotSpec, estimate, iter_run, prepare
 
 from . import forms
 from .common import progress_cb, safe
 
+log = logging.getLogger("sdmw.ui")
 RES_COLS = ["id", "created", "status", "summary", "message"]
 
 
@@ -40,6 +44,8 @@ def build_plot_panel(ws, mc, queue):
                 c["dice_seed"] = gr.Number(value=-1, precision=0, label="dice seed (-1 new, recorded)")
                 c["elist"] = gr.Checkbox(label="save E-list (CSV of every key's ratios)")
         with gr.Row():
+            c["allow_large"] = gr.Checkbox(label=f"allow large plots (more than {ws.max_cells} cells)", value=False,
+                                           elem_id="xyz_allow_large")
             c["run"] = gr.Button("Run XYZ plot", variant="primary", elem_id="xyz_run")
             c["reserve"] = gr.Button("Reserve XY plot", elem_id="xyz_reserve")
         c["status"] = gr.Textbox(label="Plot status", interactive=False, elem_id="xyz_status")
@@ -52,40 +58,47 @@ def _spec(ws, mc_values, plot_values) -> PlotSpec:
     n_rec = len(forms.RECIPE_KEYS)
     recipe = forms.build_recipe(ws, *mc_values[:n_rec])
     gen = forms.gen_params(*mc_values[n_rec:])
-    (xt, xv, yt, yv, zt, zv, da, db, lo, up, mn, mx, digits, seed, elist) = plot_values
+    (xt, xv, yt, yv, zt, zv, da, db, lo, up, mn, mx, digits, seed, elist, allow_large) = plot_values
     dice = DiceSettings(template_alpha=da or "ALL_R", template_beta=db or "", lower=lo or "0", upper=up or "1",
-                        clamp_min=float(mn) if str(mn).strip() else None,
-                        clamp_max=float(mx) if str(mx).strip() else None, digits=int(digits), seed=int(seed))
-    return PlotSpec(recipe, gen, {"X": (xt, xv), "Y": (yt, yv), "Z": (zt, zv)}, dice, bool(elist))
+                        clamp_min=forms.number(mn, "clamp min") if str(mn or "").strip() else None,
+                        clamp_max=forms.number(mx, "clamp max") if str(mx or "").strip() else None,
+                        digits=forms.number(digits, "rounding digits", whole=True),
+                        seed=forms.number(seed, "dice seed", whole=True))
+    return PlotSpec(recipe, gen, {"X": (xt, xv), "Y": (yt, yv), "Z": (zt, zv)}, dice, bool(elist), bool(allow_large))
 
 
 def _wire(ws, mc, c, queue):
     plot_keys = ["X_type", "X_values", "Y_type", "Y_values", "Z_type", "Z_values", "dice_a", "dice_b", "dice_lower",
-                 "dice_upper", "dice_min", "dice_max", "dice_digits", "dice_seed", "elist"]
+                 "dice_upper", "dice_min", "dice_max", "dice_digits", "dice_seed", "elist", "allow_large"]
     inputs = [mc[k] for k in forms.RECIPE_KEYS + forms.GEN_KEYS] + [c[k] for k in plot_keys]
     n_mc = len(forms.RECIPE_KEYS) + len(forms.GEN_KEYS)
 
     def run_plot(*values, progress=gr.Progress()):
         try:
-            prep = prepare(ws, _spec(ws, values[:n_mc], values[n_mc:]))
+            yield from _run_plot(values, progress)
         except MergeError as e:
             gr.Warning(str(e))
             yield f"Error: {e}", gr.update()
-            return
+        except Exception as e:  # noqa: BLE001 - the page must keep working
+            log.error("unexpected error in an XYZ plot\n%s", traceback.format_exc())
+            gr.Warning(f"unexpected {type(e).__name__}: {e}")
+            yield f"Error: unexpected {type(e).__name__}: {e}", gr.update()
+
+    def _run_plot(values, progress):
+        prep = prepare(ws, _spec(ws, values[:n_mc], values[n_mc:]))
         total = len(prep.cells)
-        try:
-            for grids, res in iter_run(ws, prep, progress_cb(progress, "xyz plot")):
-                if grids is not None:
-                    yield f"cell {res.cells_done}/{total} done", grids
-            state = "stopped" if res.stopped else "finished"
-            msg = f"plot {state}: {res.cells_done}/{total} cells, grids in {res.folder}"
-            yield msg, [str(g) for g in res.grids]
-            if not res.stopped and any(e["status"] == "waiting" for e in queue.rows()):
-                yield msg + "; running reservations…", gr.update()
-                n = queue.run_waiting(ws, progress_cb(progress, "reservations"))
-                yield msg + f"; {n} reservation(s) run", gr.update()
-        except MergeError as e:
-            yield f"Error: {e}", gr.update()
+        yield f"{total} cell(s), {estimate(ws, total)}: running…", gr.update()
+        for grids, res in iter_run(ws, prep, progress_cb(progress, "xyz plot")):
+            if grids is not None:
+                left = f", {estimate(ws, total - res.cells_done)} left" if res.cells_done < total else ""
+                yield f"cell {res.cells_done}/{total} done{left}", grids
+        state = "stopped" if res.stopped else "finished"
+        msg = f"plot {state}: {res.cells_done}/{total} cells, grids in {res.folder}"
+        yield msg, [str(g) for g in res.grids]
+        if not res.stopped and any(e["status"] == "waiting" for e in queue.rows()):
+            yield msg + "; running reservations…", gr.update()
+            n = queue.run_waiting(ws, progress_cb(progress, "reservations"))
+            yield msg + f"; {n} reservation(s) run", gr.update()
 
     c["run"].click(run_plot, inputs, [c["status"], c["grids"]])
 

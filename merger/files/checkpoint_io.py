@@ -13,7 +13,9 @@ import math
 import mmap
 import os
 import pickle
+import re
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,7 @@ ST_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+_ITEMSIZE = {d: torch.empty((), dtype=d).element_size() for d in ST_DTYPES.values()}
 CHECKPOINT_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -66,7 +69,8 @@ class Checkpoint:
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
-    """Parse the JSON header; returns (header, offset of the data section)."""
+    """Parse the JSON header; returns (header, offset of the data section). The header is a
+    JSON object; its entries are checked by :func:`header_entries`."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -77,51 +81,88 @@ def read_safetensors_header(path: Path) -> tuple[dict, int]:
             raise MergeError(f"{path.name} is not a valid safetensors file (bad header length)")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise MergeError(f"{path.name} is corrupt: its safetensors header is not valid JSON") from None
     if not isinstance(header, dict):
         raise MergeError(f"{path.name} is corrupt: bad safetensors header")
     return header, 8 + n
 
 
+@dataclass(frozen=True)
+class HeaderEntry:
+    key: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _ints(value, n: int | None) -> tuple[int, ...] | None:
+    """A list of non-negative ints (of length ``n`` when given), else None."""
+    if not isinstance(value, list) or (n is not None and len(value) != n):
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        return None
+    return tuple(value)
+
+
+def header_entries(header: dict, name: str, data_size: int | None = None) -> tuple[dict[str, str], list[HeaderEntry]]:
+    """Validate a safetensors header: (metadata, entries in file order). Every entry must be an
+    object with a known dtype, a shape of non-negative ints and two offsets whose distance is
+    the shape's byte size; the tensors must tile the data section without gaps or overlaps (as
+    the format requires) and, when ``data_size`` is given, fit inside it."""
+    header = dict(header)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise MergeError(f"{name} is corrupt: its __metadata__ is not a table of strings")
+    entries = []
+    for key, info in header.items():
+        if not isinstance(info, dict):
+            raise MergeError(f"{name} is corrupt: header entry {key!r} is not an object")
+        dtype = ST_DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+        shape, offsets = _ints(info.get("shape"), None), _ints(info.get("data_offsets"), 2)
+        if dtype is None or shape is None or offsets is None or offsets[0] > offsets[1]:
+            what = "dtype" if dtype is None else "shape" if shape is None else "data_offsets"
+            raise MergeError(f"{name} is corrupt: bad {what} in the header entry for {key!r}")
+        count = math.prod(shape)
+        if offsets[1] - offsets[0] != count * _ITEMSIZE[dtype]:
+            raise MergeError(f"{name} is corrupt: size of {key!r} does not match its shape and dtype")
+        entries.append(HeaderEntry(key, dtype, shape, *offsets))
+    pos = 0
+    for e in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if e.begin != pos:
+            raise MergeError(f"{name} is corrupt: the data of {e.key!r} "
+                             + ("overlaps another tensor" if e.begin < pos else "does not follow the previous tensor"))
+        pos = e.end
+    if data_size is not None and pos > data_size:
+        raise MergeError(f"{name} is truncated: {data_size} bytes of tensor data on disk, the header describes "
+                         f"{pos} (an unfinished download?)")
+    return {str(k): str(v) for k, v in metadata.items()}, entries
+
+
 def load_safetensors(path: Path) -> Checkpoint:
     header, start = read_safetensors_header(path)
-    metadata = header.pop("__metadata__", None) or {}
     size = path.stat().st_size
-    end_max = max((v.get("data_offsets", [0, 0])[1] for v in header.values()), default=0)
-    if start + end_max > size:
-        raise MergeError(f"{path.name} is truncated: {size} bytes on disk, header describes "
-                         f"{start + end_max} (an unfinished download?)")
+    metadata, entries = header_entries(header, path.name, size - start)
     tensors: dict[str, torch.Tensor] = {}
-    if size == 0 or not header:
-        return Checkpoint(path, tensors, dict(metadata))
+    if not entries or size == start:
+        return Checkpoint(path, {e.key: torch.empty(e.shape, dtype=e.dtype) for e in entries}, metadata)
     # private + writable: tensors may be modified in memory without touching the file (pages
     # are copied only when written). No MAP_POPULATE: on a writable private mapping it would
     # copy every page up front (measured: 1.9 s and twice the RSS for two SD1.5 files).
     with open(path, "rb") as f:
         mm = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    for key, info in header.items():
-        try:
-            dtype = ST_DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise MergeError(f"{path.name} is corrupt: bad header entry for {key!r}") from None
-        count = 1
-        for s in shape:
-            count *= s
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if end - begin != count * itemsize or begin < 0:
-            raise MergeError(f"{path.name} is corrupt: size of {key!r} does not match its shape")
+    for e in entries:
+        count, itemsize = math.prod(e.shape), _ITEMSIZE[e.dtype]
         if count == 0:
-            tensors[key] = torch.empty(shape, dtype=dtype)
-        elif (start + begin) % itemsize:
-            raw = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=start + begin)
-            tensors[key] = raw.clone().view(dtype).reshape(shape)
+            tensors[e.key] = torch.empty(e.shape, dtype=e.dtype)
+        elif (start + e.begin) % itemsize:
+            raw = torch.frombuffer(mm, dtype=torch.uint8, count=e.end - e.begin, offset=start + e.begin)
+            tensors[e.key] = raw.clone().view(e.dtype).reshape(e.shape)
         else:
-            tensors[key] = torch.frombuffer(mm, dtype=dtype, count=count,
-                                            offset=start + begin).reshape(shape)
-    return Checkpoint(path, tensors, {str(k): str(v) for k, v in metadata.items()})
+            tensors[e.key] = torch.frombuffer(mm, dtype=e.dtype, count=count,
+                                              offset=start + e.begin).reshape(e.shape)
+    return Checkpoint(path, tensors, metadata)
 
 
 def _unwrap(obj, name: str) -> dict[str, torch.Tensor]:
@@ -134,28 +175,44 @@ def _unwrap(obj, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_pickle_checkpoint(path: Path) -> Checkpoint:
+    """``torch.load(weights_only=True)``: a pickle that needs code is refused, never run. Any
+    failure of the loader (corrupt, truncated, not a pickle) becomes one clear line."""
+    if path.stat().st_size == 0:
+        raise MergeError(f"{path.name} is empty (0 bytes)")
     use_mmap = zipfile.is_zipfile(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+        with warnings.catch_warnings():   # e.g. "Detected pickle protocol 4": the error says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as e:
-        raise MergeError(f"refused to load {path.name}: it is a pickle that needs code to load "
-                         f"(only plain tensors are allowed; convert it to .safetensors). "
-                         f"Detail: {str(e).splitlines()[0][:160]}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise MergeError(f"{path.name} is corrupt or truncated: {str(e).splitlines()[0][:160]}") from None
+        code = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if code:
+            raise MergeError(f"refused to load {path.name}: it is a pickle that would run code "
+                             f"({code.group(1)}); only plain tensors are allowed (convert it to "
+                             f".safetensors with a tool you trust)") from None
+        raise MergeError(f"{path.name} is not a checkpoint this app can read safely (corrupt, truncated, "
+                         f"or a pickle format the safe loader does not support)") from None
+    except Exception as e:  # noqa: BLE001 - the loader's own errors on bad bytes, all of them
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise MergeError(f"{path.name} is corrupt or truncated ({type(e).__name__}: {first})") from None
     return Checkpoint(path, _unwrap(obj, path.name))
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Load any supported checkpoint file; every failure is a :class:`MergeError`."""
     path = Path(path)
+    if path.is_dir():
+        raise MergeError(f"{path.name} is a folder, not a model file")
     if not path.is_file():
         raise MergeError(f"file not found: {path}")
-    if path.suffix.lower() == ".safetensors":
-        return load_safetensors(path)
-    if path.suffix.lower() in CHECKPOINT_EXTS:
+    if path.suffix.lower() not in CHECKPOINT_EXTS:
+        raise MergeError(f"{path.name}: unsupported file type (use .safetensors or .ckpt)")
+    try:
+        if path.suffix.lower() == ".safetensors":
+            return load_safetensors(path)
         return load_pickle_checkpoint(path)
-    raise MergeError(f"{path.name}: unsupported file type (use .safetensors or .ckpt)")
+    except OSError as e:
+        raise MergeError(f"could not read {path.name}: {e.strerror or e}") from None
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

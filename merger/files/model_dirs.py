@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint_io import CHECKPOINT_EXTS
-from ..errors import MergeError
+from .names import check_save_name, resolve_in
 
 
 @dataclass
@@ -40,11 +40,18 @@ class ModelDirs:
     def vaes(self) -> list[str]:
         return self._list(self.vae)
 
+    def folder(self, kind: str) -> Path:
+        return {"ckpt": self.ckpt, "lora": self.lora, "vae": self.vae}[kind]
+
     def resolve(self, kind: str, name: str) -> Path:
-        """Path of a model given by name (relative to its folder) or by path."""
-        folder = {"ckpt": self.ckpt, "lora": self.lora, "vae": self.vae}[kind]
-        p = Path(name)
-        for cand in (p, folder / name):
-            if cand.is_file():
-                return cand
-        raise MergeError(f"model not found: {name} (looked in {folder})")
+        """The file of a model named relative to its folder (``sub/model.safetensors``; a LoRA may
+        omit its extension). Nothing outside the folder is reachable: see :mod:`.names`."""
+        what = {"ckpt": "model", "lora": "LoRA", "vae": "VAE"}[kind]
+        suffixes = ("",) + CHECKPOINT_EXTS[:3] if kind == "lora" else ("",)
+        return resolve_in(self.folder(kind), name, what, suffixes)
+
+    def new_file(self, kind: str, name: str, ext: str) -> Path:
+        """Where a new file named by the user goes: ``name`` (``ext`` appended unless it ends
+        with it) must be a plain file name; it is always inside the ``kind`` folder."""
+        check_save_name(name, "file name")
+        return self.folder(kind) / (name if name.lower().endswith(ext) else name + ext)

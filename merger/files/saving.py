@@ -48,7 +48,7 @@ def atomic_write(path: Path, write: Callable[[object], None], overwrite: bool) -
         raise MergeError(f"{path} already exists (tick overwrite to replace it)")
     if not path.parent.is_dir():
         raise MergeError(f"folder does not exist: {path.parent}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")   # see TEMP_NAME
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -73,6 +73,41 @@ def atomic_write(path: Path, write: Callable[[object], None], overwrite: bool) -
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")    # what atomic_write names its temp files
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:          # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temps(folders, started: float) -> list[Path]:
+    """Remove temp files a killed save left behind (``.name.tmp-PID-xxxxxxxx``) in ``folders``:
+    only files of this app's own pattern, last written before ``started`` (this process's start,
+    a time.time()) by a process that no longer runs. Returns what was removed."""
+    removed = []
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for e in entries:
+            m = TEMP_NAME.match(e.name)
+            try:
+                if m and e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime < started \
+                        and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+                    os.unlink(e.path)
+                    removed.append(Path(e.path))
+            except OSError:
+                continue
+    return removed
 
 
 # ----------------------------------------------------------------------------- formats
@@ -269,7 +304,9 @@ def model_label(recipe: Recipe) -> str:
 def auto_filename(recipe: Recipe, options: SaveOptions, inpaint_channels: int = 4) -> str:
     """File name from the recipe, sanitised as SuperMerger does (spaces dropped, ``,()`` → ``_``)."""
     name = re.sub(r"[,()]", "_", model_label(recipe).replace(" ", ""))
-    name = re.sub(r"[^\w.+\-=_]", "_", name).strip("_") or "merge"
+    name = re.sub(r"[^\w.+\-=_]", "_", name).strip("_.") or "merge"
     suffix = (".fp16" if options.fp16 else "") + {9: "-inpainting", 8: "-instruct-pix2pix"}.get(inpaint_channels, "")
     ext = ".safetensors" if options.fmt == "safetensors" else ".ckpt"
-    return name[: 240 - len(suffix) - len(ext)] + suffix + ext
+    room = 240 - len(suffix) - len(ext)          # bytes: file systems limit names to 255 bytes
+    name = name.encode("utf-8")[:room].decode("utf-8", "ignore")
+    return name + suffix + ext
