@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
 from merger.arch import detect_arch
 from merger.files.checkpoint_io import load_checkpoint
-from merger.errors import MergeError, report_unexpected
+from merger.errors import run_cli
 from merger.files.saving import SaveOptions, save_tensors
 
 from .formats import load_lora, metadata_table, save_lora
@@ -71,50 +70,43 @@ def cli_lora_path(folder: str, name: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "merge-ckpt":
-            ck = load_checkpoint(args.model)
-            arch = detect_arch(ck.tensors, ck.name)
-            specs = parse_specs(args.loras, arch)
-            loras = [(load_lora(cli_lora_path(args.lora_dir, s.name)), s) for s in specs]
-            merged = merged_checkpoint(ck.tensors, loras, arch)
-            out = save_tensors(args.output, merged, SaveOptions(fp16=args.fp16, overwrite=args.overwrite),
-                               {"format": "pt", "sdmw_loras": args.loras, "sdmw_base": ck.name})
-            print(out)
-        elif args.command == "merge-loras":
-            from .merge_loras import merge_lora_set, merged_metadata, parse_ratio_list
-            pairs = [(load_lora(cli_lora_path(args.lora_dir, n)), r) for n, r in parse_ratio_list(args.loras)]
-            sd = merge_lora_set(pairs, args.method, same_strength=args.same_strength, shuffle=args.shuffle,
-                                new_rank=args.new_rank, new_conv_rank=args.new_conv_rank, precision=args.precision)
-            meta = merged_metadata(pairs, args.metadata, {"ss_network_module": "networks.lora",
-                                                          "sdmw_merged_from": args.loras, "sdmw_method": args.method})
-            print(save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
-        elif args.command == "extract-loras":
-            from .extract import extract_from_loras
-            sd = extract_from_loras(load_lora(args.lora_b), load_lora(args.lora_c), args.alpha, args.beta,
-                                    args.gamma, args.rank)
-            print(save_lora(args.output, sd, {"ss_network_module": "networks.lora"}, "fp16", args.overwrite))
-        elif args.command == "extract":
-            from .extract import extract_lora
-            a, b = load_checkpoint(args.model_a), load_checkpoint(args.model_b)
-            from merger.arch import check_same_arch
-            arch = check_same_arch({a.name: detect_arch(a.tensors, a.name), b.name: detect_arch(b.tensors, b.name)})
-            sd, meta = extract_lora(a.tensors, b.tensors, arch, args.dim, args.conv_dim, args.alpha, args.beta,
-                                    args.clamp_quantile, fast=not args.full_svd)
-            print(save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
-        else:
-            lf = load_lora(args.lora)
-            lin, conv = lf.dims()
-            print(f"{lf.path.name}: {lf.network_type()}, {len(lf.modules)} modules, dim {lin}, conv dim {conv}")
-            for k, v in metadata_table(lf):
-                print(f"{k}: {v}")
-        return 0
-    except MergeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no file was written", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line, never a traceback
-        print(f"error: {report_unexpected(e)}", file=sys.stderr)
-        return 1
+    return run_cli(lambda: _run(args))
+
+
+def _run(args) -> None:
+    if args.command == "merge-ckpt":
+        ck = load_checkpoint(args.model)
+        arch = detect_arch(ck.tensors, ck.name)
+        specs = parse_specs(args.loras, arch)
+        loras = [(load_lora(cli_lora_path(args.lora_dir, s.name)), s) for s in specs]
+        merged = merged_checkpoint(ck.tensors, loras, arch)
+        out = save_tensors(args.output, merged, SaveOptions(fp16=args.fp16, overwrite=args.overwrite),
+                           {"format": "pt", "sdmw_loras": args.loras, "sdmw_base": ck.name})
+        print(out)
+    elif args.command == "merge-loras":
+        from .merge_loras import merge_lora_set, merged_metadata, parse_ratio_list
+        pairs = [(load_lora(cli_lora_path(args.lora_dir, n)), r) for n, r in parse_ratio_list(args.loras)]
+        sd = merge_lora_set(pairs, args.method, same_strength=args.same_strength, shuffle=args.shuffle,
+                            new_rank=args.new_rank, new_conv_rank=args.new_conv_rank, precision=args.precision)
+        meta = merged_metadata(pairs, args.metadata, {"ss_network_module": "networks.lora",
+                                                      "sdmw_merged_from": args.loras, "sdmw_method": args.method})
+        print(save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
+    elif args.command == "extract-loras":
+        from .extract import extract_from_loras
+        sd = extract_from_loras(load_lora(args.lora_b), load_lora(args.lora_c), args.alpha, args.beta,
+                                args.gamma, args.rank)
+        print(save_lora(args.output, sd, {"ss_network_module": "networks.lora"}, "fp16", args.overwrite))
+    elif args.command == "extract":
+        from .extract import extract_lora
+        a, b = load_checkpoint(args.model_a), load_checkpoint(args.model_b)
+        from merger.arch import check_same_arch
+        arch = check_same_arch({a.name: detect_arch(a.tensors, a.name), b.name: detect_arch(b.tensors, b.name)})
+        sd, meta = extract_lora(a.tensors, b.tensors, arch, args.dim, args.conv_dim, args.alpha, args.beta,
+                                args.clamp_quantile, fast=not args.full_svd)
+        print(save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
+    else:
+        lf = load_lora(args.lora)
+        lin, conv = lf.dims()
+        print(f"{lf.path.name}: {lf.network_type()}, {len(lf.modules)} modules, dim {lin}, conv dim {conv}")
+        for k, v in metadata_table(lf):
+            print(f"{k}: {v}")

@@ -10,7 +10,7 @@ from .calcmodes import calcmode_names
 from .files.checkpoint_io import load_checkpoint, short_hash
 from .elements import list_elements
 from .engine import plan_merge
-from .errors import MergeError, report_unexpected
+from .errors import MergeError, run_cli
 from .presets import parse_vector
 from .recipe import MODES, Recipe
 from .files.saving import SaveOptions, auto_filename, save_merge
@@ -122,20 +122,12 @@ def run_merge(args) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def command():
         if args.command == "merge":
             print(run_merge(args))
         else:
             ck = load_checkpoint(args.model)
             for el in list_elements(ck.tensors, contains=args.filter):
                 print(f"{el.block:6} {el.dtype:9} {str(list(el.shape)):22} {el.key}")
-        return 0
-    except MergeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; no file was written", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - one line, never a traceback
-        print(f"error: {report_unexpected(e)}", file=sys.stderr)
-        return 1
+    return run_cli(command)

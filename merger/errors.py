@@ -15,6 +15,24 @@ def report_unexpected(e: BaseException) -> str:
     return f"unexpected {type(e).__name__}: {first} (a bug: please report it; SDMW_DEBUG=1 shows the trace)"
 
 
+def run_cli(command) -> int:
+    """Run a CLI command (a function of no arguments): exit code 0, or 1 with exactly one stderr
+    line starting ``error:`` for bad input and for bugs alike (130 for Ctrl-C)."""
+    import sys
+    try:
+        command()
+        return 0
+    except MergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; no file was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        print(f"error: {report_unexpected(e)}", file=sys.stderr)
+        return 1
+
+
 class MergeStopped(MergeError):
     """Raised when the user pressed Stop; nothing half-done is kept."""
 

@@ -196,3 +196,34 @@ def build(folder: Path) -> list[str]:
             p.write_bytes(content)
         names.append(name)
     return names
+
+
+def run_cli_cases(folder: str) -> dict[str, dict]:
+    """Every case as model A, B and C of ``python -m merger merge`` (add difference), in this
+    process with its real stderr captured per case: {"case [slot]": {rc, stderr, output}}."""
+    import contextlib
+    import warnings
+
+    import safetensors.torch as st
+
+    from merger.cli import main
+    folder = Path(folder)
+    names = build(folder / "bad")
+    good = {}
+    for i, s in enumerate("abc"):
+        good[s] = folder / f"good_{s}.safetensors"
+        st.save_file(random_checkpoint("sd1", seed=i + 1, dtype=torch.float16), str(good[s]))
+    warnings.simplefilter("always")        # any warning would show in the captured stderr
+    results = {}
+    for name in names:
+        for slot in "abc":
+            paths = {**good, slot: folder / "bad" / name}
+            out = folder / "out" / f"{name}-{slot}.safetensors"
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                rc = main(["merge", "--model-a", str(paths["a"]), "--model-b", str(paths["b"]), "--model-c",
+                           str(paths["c"]), "--mode", "add_difference", "--output", str(out), "--quiet",
+                           "--history", str(folder / "history.csv")])
+            results[f"{name} [{slot}]"] = {"rc": rc, "stderr": err.getvalue(), "output": out.parent.exists()
+                                           and any(out.parent.iterdir())}
+    return results

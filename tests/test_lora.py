@@ -132,7 +132,7 @@ def test_locon_dylora_rank_and_sdxl_names(tmp_path):
     assert lf.network_type() == "DyLoRA" and lf.dims() == (2, rank)
     out = merge_loras(xl, [(lf, parse_specs("x:1", "sdxl")[0])], "sdxl")
     assert torch.equal(out[te2][:48], xl[te2][:48]) and not torch.equal(out[te2][48:96], xl[te2][48:96])
-    conv = lora_delta(lora[f"lora_unet_input_blocks_4_0_in_layers_2.lora_down.weight"],
+    conv = lora_delta(lora["lora_unet_input_blocks_4_0_in_layers_2.lora_down.weight"],
                       lora["lora_unet_input_blocks_4_0_in_layers_2.lora_up.weight"], 8 / rank)
     torch.testing.assert_close(out[key], w + conv, rtol=1e-4, atol=1e-5)
     assert math.isfinite(out[key].sum().item())

@@ -97,6 +97,8 @@ def gen_params(prompt, negative, steps, cfg, seed, width, height, batch_count, b
     w = {name: number(v, name, whole=True) for name, v in (
         ("steps", steps), ("seed", seed), ("width", width), ("height", height), ("batch count", batch_count),
         ("batch size", batch_size), ("clip skip", clip_skip))}
-    return GenParams(prompt=prompt or "", negative=negative or "", steps=w["steps"], cfg=number(cfg, "CFG scale"),
-                     seed=w["seed"], width=w["width"], height=w["height"], batch_count=w["batch count"],
-                     batch_size=w["batch size"], clip_skip=w["clip skip"], sampler=sampler)
+    p = GenParams(prompt=prompt or "", negative=negative or "", steps=w["steps"], cfg=number(cfg, "CFG scale"),
+                  seed=w["seed"], width=w["width"], height=w["height"], batch_count=w["batch count"],
+                  batch_size=w["batch size"], clip_skip=w["clip skip"], sampler=sampler)
+    p.with_prompt_options().check()        # before anything is merged: a bad seed must not cost a merge
+    return p

@@ -9,7 +9,7 @@ from merger.blocks import BLOCKS_SD
 from merger.calcmodes import calcmode_names, get_calcmode
 from merger.generate import SAMPLERS
 from merger.presets import presets
-from merger.recipe import MODES_WITH_BETA, MODES_WITH_C
+from merger.recipe import MODES_WITH_BETA
 
 from . import forms
 from .common import progress_cb, safe
@@ -199,6 +199,7 @@ def _wire(ws, c):
 
     @safe(3)
     def merge_and_gen(*args, progress=gr.Progress()):
+        forms.gen_params(*args[n_rec:n_rec + n_gen])     # refuse bad generation settings before merging
         msg, t = do_merge(args[:n_rec], *args[n_rec + n_all_gen:], progress)
         images, info, tg = run_gen(args[n_rec:n_rec + n_all_gen], progress)
         return f"{msg}; generated {len(images)} image(s) in {tg.generate:.2f} s", images, info
