@@ -212,9 +212,11 @@ def plan_cells(recipe: Recipe, gen, x: Axis, y: Axis, z: Axis, arch: str) -> lis
     return cells
 
 
-def grid_image(images: list, x: Axis, y: Axis, title: str = "", max_row: int = 10):
+def grid_image(images: list, x: Axis, y: Axis, title: str = "", max_row: int = 10, max_lines: int = 6):
     """Cells (PIL images, None for not done) in a grid with X labels on top and Y labels left.
-    A single axis with more than ``max_row`` cells wraps into rows."""
+    Labels wrap to the cell width (X) or to a left margin of up to twice the cell width (Y), at
+    most ``max_lines`` lines, in a font sized for the cell. A single axis with more than
+    ``max_row`` cells wraps into rows."""
     from PIL import Image, ImageDraw, ImageFont
     cols, rows = len(x), len(y)
     xlabels, ylabels = list(x.labels), list(y.labels)
@@ -224,24 +226,101 @@ def grid_image(images: list, x: Axis, y: Axis, title: str = "", max_row: int = 1
         xlabels, ylabels = [""] * cols, [""] * rows
     first = next((im for im in images if im is not None), None)
     w, h = (first.size if first else (64, 64))
-    font = ImageFont.load_default(size=max(12, min(24, w // 12)))
-    pad_top = 28 + (24 if title else 0)
-    pad_left = 12 + max((int(font.getlength(s)) for s in ylabels), default=0)
+    size = max(11, min(24, w // 12))
+    font = ImageFont.load_default(size=size)
+    line_h = size + 4
+    xl = [wrap_label(s, font, w - 8, max_lines) for s in xlabels[:cols]]
+    left_w = min(2 * w, max((int(font.getlength(s)) for s in ylabels), default=0))
+    yl = [wrap_label(s, font, left_w, max_lines) for s in ylabels[:rows]]
+    title_h = line_h + 6 if title else 0
+    pad_top = title_h + 8 + line_h * max((len(t) for t in xl), default=0)
+    pad_left = 12 + max((int(font.getlength(s)) for t in yl for s in t), default=0)
     canvas = Image.new("RGB", (pad_left + cols * w, pad_top + rows * h), "white")
     draw = ImageDraw.Draw(canvas)
     if title:
         draw.text((6, 4), title, fill="black", font=font)
-    for i, s in enumerate(xlabels[:cols]):
-        draw.text((pad_left + i * w + 4, pad_top - 24), _fit(s, font, w - 8), fill="black", font=font)
-    for j, s in enumerate(ylabels[:rows]):
-        draw.text((4, pad_top + j * h + h // 2 - 8), s, fill="black", font=font)
+    for i, lines in enumerate(xl):
+        for k, s in enumerate(lines):
+            draw.text((pad_left + i * w + 4, title_h + 4 + k * line_h), s, fill="black", font=font)
+    for j, lines in enumerate(yl):
+        top = pad_top + j * h + max(0, (h - len(lines) * line_h) // 2)
+        for k, s in enumerate(lines):
+            draw.text((4, top + k * line_h), s, fill="black", font=font)
     for k, im in enumerate(images):
         if im is not None:
             canvas.paste(im.convert("RGB"), (pad_left + (k % cols) * w, pad_top + (k // cols) * h))
     return canvas
 
 
+def wrap_label(text: str, font, width: int, max_lines: int) -> list[str]:
+    """``text`` broken at spaces (or anywhere, for long words) into lines of at most ``width``
+    pixels; the last kept line ends with "…" when something is left out."""
+    lines: list[str] = []
+    for word in text.split():
+        cur = f"{lines[-1]} {word}" if lines else word
+        if lines and font.getlength(cur) <= width:
+            lines[-1] = cur
+            continue
+        while font.getlength(word) > width and len(word) > 1:
+            cut = len(word)
+            while cut > 1 and font.getlength(word[:cut]) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        lines[-1] = _fit(lines[-1] + "…", font, width)
+    return lines
+
+
 def _fit(text: str, font, width: int) -> str:
     while text and font.getlength(text) > width:
         text = text[:-2] + "…" if len(text) > 2 else ""
     return text
+
+
+def effective(recipe: Recipe, gen) -> tuple:
+    """What of a cell can change its image: the recipe fields its merge reads (alpha is ignored
+    under an MBW alpha vector, beta where neither the mode nor the calcmode uses it, model C
+    outside the three-model modes, gamma outside extract) and the generation settings."""
+    from dataclasses import asdict
+    cm = get_calcmode(recipe.calcmode)
+    uses_beta = recipe.uses_beta()
+    return (recipe.mode, cm.name, recipe.model_a, recipe.model_b if cm.needs_b else "",
+            recipe.model_c if recipe.uses_c() else "",
+            None if recipe.mbw_alpha is not None else recipe.alpha,
+            None if not uses_beta or recipe.mbw_beta is not None else recipe.beta,
+            tuple(recipe.mbw_alpha or ()), tuple(recipe.mbw_beta or ()) if uses_beta else (),
+            recipe.gamma if cm.name == "extract" else None, recipe.elemental, recipe.inex,
+            tuple(recipe.inex_blocks), tuple(recipe.inex_elements), tuple(recipe.adjust or ()), recipe.loras,
+            recipe.seed, tuple(sorted(asdict(gen).items())))
+
+
+def _why_no_effect(kind: str, recipe: Recipe) -> str:
+    cm = get_calcmode(recipe.calcmode)
+    if kind in ("alpha", "alpha and beta") and recipe.mbw_alpha is not None:
+        return "an MBW alpha vector is set, and it replaces alpha in every block"
+    if kind == "beta" and not recipe.uses_beta():
+        return f"{recipe.mode} with calcmode {cm.name} does not use beta"
+    if kind == "beta" and recipe.mbw_beta is not None:
+        return "an MBW beta vector is set, and it replaces beta in every block"
+    if kind == "model_C" and not recipe.uses_c():
+        return f"{recipe.mode} does not use model C"
+    if kind == "model_B" and not cm.needs_b:
+        return f"calcmode {cm.name} does not use model B"
+    return "every value gives the same merge and image"
+
+
+def check_axes_matter(cells: list[Cell], axes: dict[str, Axis]) -> None:
+    """Refuse a plot in which an axis cannot change anything (its cells would be identical)."""
+    for n, ax in axes.items():
+        if ax.type in ("none", "pinpoint blocks") or len(ax) < 2:
+            continue
+        groups: dict[tuple, set] = {}
+        for c in cells:
+            rest = tuple(v for m, v in (("X", c.x), ("Y", c.y), ("Z", c.z)) if m != n)
+            groups.setdefault(rest, set()).add(effective(c.recipe, c.gen))
+        if all(len(g) == 1 for g in groups.values()):
+            raise MergeError(f"{n} axis ({ax.type}) cannot change the result: {_why_no_effect(ax.type, cells[0].recipe)}; "
+                             f"its {len(ax)} cells would be identical")

@@ -13,7 +13,7 @@ from .generate import GenParams
 from .pnginfo import save_png
 from .ratios import RatioPlan, parse_elemental
 from .recipe import Recipe
-from .xyz import Axis, Cell, grid_image, parse_axis, plan_cells
+from .xyz import Axis, Cell, check_axes_matter, grid_image, parse_axis, plan_cells
 
 
 @dataclass
@@ -80,12 +80,17 @@ def prepare(ws, spec: PlotSpec) -> Prepared:
         dice = spec.dice or DiceSettings()
         dice_seed = dice.seed if dice.seed != -1 else new_seed()
         keys = list(ws.cache.get(ws.dirs.resolve("ckpt", r.model_a)).tensors)
+        labels = {}
         for c in cells:
             if c.roll is not None:
                 rolled = roll(dice, arch, keys, dice_seed + c.roll)
+                labels[c.roll] = roll_label(c.roll, rolled)
                 c.recipe = replace(c.recipe, mbw_alpha=rolled.mbw_alpha, seed=rolled.seed,
                                    mbw_beta=rolled.mbw_beta if rolled.mbw_beta is not None else c.recipe.mbw_beta,
                                    elemental="\n".join(x for x in (c.recipe.elemental, rolled.elemental) if x))
+        for ax in axes.values():          # each roll labelled with what was rolled
+            if ax.type == "random":
+                ax.labels = [labels.get(v, ax.labels[i]) for i, v in enumerate(ax.values)]
     for c in cells:
         names = {s: getattr(c.recipe, f"model_{s}") for s in "abc"}
         c.recipe = replace(c.recipe, **{f"hash_{s}": "" for s in "abc"})
@@ -94,7 +99,22 @@ def prepare(ws, spec: PlotSpec) -> Prepared:
         c.recipe.check()
         parse_elemental(c.recipe.elemental, arch)
         RatioPlan(c.recipe, arch)
+    check_axes_matter(cells, axes)
     return Prepared(spec, arch, axes, cells, dice_seed)
+
+
+def roll_label(index: int, rolled) -> str:
+    """"roll 3 α 0.12 0.5 … β …": the rolled block values (the cell's PNG info has the full recipe)."""
+    def vec(v):
+        return " ".join(f"{x:g}" for x in v)       # already rounded to the dice's digits
+    text = f"roll {index + 1}"
+    if rolled.mbw_alpha is not None:
+        text += f" α {vec(rolled.mbw_alpha)}"
+    if rolled.mbw_beta is not None:
+        text += f" β {vec(rolled.mbw_beta)}"
+    if rolled.elemental:
+        text += " E " + rolled.elemental.replace("\n", "; ")
+    return text
 
 
 def estimate(ws, n_cells: int) -> str:

@@ -21,6 +21,19 @@ GEN_KEYS = ["prompt", "negative", "steps", "cfg", "seed", "width", "height", "ba
             "clip_skip", "sampler"]
 
 
+NONE = "(none)"
+
+
+def optional(names: list[str]) -> list:
+    """Dropdown choices with a "(none)" entry (value "") to clear an optional model."""
+    return [(NONE, "")] + list(names)
+
+
+def models_line(a, b, c) -> str:
+    """The chosen models' full names, one line (shown under the dropdowns)."""
+    return " · ".join(f"**{slot}** {name}" for slot, name in (("A", a), ("B", b), ("C", c)) if name)
+
+
 def visible_blocks(arch: str) -> list[bool]:
     """Which of the 26 sliders apply to the architecture (SDXL has 20 blocks)."""
     return [b in BLOCKS_XL for b in BLOCKS_SD] if arch == "sdxl" else [True] * 26
@@ -76,7 +89,7 @@ def build_recipe(ws, arch: str, a, b, c, mode, calcmode, alpha, beta, gamma, use
 def recipe_to_widgets(r: Recipe) -> dict:
     """Values for the merge widgets from a recipe (Load settings from history)."""
     return {
-        "a": r.model_a, "b": r.model_b or None, "c": r.model_c or None, "mode": r.mode,
+        "a": r.model_a, "b": r.model_b or "", "c": r.model_c or "", "mode": r.mode,
         "calcmode": r.calcmode, "alpha": r.alpha, "beta": r.beta, "gamma": r.gamma,
         "use_mbw": r.mbw_alpha is not None,
         "mbw_a": ",".join(f"{v:g}" for v in r.mbw_alpha) if r.mbw_alpha else "",
@@ -84,6 +97,13 @@ def recipe_to_widgets(r: Recipe) -> dict:
         "elemental": r.elemental, "inex": r.inex, "inex_text": " ".join(r.inex_blocks + r.inex_elements),
         "adjust": adjust_text(r.adjust) if r.adjust else "0,0,0,0,0,0,0,0", "loras": r.loras,
     }
+
+
+def recipe_arch(recipe: Recipe, detected: str | None) -> str:
+    """The architecture for a recipe's widgets: model A's, else what its MBW vector's length says."""
+    if detected:
+        return detected
+    return "sdxl" if recipe.mbw_alpha is not None and len(recipe.mbw_alpha) == len(BLOCKS_XL) else "sd1"
 
 
 def save_options(flags: list[str], vae_path: str | None = None) -> SaveOptions:

@@ -27,9 +27,15 @@ def build(ws):
         with gr.Column(scale=3):
             with gr.Row():
                 ckpts = ws.dirs.checkpoints()
-                c["a"] = gr.Dropdown(ckpts, value=ckpts[0] if ckpts else None, label="Model A", elem_id="model_a")
-                c["b"] = gr.Dropdown(ckpts, value=ckpts[1] if len(ckpts) > 1 else None, label="Model B", elem_id="model_b")
-                c["c"] = gr.Dropdown(ckpts, value=None, label="Model C", elem_id="model_c")
+                # type to search; B and C can be set back to "(none)"
+                c["a"] = gr.Dropdown(ckpts, value=ckpts[0] if ckpts else None, label="Model A", elem_id="model_a",
+                                     filterable=True, min_width=260)
+                c["b"] = gr.Dropdown(forms.optional(ckpts), value=ckpts[1] if len(ckpts) > 1 else "", label="Model B",
+                                     elem_id="model_b", filterable=True, min_width=260)
+                c["c"] = gr.Dropdown(forms.optional(ckpts), value="", label="Model C", elem_id="model_c",
+                                     filterable=True, min_width=260)
+            with gr.Row():
+                c["model_names"] = gr.Markdown(forms.models_line(c["a"].value, c["b"].value, ""), elem_id="model_names")
                 c["refresh"] = gr.Button("Refresh", elem_id="refresh_models", scale=0, min_width=80)
             with gr.Row():
                 c["mode"] = gr.Radio(forms.MODE_CHOICES, value="weight_sum", label="Merge mode", elem_id="mode")
@@ -128,13 +134,18 @@ def _wire(ws, c):
     for ev in (c["mode"].change, c["calcmode"].change):
         ev(modes_changed, [c["mode"], c["calcmode"]], [c["calcmode"], c["beta"], c["gamma"]])
 
-    def model_a_changed(a):
+    def model_a_arch(a) -> str | None:
         try:
-            arch = detect_arch_of_file(ws.dirs.resolve("ckpt", a)) if a else "sd1"
+            return detect_arch_of_file(ws.dirs.resolve("ckpt", a)) if a else None
         except Exception:  # noqa: BLE001 - reported when merging
-            arch = "sd1"
+            return None
+
+    def model_a_changed(a):
+        arch = model_a_arch(a) or "sd1"
         return [arch] + [gr.update(visible=v) for v in forms.visible_blocks(arch)]
     c["a"].change(model_a_changed, [c["a"]], [c["arch"]] + c["sliders"])
+    for key in ("a", "b", "c"):        # the full names, which a narrow dropdown may cut
+        c[key].change(forms.models_line, [c["a"], c["b"], c["c"]], c["model_names"])
 
     @safe(29)
     def preset_picked(name, arch, target):
@@ -161,7 +172,7 @@ def _wire(ws, c):
 
     def refresh():
         ck, vaes = ws.dirs.checkpoints(), ws.dirs.vaes()
-        return (gr.update(choices=ck), gr.update(choices=ck), gr.update(choices=ck),
+        return (gr.update(choices=ck), gr.update(choices=forms.optional(ck)), gr.update(choices=forms.optional(ck)),
                 gr.update(choices=[BAKED] + vaes), gr.update(choices=[None] + vaes), f"{len(ck)} checkpoints")
     c["refresh"].click(refresh, None, [c["a"], c["b"], c["c"], c["vae"], c["bake_vae"], c["status"]])
 
@@ -226,10 +237,23 @@ def _wire(ws, c):
     c["clear_cache"].click(lambda: ws.clear_cache(), None, c["status"])
 
     widget_keys = forms.RECIPE_KEYS[1:]      # everything but the detected architecture
+    load_outputs = [c["status"]] + [c[k] for k in widget_keys] + [c["arch"]] + c["sliders"] + c["adjust_sliders"]
 
-    @safe(1 + len(widget_keys))
+    @safe(len(load_outputs))
     def load_settings(ref):
+        """Every merge widget from a history row, consistently: the calcmode with its mode's
+        choices, β/γ shown as the mode needs, the MBW sliders of the model's architecture."""
         row = ws.history.get(ref)
-        values = forms.recipe_to_widgets(ws.history.recipe(ref))
-        return (f"loaded settings of merge #{row['id']}: {row['label']}", *[values[k] for k in widget_keys])
-    c["load_btn"].click(load_settings, c["load_id"], [c["status"]] + [c[k] for k in widget_keys])
+        recipe = ws.history.recipe(ref)
+        values = forms.recipe_to_widgets(recipe)
+        names = calcmode_names(recipe.mode)
+        values["calcmode"] = gr.update(choices=names, value=recipe.calcmode)
+        values["beta"] = gr.update(value=recipe.beta, visible=recipe.uses_beta())
+        values["gamma"] = gr.update(value=recipe.gamma, visible=recipe.calcmode == "extract")
+        arch = forms.recipe_arch(recipe, model_a_arch(recipe.model_a))
+        shown = forms.visible_blocks(arch)
+        sliders = forms.text_to_sliders(values["mbw_a"], arch) if values["mbw_a"] else [0.5] * 26
+        adjust = forms.adjust_values(values["adjust"])
+        return (f"loaded settings of merge #{row['id']}: {row['label']}", *[values[k] for k in widget_keys], arch,
+                *[gr.update(value=v, visible=s) for v, s in zip(sliders, shown)], *adjust)
+    c["load_btn"].click(load_settings, c["load_id"], load_outputs)

@@ -27,8 +27,9 @@ def build_plot_panel(ws, mc, queue):
         for name, kind, values in (("X", "alpha", "0.25,0.5,0.75"), ("Y", "none", ""), ("Z", "none", "")):
             with gr.Row():
                 c[f"{name}_type"] = gr.Dropdown(AXIS_TYPES, value=kind, label=f"{name} type", elem_id=f"xyz_{name}_type", scale=1)
-                c[f"{name}_values"] = gr.Textbox(value=values, label=f"{name} values (| splits a reservation)",
-                                                 lines=1, elem_id=f"xyz_{name}_values", scale=4)
+                c[f"{name}_values"] = gr.Textbox(value=values, label=f"{name} values (comma-separated, or one per line "
+                                                 f"for mbw / prompt / lora / adjust; | splits a reservation)",
+                                                 lines=2, max_lines=12, elem_id=f"xyz_{name}_values", scale=4)
         with gr.Accordion("Dice settings (axis type 'random')", open=False):
             randoms = [n for n, v in presets("sd1").items() if any(x in v for x in "RUX")]
             with gr.Row():
@@ -49,7 +50,8 @@ def build_plot_panel(ws, mc, queue):
             c["run"] = gr.Button("Run XYZ plot", variant="primary", elem_id="xyz_run")
             c["reserve"] = gr.Button("Reserve XY plot", elem_id="xyz_reserve")
         c["status"] = gr.Textbox(label="Plot status", interactive=False, elem_id="xyz_status")
-        c["grids"] = gr.Gallery(label="Grids", columns=1, height=480, elem_id="xyz_gallery", format="png")
+        c["grids"] = gr.Gallery(label="Grids (click one to zoom)", columns=1, height=640, object_fit="contain",
+                                allow_preview=True, elem_id="xyz_gallery", format="png")
     _wire(ws, mc, c, queue)
     return c
 
@@ -117,7 +119,8 @@ def reservations_tab(ws, queue):
         refresh = gr.Button("Refresh", elem_id="res_refresh")
     status = gr.Textbox(label="Status", interactive=False, elem_id="res_status")
     table = gr.Dataframe(headers=RES_COLS, interactive=False, elem_id="res_table", wrap=True)
-    grids = gr.Gallery(label="Finished grids", columns=2, height=360, elem_id="res_gallery", format="png")
+    grids = gr.Gallery(label="Finished grids (click one to zoom)", columns=2, height=520, object_fit="contain",
+                       allow_preview=True, elem_id="res_gallery", format="png")
 
     def rows():
         data = queue.rows()
