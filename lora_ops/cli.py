@@ -89,7 +89,7 @@ def _run(args) -> None:
         sd = merge_lora_set(pairs, args.method, same_strength=args.same_strength, shuffle=args.shuffle,
                             new_rank=args.new_rank, new_conv_rank=args.new_conv_rank, precision=args.precision)
         meta = merged_metadata(pairs, args.metadata, {"ss_network_module": "networks.lora",
-                                                      "sdmw_merged_from": args.loras, "sdmw_method": args.method})
+                                                      "sdmw_merged_from": args.loras, "sdmw_method": args.method}, sd)
         print(save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
     elif args.command == "extract-loras":
         from .extract import extract_from_loras

@@ -142,11 +142,39 @@ def _shape_of(m) -> tuple[int, ...]:
 METADATA_MODES = ("create new", "merge", "save all", "use first LoRA")
 
 
-def merged_metadata(loras: list[tuple[LoraFile, float]], mode: str, summary: dict[str, str]) -> dict[str, str]:
+def network_fields(sd: dict[str, torch.Tensor], loras: list[tuple[LoraFile, float]]) -> dict[str, str]:
+    """kohya's ``ss_network_dim`` / ``ss_network_alpha`` (and conv dim/alpha in
+    ``ss_network_args``) read from the merged tensors themselves, plus ``ss_base_model_version``
+    when every input names the same base."""
+    import json
+    from collections import Counter
+    lin, conv = Counter(), Counter()
+    for key, down in sd.items():
+        if key.endswith("lora_down.weight"):
+            name = key[: -len(".lora_down.weight")]
+            alpha = sd.get(f"{name}.alpha")
+            pair = (down.shape[0], float(alpha) if alpha is not None else float(down.shape[0]))
+            (conv if down.dim() == 4 and down.shape[2] > 1 else lin)[pair] += 1
+    out: dict[str, str] = {}
+    if lin or conv:
+        dim, alpha = (lin or conv).most_common(1)[0][0]
+        out.update(ss_network_dim=str(dim), ss_network_alpha=f"{alpha:g}")
+        if conv:
+            cdim, calpha = conv.most_common(1)[0][0]
+            out["ss_network_args"] = json.dumps({"conv_dim": str(cdim), "conv_alpha": f"{calpha:g}"})
+    bases = {lf.metadata.get("ss_base_model_version") for lf, _ in loras}
+    if len(bases) == 1 and None not in bases:
+        out["ss_base_model_version"] = bases.pop()
+    return out
+
+
+def merged_metadata(loras: list[tuple[LoraFile, float]], mode: str, summary: dict[str, str],
+                    sd: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
     """Metadata of a merged LoRA (SuperMerger's options): *create new* writes only what
     describes the merge; *merge* combines the inputs' ``ss_*`` fields (the first LoRA wins on a
     clash); *save all* keeps every input's metadata as JSON under ``sdmw_source_<n>``; *use first
-    LoRA* copies the first one's."""
+    LoRA* copies the first one's. With the merged ``sd``, the network dim/alpha (and base model)
+    are those of the result in every mode (copied ones would be wrong after an SVD)."""
     import json
     if mode not in METADATA_MODES:
         raise MergeError(f"metadata mode must be one of {', '.join(METADATA_MODES)}")
@@ -159,5 +187,7 @@ def merged_metadata(loras: list[tuple[LoraFile, float]], mode: str, summary: dic
     elif mode == "save all":
         for i, (lf, ratio) in enumerate(loras):
             meta[f"sdmw_source_{i}"] = json.dumps({"name": lf.name, "ratio": ratio, "metadata": lf.metadata})
+    if sd is not None:
+        meta.update(network_fields(sd, loras))
     meta.update(summary)
     return meta

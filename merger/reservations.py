@@ -1,8 +1,9 @@
 """The reservation queue: XYZ plots stored on disk and run one after another.
 
 ``|`` inside an axis' values splits a reservation in several (every combination of the parts).
-Entries are waiting / running / finished / error; an entry that fails is marked error and the
-queue goes on; after a restart, an entry left running is waiting again.
+Entries are waiting / running / finished / stopped / error; an entry that fails is marked error
+and the queue goes on; after a restart, an entry left running is waiting again. A running entry
+shows its progress (cell n/N); entries can be deleted, moved, cleared and run again.
 """
 from __future__ import annotations
 
@@ -58,11 +59,61 @@ class ReservationQueue:
                 new_id = max((e["id"] for e in self.entries), default=0) + 1
                 axes = ", ".join(f"{n}: {t} {v!r}" for n, (t, v) in part.axes.items() if t != "none")
                 self.entries.append({"id": new_id, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                     "status": "waiting", "message": "", "summary": axes,
+                                     "status": "waiting", "message": "", "summary": axes, "progress": "",
                                      "spec": part.to_dict(), "grids": []})
                 ids.append(new_id)
             self._save()
             return ids
+
+    def duplicates(self, spec: PlotSpec) -> list[int]:
+        """IDs of entries that are exactly one of the plots ``spec`` would add."""
+        parts = [p.to_dict() for p in self.split(spec)]
+        with self.lock:
+            return [e["id"] for e in self.entries if e["spec"] in parts]
+
+    def _entry(self, entry_id) -> dict:
+        try:
+            entry_id = int(entry_id)
+        except (TypeError, ValueError):
+            raise MergeError(f"pick a reservation first (got {entry_id!r})") from None
+        for e in self.entries:
+            if e["id"] == entry_id:
+                return e
+        raise MergeError(f"no reservation #{entry_id}")
+
+    def delete(self, entry_id) -> None:
+        with self.lock:
+            e = self._entry(entry_id)
+            if e["status"] == "running":
+                raise MergeError(f"reservation #{e['id']} is running: press Stop first")
+            self.entries.remove(e)
+            self._save()
+
+    def move(self, entry_id, step: int) -> None:
+        """Move an entry ``step`` places (negative: earlier); waiting entries run in list order."""
+        with self.lock:
+            e = self._entry(entry_id)
+            i = self.entries.index(e)
+            j = min(max(i + step, 0), len(self.entries) - 1)
+            self.entries.insert(j, self.entries.pop(i))
+            self._save()
+
+    def retry(self, entry_id) -> None:
+        """Queue a finished, stopped or failed entry again."""
+        with self.lock:
+            e = self._entry(entry_id)
+            if e["status"] in ("running", "waiting"):
+                raise MergeError(f"reservation #{e['id']} is already {e['status']}")
+            self._set(e, status="waiting", message="", progress="", grids=[])
+
+    def clear(self, which: str = "done") -> int:
+        """Remove finished / stopped / failed entries (``done``) or every entry not running (``all``)."""
+        with self.lock:
+            keep = ("running",) if which == "all" else ("running", "waiting")
+            before = len(self.entries)
+            self.entries = [e for e in self.entries if e["status"] in keep]
+            self._save()
+            return before - len(self.entries)
 
     def rows(self) -> list[dict]:
         with self.lock:
@@ -85,7 +136,15 @@ class ReservationQueue:
             if on_update:
                 on_update()
             try:
-                res = run(ws, prepare(ws, PlotSpec.from_dict(entry["spec"])), progress=progress)
+                prep = prepare(ws, PlotSpec.from_dict(entry["spec"]))
+                self._set(entry, progress=f"0/{len(prep.cells)} cells")
+
+                def on_cell(_grids, done=[0]):      # noqa: B006 - a counter for this entry
+                    done[0] += 1
+                    self._set(entry, progress=f"{done[0]}/{len(prep.cells)} cells")
+                    if on_update:
+                        on_update()
+                res = run(ws, prep, progress=progress, on_cell=on_cell)
                 status = "stopped" if res.stopped else "finished"
                 self._set(entry, status=status, grids=[str(g) for g in res.grids],
                           message=f"{res.cells_done}/{res.cells_total} cells")

@@ -234,46 +234,65 @@ class Workstation:
 
     def merge_lora_files(self, text: str, method: str = "svd", same_strength: bool = False, new_rank: int = 64,
                          new_conv_rank: int | None = None, name: str = "merged-lora",
-                         metadata: str = "create new", precision: str = "fp16") -> Outcome:
+                         metadata: str = "create new", precision: str = "fp16", overwrite: bool = False) -> Outcome:
         """Merge LoRAs ("name:ratio, ...") into one LoRA file in the LoRA folder."""
         from lora_ops.merge_loras import merge_lora_set, merged_metadata, parse_ratio_list
-        path = self.dirs.new_file("lora", name, ".safetensors")
+        path = self._new_lora(name, overwrite)
         pairs = [(self.load_lora_file(n), r) for n, r in parse_ratio_list(text)]
         sd = merge_lora_set(pairs, method, same_strength=same_strength, new_rank=new_rank,
                             new_conv_rank=new_conv_rank)
         meta = merged_metadata(pairs, metadata, {"ss_network_module": "networks.lora", "sdmw_merged_from": text,
-                                                 "sdmw_method": method})
-        return self._save_lora(path, sd, meta, precision)
+                                                 "sdmw_method": method}, sd)
+        return self._save_lora(path, sd, meta, precision, overwrite)
+
+    def _new_lora(self, name: str, overwrite: bool) -> Path:
+        """The output file for a LoRA operation, refused before any work if it exists."""
+        path = self.dirs.new_file("lora", name, ".safetensors")
+        if path.exists() and not overwrite:
+            raise MergeError(f"{path.name} already exists in the LoRA folder (tick overwrite to replace it, "
+                             f"or choose another output name)")
+        return path
 
     @staticmethod
-    def _save_lora(path: Path, sd: dict, meta: dict, precision: str = "fp16") -> Outcome:
+    def _save_lora(path: Path, sd: dict, meta: dict, precision: str = "fp16", overwrite: bool = False) -> Outcome:
         from lora_ops.formats import save_lora
-        path = save_lora(path, sd, meta, precision)
+        path = save_lora(path, sd, meta, precision, overwrite)
         return Outcome(f"saved {path}", path=path)
 
     def extract_from_loras(self, lora_b: str, lora_c: str, alpha: float, beta: float, gamma: float = 1.0,
-                           rank: int = 64, name: str = "extracted-features") -> Outcome:
+                           rank: int = 64, name: str = "extracted-features", overwrite: bool = False) -> Outcome:
         """SuperMerger's extract on two LoRAs, written to the LoRA folder."""
         from lora_ops.extract import extract_from_loras
-        path = self.dirs.new_file("lora", name, ".safetensors")
+        path = self._new_lora(name, overwrite)
+        if not lora_b or not lora_c:
+            raise MergeError("choose LoRA B and LoRA C")
+        if self.dirs.resolve("lora", lora_b) == self.dirs.resolve("lora", lora_c):
+            raise MergeError("LoRA B and LoRA C are the same file: choose two different LoRAs")
         sd = extract_from_loras(self.load_lora_file(lora_b), self.load_lora_file(lora_c), alpha, beta, gamma, rank)
         meta = {"ss_network_module": "networks.lora",
                 "sdmw_extract": f"{lora_b} / {lora_c}: alpha {alpha:g}, beta {beta:g}, gamma {gamma:g}"}
-        return self._save_lora(path, sd, meta)
+        return self._save_lora(path, sd, meta, overwrite=overwrite)
 
     def extract_lora(self, model_a: str, model_b: str, alpha: float = 1.0, beta: float = 1.0, dim: int = 128,
-                     conv_dim: int | None = None, name: str = "extracted-lora", progress=None) -> Outcome:
+                     conv_dim: int | None = None, name: str = "extracted-lora", progress=None,
+                     overwrite: bool = False) -> Outcome:
         """A LoRA approximating α·A − β·B, written to the LoRA folder."""
         from lora_ops.extract import extract_lora
         from .arch import check_same_arch, detect_arch
-        path = self.dirs.new_file("lora", name, ".safetensors")
-        a = self.cache.get(self.dirs.resolve("ckpt", model_a))
-        b = self.cache.get(self.dirs.resolve("ckpt", model_b), pinned=(self.dirs.resolve("ckpt", model_a),))
+        path = self._new_lora(name, overwrite)
+        if not model_a or not model_b:
+            raise MergeError("choose model A (the fine-tune) and model B (its base)")
+        pa, pb = self.dirs.resolve("ckpt", model_a), self.dirs.resolve("ckpt", model_b)
+        if pa == pb:
+            raise MergeError("model A and model B are the same file: their difference is zero, there is nothing "
+                             "to extract")
+        a = self.cache.get(pa)
+        b = self.cache.get(pb, pinned=(pa,))
         arch = check_same_arch({a.name: detect_arch(a.tensors, a.name), b.name: detect_arch(b.tensors, b.name)})
         self.stop_event.clear()
         sd, meta = extract_lora(a.tensors, b.tensors, arch, dim, conv_dim, alpha, beta,
                                 should_stop=self.should_stop, progress=progress)
-        return self._save_lora(path, sd, meta)
+        return self._save_lora(path, sd, meta, overwrite=overwrite)
 
     def unload(self) -> str:
         self.pipeline = ResidentPipeline(self.pipeline.device, self.pipeline.dtype, self.pipeline.storage)

@@ -54,6 +54,7 @@ class PlotResult:
     cells_done: int = 0
     cells_total: int = 0
     history_ids: list[int] = field(default_factory=list)
+    cells: list[tuple[Path, int | None, str]] = field(default_factory=list)   # (PNG, merge ID, caption)
     stopped: bool = False
 
 
@@ -101,6 +102,12 @@ def prepare(ws, spec: PlotSpec) -> Prepared:
         RatioPlan(c.recipe, arch)
     check_axes_matter(cells, axes)
     return Prepared(spec, arch, axes, cells, dice_seed)
+
+
+def cell_caption(axes: dict[str, Axis], cell) -> str:
+    """The cell's axis values, e.g. "alpha 0.2 · seed 3"."""
+    pos = {"X": cell.x, "Y": cell.y, "Z": cell.z}
+    return " · ".join(ax.labels[pos[n]] for n, ax in axes.items() if ax.type != "none") or "cell"
 
 
 def roll_label(index: int, rolled) -> str:
@@ -156,6 +163,7 @@ def iter_run(ws, prep: Prepared, progress=None):
         gen = ws.generate(cell.gen, interruptible=False, folder=folder,
                           stem=f"cell-z{cell.z:02}-y{cell.y:02}-x{cell.x:02}")
         images[i] = gen.result.images[0].image
+        res.cells.append((gen.files[0], out.history_id, cell_caption(prep.axes, cell)))
         res.cells_done += 1
         took = time.perf_counter() - t_cell
         ws.cell_seconds = took if not ws.cell_seconds else 0.7 * ws.cell_seconds + 0.3 * took

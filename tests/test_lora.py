@@ -390,9 +390,19 @@ def test_extract_from_two_loras_and_metadata_modes(ws, base, tmp_path):
     assert merged_metadata(pairs, "merge", {})["ss_x"] == "b" and merged_metadata(pairs, "merge", {})["ss_b"] == "2"
     assert merged_metadata(pairs, "use first LoRA", {}) == {"ss_a": "1", "ss_x": "b"}
     assert '"ratio": 0.5' in merged_metadata(pairs, "save all", {})["sdmw_source_1"]
-    out = ws.extract_from_loras("demo-sd1-tiny-lora", "demo-sd1-tiny-lora", 0.5, 0.0, rank=4, name="same")
+    with pytest.raises(MergeError, match="LoRA B and LoRA C are the same file"):
+        ws.extract_from_loras("demo-sd1-tiny-lora", "demo-sd1-tiny-lora.safetensors", 0.5, 0.0, rank=4, name="same")
+    copy = ws.dirs.lora / "copy.safetensors"
+    copy.write_bytes((ws.dirs.lora / "demo-sd1-tiny-lora.safetensors").read_bytes())
+    out = ws.extract_from_loras("demo-sd1-tiny-lora", "copy", 0.5, 0.0, rank=4, name="same")
     assert load_lora(out.path).dims()[0] == 4
+    with pytest.raises(MergeError, match="same.safetensors already exists in the LoRA folder .tick overwrite"):
+        ws.extract_from_loras("demo-sd1-tiny-lora", "copy", 0.5, 0.0, rank=4, name="same")
+    assert ws.extract_from_loras("demo-sd1-tiny-lora", "copy", 0.5, 0.0, rank=4, name="same", overwrite=True).path
     out = ws.merge_lora_files("demo-sd1-tiny-lora:1", "svd", new_rank=2, name="m", metadata="use first LoRA",
                               precision="bf16")
     lf = load_lora(out.path)
-    assert lf.metadata["ss_network_dim"] == "4" and next(iter(lf.modules.values())).tensors["lora_up.weight"].dtype == torch.bfloat16
+    # the copied metadata's dim (4) would be wrong: the dims are the merged file's own
+    assert lf.metadata["ss_network_dim"] == "2" and next(iter(lf.modules.values())).tensors["lora_up.weight"].dtype == torch.bfloat16
+    meta = load_lora(ws.merge_lora_files("demo-sd1-tiny-lora:1, copy:0.5", "concat", name="new").path).metadata
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_base_model_version"]) == ("8", "8", "sd_v1")

@@ -15,8 +15,10 @@ def build_ui(ws, queue: ReservationQueue | None = None) -> gr.Blocks:
         with gr.Tab("Merge", elem_id="tab_merge"):
             mc = merge_tab.build(ws)
             xyz_tab.build_plot_panel(ws, mc, queue)
-        with gr.Tab("LoRA", elem_id="tab_lora"):
-            lora_tab.build(ws, mc, {"inputs": mc["gen_inputs"], "outputs": mc["gen_outputs"]}, mc["run_gen"])
+        with gr.Tab("LoRA", elem_id="tab_lora") as tl:
+            lc = lora_tab.build(ws, mc, {"inputs": mc["gen_inputs"], "outputs": mc["gen_outputs"]}, mc["run_gen"])
+        # files may have changed since the page was built: the list and the metadata are read again
+        tl.select(lambda name: (lc["rows"](), lc["meta_rows"](name)), lc["pick"], [lc["table"], lc["meta"]])
         with gr.Tab("Reservations", elem_id="tab_reservations") as tr:
             res_table, res_rows = xyz_tab.reservations_tab(ws, queue)
         tr.select(lambda: res_rows()[0], None, [res_table])

@@ -34,6 +34,11 @@ def safe(n_outputs: int):
     return deco
 
 
+def selected_id(df, evt: gr.SelectData) -> str:
+    """The ``id`` column of the table row the user clicked."""
+    return str(df.iloc[evt.index[0]]["id"])
+
+
 def progress_cb(progress: gr.Progress, desc: str):
     def cb(done, total, what=""):
         progress(done / max(total, 1), desc=desc)

@@ -7,6 +7,7 @@ import pandas as pd
 
 from lora_ops.catalog import lora_table
 from lora_ops.formats import metadata_table
+from merger.errors import MergeError
 from merger.prompt import extract_lora_tags
 
 from .common import progress_cb, safe
@@ -14,14 +15,36 @@ from .common import progress_cb, safe
 LIST_COLS = ["name", "type", "dim", "conv_dim", "modules", "base"]
 
 
+def _second(names: list[str]):
+    """A default that differs from the first choice (None when there is only one)."""
+    return names[1] if len(names) > 1 else None
+
+
 def build(ws, mc, do_gen_outputs, run_gen):
+    loras = ws.dirs.loras()
+
+    def rows():
+        data = lora_table(ws.dirs.lora, ws.dirs.loras())
+        return pd.DataFrame([[r[c] for c in LIST_COLS] for r in data], columns=LIST_COLS)
+
+    def meta_rows(name):
+        return pd.DataFrame(metadata_table(ws.load_lora_file(name)) if name else [], columns=["key", "value"])
+
+    def safe_meta(name):
+        try:
+            return meta_rows(name)
+        except MergeError:
+            return meta_rows(None)
+
     with gr.Row():
         refresh = gr.Button("Refresh list", elem_id="lora_refresh")
         status = gr.Textbox(label="Status", interactive=False, elem_id="lora_status", scale=4)
-    table = gr.Dataframe(headers=LIST_COLS, interactive=False, elem_id="lora_table")
+        overwrite = gr.Checkbox(label="overwrite existing files", value=False, elem_id="lora_overwrite")
+    table = gr.Dataframe(rows(), headers=LIST_COLS, interactive=False, elem_id="lora_table")
     with gr.Accordion("Metadata", open=False):
-        pick = gr.Dropdown(ws.dirs.loras(), label="LoRA", elem_id="lora_meta_pick")
-        meta = gr.Dataframe(headers=["key", "value"], interactive=False, wrap=True, elem_id="lora_meta")
+        pick = gr.Dropdown(loras, value=loras[0] if loras else None, label="LoRA", elem_id="lora_meta_pick")
+        meta = gr.Dataframe(safe_meta(loras[0] if loras else None), headers=["key", "value"], interactive=False,
+                            wrap=True, elem_id="lora_meta")
     with gr.Accordion("Merge LoRAs into a checkpoint", open=True):
         with gr.Row():
             ck = ws.dirs.checkpoints()
@@ -33,6 +56,7 @@ def build(ws, mc, do_gen_outputs, run_gen):
             merge_gen = gr.Button("Merge LoRA and Gen", variant="primary", elem_id="lora_merge_gen")
             merge_save = gr.Button("Merge LoRA and save", elem_id="lora_merge_save")
             out_name = gr.Textbox(label="file name (optional)", elem_id="lora_out_name")
+        gallery = gr.Gallery(label="Output", columns=2, height=300, elem_id="lora_gallery", format="png")
     with gr.Accordion("Merge LoRAs into one LoRA / extract a LoRA", open=False):
         with gr.Row():
             m_spec = gr.Textbox(label="LoRAs: name:ratio, ...", elem_id="lora_m_spec")
@@ -46,8 +70,8 @@ def build(ws, mc, do_gen_outputs, run_gen):
             m_prec = gr.Radio(["fp16", "bf16", "fp32"], value="fp16", label="save precision")
             m_go = gr.Button("Merge LoRAs", elem_id="lora_m_go")
         with gr.Row():
-            ea = gr.Dropdown(ck, label="Model A (fine-tune)")
-            eb = gr.Dropdown(ck, label="Model B (base)")
+            ea = gr.Dropdown(ck, value=ck[0] if ck else None, label="Model A (fine-tune)", elem_id="lora_e_a")
+            eb = gr.Dropdown(ck, value=_second(ck), label="Model B (base)", elem_id="lora_e_b")
             e_alpha = gr.Number(value=1.0, label="α (A)")
             e_beta = gr.Number(value=1.0, label="β (B)")
             e_dim = gr.Number(value=128, precision=0, label="dim")
@@ -55,8 +79,8 @@ def build(ws, mc, do_gen_outputs, run_gen):
             e_out = gr.Textbox(label="output name", value="extracted-lora")
             e_go = gr.Button("Extract", elem_id="lora_e_go")
         with gr.Row():
-            lb = gr.Dropdown(ws.dirs.loras(), label="LoRA B")
-            lc = gr.Dropdown(ws.dirs.loras(), label="LoRA C")
+            lb = gr.Dropdown(loras, value=loras[0] if loras else None, label="LoRA B", elem_id="lora_l_b")
+            lc = gr.Dropdown(loras, value=_second(loras), label="LoRA C", elem_id="lora_l_c")
             l_alpha = gr.Slider(0, 1, value=0.5, label="α (B ↔ C)")
             l_beta = gr.Slider(0, 1, value=0.0, label="β (similar ↔ dissimilar)")
             l_gamma = gr.Number(value=1.0, label="γ (smooth)")
@@ -64,42 +88,42 @@ def build(ws, mc, do_gen_outputs, run_gen):
             l_out = gr.Textbox(label="output name", value="extracted-features")
             l_go = gr.Button("Extract from two LoRAs", elem_id="lora_l_go")
 
-    def rows():
-        data = lora_table(ws.dirs.lora, ws.dirs.loras())
-        return pd.DataFrame([[r[c] for c in LIST_COLS] for r in data], columns=LIST_COLS)
     refresh.click(lambda: (f"{len(ws.dirs.loras())} LoRAs", rows(), gr.update(choices=ws.dirs.loras())),
                   None, [status, table, pick])
-    pick.change(safe(2)(lambda n: ("", pd.DataFrame(metadata_table(ws.load_lora_file(n)), columns=["key", "value"]))),
-                pick, [status, meta])
+    pick.change(safe(2)(lambda n: ("", meta_rows(n))), pick, [status, meta])
     from_prompt.click(lambda p: ", ".join(extract_lora_tags(p or "")[1]), mc["prompt"], spec)
 
     def lora_recipe(model_name, text):
         return ws.recipe(model_name, mode="weight_sum", calcmode="self", alpha=1.0, loras=text)
 
-    @safe(3)
+    @safe(4)
     def merge_and_gen(model_name, text, *gen_args, progress=gr.Progress()):
         out = ws.merge(lora_recipe(model_name, text), progress=progress_cb(progress, "merging LoRAs"))
         images, info, tg = run_gen(gen_args, progress)
-        return f"{out.message} ({out.timings.line()}); generated {len(images)} image(s)", images, info
-    merge_gen.click(merge_and_gen, [model, spec] + do_gen_outputs["inputs"], [status] + do_gen_outputs["outputs"])
+        return f"{out.message} ({out.timings.line()}); generated {len(images)} image(s)", images, info, images
+    merge_gen.click(merge_and_gen, [model, spec] + do_gen_outputs["inputs"],
+                    [status] + do_gen_outputs["outputs"] + [gallery])
 
     @safe(1)
-    def merge_and_save(model_name, text, name, flags, progress=gr.Progress()):
+    def merge_and_save(model_name, text, name, flags, over, progress=gr.Progress()):
         from . import forms
-        return ws.save_recipe(lora_recipe(model_name, text), name, forms.save_options(flags),
+        options = forms.save_options(flags)
+        options.overwrite = options.overwrite or bool(over)
+        return ws.save_recipe(lora_recipe(model_name, text), name, options,
                               progress=progress_cb(progress, "saving")).message
-    merge_save.click(merge_and_save, [model, spec, out_name, mc["save_flags"]], status)
+    merge_save.click(merge_and_save, [model, spec, out_name, mc["save_flags"], overwrite], status)
 
     @safe(1)
-    def merge_loras(text, meth, same_strength, new_rank, new_conv, name, meta_mode, prec, progress=gr.Progress()):
+    def merge_loras(text, meth, same_strength, new_rank, new_conv, name, meta_mode, prec, over, progress=gr.Progress()):
         return ws.merge_lora_files(text, meth, bool(same_strength), int(new_rank), int(new_conv) or None, name,
-                                   meta_mode, prec).message
-    m_go.click(merge_loras, [m_spec, method, same, rank, conv_rank, m_out, m_meta, m_prec], status)
-    l_go.click(safe(1)(lambda b, c, a, be, g, r, n: ws.extract_from_loras(b, c, a, be, g, int(r), n).message),
-               [lb, lc, l_alpha, l_beta, l_gamma, l_rank, l_out], status)
+                                   meta_mode, prec, bool(over)).message
+    m_go.click(merge_loras, [m_spec, method, same, rank, conv_rank, m_out, m_meta, m_prec, overwrite], status)
+    l_go.click(safe(1)(lambda b, c, a, be, g, r, n, o: ws.extract_from_loras(b, c, a, be, g, int(r), n, bool(o)).message),
+               [lb, lc, l_alpha, l_beta, l_gamma, l_rank, l_out, overwrite], status)
 
     @safe(1)
-    def extract(a, b, al, be, dim, conv, name, progress=gr.Progress()):
+    def extract(a, b, al, be, dim, conv, name, over, progress=gr.Progress()):
         return ws.extract_lora(a, b, float(al), float(be), int(dim), int(conv) or None, name,
-                               progress=progress_cb(progress, "extracting")).message
-    e_go.click(extract, [ea, eb, e_alpha, e_beta, e_dim, e_conv, e_out], status)
+                               progress=progress_cb(progress, "extracting"), overwrite=bool(over)).message
+    e_go.click(extract, [ea, eb, e_alpha, e_beta, e_dim, e_conv, e_out, overwrite], status)
+    return {"table": table, "rows": rows, "pick": pick, "meta": meta, "meta_rows": safe_meta}

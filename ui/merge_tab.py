@@ -41,8 +41,12 @@ def build(ws):
                 c["mode"] = gr.Radio(forms.MODE_CHOICES, value="weight_sum", label="Merge mode", elem_id="mode")
                 c["calcmode"] = gr.Dropdown(calcmode_names("weight_sum"), value="normal", label="Calcmode", elem_id="calcmode")
             with gr.Row():
-                c["alpha"] = gr.Slider(-1, 2, value=0.5, step=0.001, label="alpha (α)", elem_id="alpha")
-                c["beta"] = gr.Slider(-1, 2, value=0.25, step=0.001, label="beta (β)", elem_id="beta", visible=False)
+                # the number box is what is merged (any finite value, never clamped); the slider drags it
+                for key, value, label, shown in (("alpha", 0.5, "alpha (α)", True), ("beta", 0.25, "beta (β)", False)):
+                    with gr.Row(visible=shown) as c[f"{key}_box"]:
+                        c[key] = gr.Number(value=value, label=label, elem_id=key, min_width=110, scale=1)
+                        c[f"{key}_slider"] = gr.Slider(-1, 2, value=value, step=0.001, label="drag", scale=3,
+                                                      elem_id=f"{key}_slider")
                 c["gamma"] = gr.Number(value=1.0, label="gamma (extract)", visible=False, elem_id="gamma")
             c["arch"] = gr.Textbox(value="sd1", visible=False)
             with gr.Accordion("Merge Block Weight (MBW)", open=False, elem_id="mbw_accordion"):
@@ -132,7 +136,11 @@ def _wire(ws, c):
         uses_beta = mode in MODES_WITH_BETA or get_calcmode(cm).uses_beta
         return gr.update(choices=names, value=cm), gr.update(visible=uses_beta), gr.update(visible=cm == "extract")
     for ev in (c["mode"].change, c["calcmode"].change):
-        ev(modes_changed, [c["mode"], c["calcmode"]], [c["calcmode"], c["beta"], c["gamma"]])
+        ev(modes_changed, [c["mode"], c["calcmode"]], [c["calcmode"], c["beta_box"], c["gamma"]])
+    for key in ("alpha", "beta"):      # slider -> box as dragged; box -> slider (clamped to its range)
+        c[f"{key}_slider"].release(lambda v: v, c[f"{key}_slider"], c[key])
+        c[key].change(lambda v: gr.update(value=min(2.0, max(-1.0, v))) if isinstance(v, (int, float)) else gr.update(),
+                      c[key], c[f"{key}_slider"])
 
     def model_a_arch(a) -> str | None:
         try:
@@ -237,7 +245,8 @@ def _wire(ws, c):
     c["clear_cache"].click(lambda: ws.clear_cache(), None, c["status"])
 
     widget_keys = forms.RECIPE_KEYS[1:]      # everything but the detected architecture
-    load_outputs = [c["status"]] + [c[k] for k in widget_keys] + [c["arch"]] + c["sliders"] + c["adjust_sliders"]
+    load_outputs = [c["status"]] + [c[k] for k in widget_keys] + [c["arch"]] + c["sliders"] + c["adjust_sliders"] \
+        + [c["beta_box"]]
 
     @safe(len(load_outputs))
     def load_settings(ref):
@@ -248,12 +257,13 @@ def _wire(ws, c):
         values = forms.recipe_to_widgets(recipe)
         names = calcmode_names(recipe.mode)
         values["calcmode"] = gr.update(choices=names, value=recipe.calcmode)
-        values["beta"] = gr.update(value=recipe.beta, visible=recipe.uses_beta())
+        values["beta"] = recipe.beta
         values["gamma"] = gr.update(value=recipe.gamma, visible=recipe.calcmode == "extract")
         arch = forms.recipe_arch(recipe, model_a_arch(recipe.model_a))
         shown = forms.visible_blocks(arch)
         sliders = forms.text_to_sliders(values["mbw_a"], arch) if values["mbw_a"] else [0.5] * 26
         adjust = forms.adjust_values(values["adjust"])
         return (f"loaded settings of merge #{row['id']}: {row['label']}", *[values[k] for k in widget_keys], arch,
-                *[gr.update(value=v, visible=s) for v, s in zip(sliders, shown)], *adjust)
+                *[gr.update(value=v, visible=s) for v, s in zip(sliders, shown)], *adjust,
+                gr.update(visible=recipe.uses_beta()))
     c["load_btn"].click(load_settings, c["load_id"], load_outputs)

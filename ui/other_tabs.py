@@ -9,7 +9,7 @@ from merger.arch import check_same_arch, detect_arch
 from merger.elements import list_elements
 
 from . import forms
-from .common import safe
+from .common import safe, selected_id
 
 HISTORY_SHOWN = 500      # rows sent to the table; the search itself covers the whole history
 HISTORY_COLS = ["id", "time", "model_a", "model_b", "model_c", "mode", "calcmode", "alpha", "beta", "label", "source"]
@@ -39,9 +39,7 @@ def history_tab(ws, merge_c):
     search.click(searched, query, [table, status])
     query.submit(searched, query, [table, status])
 
-    def select(df, evt: gr.SelectData):
-        return str(df.iloc[evt.index[0]]["id"])
-    table.select(select, table, picked)
+    table.select(selected_id, table, picked)
 
     @safe(1)
     def save_row(ref, flags, progress=gr.Progress()):
