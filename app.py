@@ -83,12 +83,12 @@ def main(argv=None) -> int:
     ws = make_workstation(args)
     import diffusers  # noqa: F401  (import now: the first merge should not wait for it)
 
-    from ui.app_ui import build_ui
+    from ui.app_ui import CSS, build_ui
     demo = build_ui(ws)
     demo.queue(default_concurrency_limit=1)
     print(f"models: {ws.dirs.ckpt}  |  device: {ws.pipeline.device} ({ws.pipeline.dtype})")
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                allowed_paths=[str(ws.outputs)], auth=auth)
+                allowed_paths=[str(ws.outputs)], auth=auth, css=CSS)
     return 0
 
 

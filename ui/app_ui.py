@@ -8,6 +8,17 @@ from merger.reservations import ReservationQueue
 from . import lora_tab, merge_tab, other_tabs, xyz_tab
 
 
+# Grids are shown whole: each thumbnail is as tall as the gallery allows and the image is scaled
+# to fit it (Gradio's square thumbnails would crop a wide grid); clicking one opens the zoomed
+# preview. Model names are never cut off behind the dropdown arrow.
+CSS = """
+#xyz_gallery .thumbnail-item, #res_gallery .thumbnail-item { aspect-ratio: auto !important; height: 560px; }
+#res_gallery .thumbnail-item { height: 440px; }
+#xyz_gallery .thumbnail-item img, #res_gallery .thumbnail-item img { width: 100%; height: 100%; object-fit: contain; }
+#model_a input, #model_b input, #model_c input { text-overflow: ellipsis; padding-right: 28px; }
+"""
+
+
 def build_ui(ws, queue: ReservationQueue | None = None) -> gr.Blocks:
     queue = queue or ReservationQueue()
     with gr.Blocks(title="SD Merge Workstation") as demo:

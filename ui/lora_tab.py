@@ -41,7 +41,7 @@ def build(ws, mc, do_gen_outputs, run_gen):
         status = gr.Textbox(label="Status", interactive=False, elem_id="lora_status", scale=4)
         overwrite = gr.Checkbox(label="overwrite existing files", value=False, elem_id="lora_overwrite")
     table = gr.Dataframe(rows(), headers=LIST_COLS, interactive=False, elem_id="lora_table")
-    with gr.Accordion("Metadata", open=False):
+    with gr.Accordion("Metadata", open=False, elem_id="lora_meta_accordion"):
         pick = gr.Dropdown(loras, value=loras[0] if loras else None, label="LoRA", elem_id="lora_meta_pick")
         meta = gr.Dataframe(safe_meta(loras[0] if loras else None), headers=["key", "value"], interactive=False,
                             wrap=True, elem_id="lora_meta")
@@ -57,7 +57,7 @@ def build(ws, mc, do_gen_outputs, run_gen):
             merge_save = gr.Button("Merge LoRA and save", elem_id="lora_merge_save")
             out_name = gr.Textbox(label="file name (optional)", elem_id="lora_out_name")
         gallery = gr.Gallery(label="Output", columns=2, height=300, elem_id="lora_gallery", format="png")
-    with gr.Accordion("Merge LoRAs into one LoRA / extract a LoRA", open=False):
+    with gr.Accordion("Merge LoRAs into one LoRA / extract a LoRA", open=False, elem_id="lora_more_accordion"):
         with gr.Row():
             m_spec = gr.Textbox(label="LoRAs: name:ratio, ...", elem_id="lora_m_spec")
             method = gr.Radio(["svd", "concat", "same-rank"], value="svd", label="method")

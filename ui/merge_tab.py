@@ -15,6 +15,8 @@ from . import forms
 from .common import progress_cb, safe
 
 BAKED = "(model's own)"
+MODELS_LINE_JS = ("(a, b, c) => [['A', a], ['B', b], ['C', c]].filter(([s, n]) => n)"
+                  ".map(([s, n]) => `**${s}** ${n}`).join(' · ')")     # as forms.models_line
 
 
 def build(ws):
@@ -135,12 +137,14 @@ def _wire(ws, c):
         cm = calcmode if calcmode in names else "normal"
         uses_beta = mode in MODES_WITH_BETA or get_calcmode(cm).uses_beta
         return gr.update(choices=names, value=cm), gr.update(visible=uses_beta), gr.update(visible=cm == "extract")
-    for ev in (c["mode"].change, c["calcmode"].change):
+    # user input only: Load settings sets mode, calcmode (with its choices) and β/γ itself, and a
+    # chained .change from one load could otherwise land after the next one
+    for ev in (c["mode"].input, c["calcmode"].input):
         ev(modes_changed, [c["mode"], c["calcmode"]], [c["calcmode"], c["beta_box"], c["gamma"]])
-    for key in ("alpha", "beta"):      # slider -> box as dragged; box -> slider (clamped to its range)
-        c[f"{key}_slider"].release(lambda v: v, c[f"{key}_slider"], c[key])
-        c[key].change(lambda v: gr.update(value=min(2.0, max(-1.0, v))) if isinstance(v, (int, float)) else gr.update(),
-                      c[key], c[f"{key}_slider"])
+    for key in ("alpha", "beta"):      # in the browser: slider -> box as dragged; box -> slider (clamped)
+        c[f"{key}_slider"].release(None, c[f"{key}_slider"], c[key], js="(v) => v")
+        c[key].change(None, c[key], c[f"{key}_slider"],
+                      js="(v) => (typeof v === 'number' && isFinite(v)) ? Math.min(2, Math.max(-1, v)) : 0")
 
     def model_a_arch(a) -> str | None:
         try:
@@ -152,8 +156,8 @@ def _wire(ws, c):
         arch = model_a_arch(a) or "sd1"
         return [arch] + [gr.update(visible=v) for v in forms.visible_blocks(arch)]
     c["a"].change(model_a_changed, [c["a"]], [c["arch"]] + c["sliders"])
-    for key in ("a", "b", "c"):        # the full names, which a narrow dropdown may cut
-        c[key].change(forms.models_line, [c["a"], c["b"], c["c"]], c["model_names"])
+    for key in ("a", "b", "c"):        # the full names, which a narrow dropdown may cut (in the browser)
+        c[key].change(None, [c["a"], c["b"], c["c"]], c["model_names"], js=MODELS_LINE_JS)
 
     @safe(29)
     def preset_picked(name, arch, target):

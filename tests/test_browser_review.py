@@ -1,0 +1,271 @@
+"""The recall and review loop in the browser (issue 11): load any merge back, read every grid,
+recall a cell, manage the reservation queue, the LoRA tab's defaults. Real app, real Chromium."""
+import json
+from pathlib import Path
+
+from merger.calcmodes import calcmode_names, get_calcmode
+from merger.files.checkpoint_io import read_safetensors_header
+from merger.pnginfo import read_png_info
+from merger.recipe import Recipe
+from mergehistory import MergeHistory
+from tests.conftest import ROOT
+from tests.test_browser import app, click_and_wait, fill_axis, page, pick  # noqa: F401 (fixtures)
+
+A, B, C = "demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors", "demo-sd1-tiny-C.safetensors"
+XL = "demo-sdxl-tiny.safetensors"
+DOCS = ROOT / "docs"
+
+
+def _recipes() -> list[Recipe]:
+    """One merge per calcmode, in varied states: SD1 and SDXL, MBW, LoRAs, elemental, adjust."""
+    out = [Recipe(A, B, mode="weight_sum", calcmode="normal", alpha=0.25)]
+    for i, name in enumerate(n for n in calcmode_names() if n != "normal"):
+        cm = get_calcmode(name)
+        mode = cm.modes[-1] if i % 2 else cm.modes[0]
+        if name == "self":
+            out.append(Recipe(XL, mode=mode, calcmode=name, alpha=0.7, mbw_alpha=[round(k / 19, 3) for k in range(20)]))
+            continue
+        r = Recipe(A, B, C if mode in ("add_difference", "triple_sum", "sum_twice") else "", mode=mode,
+                   calcmode=name, alpha=round(0.1 + i / 20, 2), beta=round(0.6 - i / 30, 2))
+        if i % 3 == 0:
+            r.mbw_alpha = [round(k / 25, 2) for k in range(26)]
+        if i == 1:
+            r.loras = "demo-sd1-tiny-lora:0.5"
+        if i == 2:
+            r.elemental = "IN01:in_layers:0.3"
+        if i == 4:
+            r.adjust = [0.1, 0, 0, 0, 0, 0, 0, 0]
+        out.append(r)
+    return out
+
+
+def _circuit(n: int) -> list[int]:
+    """A walk through every ordered pair (i, j), i != j, of n states (Hierholzer)."""
+    left = {i: [j for j in range(n) if j != i] for i in range(n)}
+    stack, walk = [0], []
+    while stack:
+        v = stack[-1]
+        if left[v]:
+            stack.append(left[v].pop())
+        else:
+            walk.append(stack.pop())
+    return walk[::-1]
+
+
+def _open_xyz(pg) -> None:
+    pg.get_by_role("tab", name="Merge").click()
+    if not pg.is_visible("#xyz_X_values"):
+        pg.click("#xyz_accordion")
+    pg.wait_for_selector("#xyz_X_values")
+
+
+def _value(pg, sel: str) -> str:
+    return pg.evaluate(f"document.querySelector({sel!r}).value")
+
+
+def test_load_settings_of_every_calcmode_from_every_other_state(page, app):
+    recipes = _recipes()
+    assert len(recipes) == 10
+    hist = MergeHistory(app["data"] / "mergehistory.csv")
+    ids = [hist.append(r, source="test") for r in recipes]
+    page.get_by_role("tab", name="Merge").click()
+    page.click("#mbw_accordion")
+    walk = _circuit(len(recipes))
+    assert len(walk) == 91
+    for k in walk:
+        r = recipes[k]
+        page.fill("#load_id textarea", str(ids[k]))
+        msg = click_and_wait(page, "#load_settings", ("loaded settings", "Error"))
+        assert msg.startswith(f"loaded settings of merge #{ids[k]}:"), msg
+        page.wait_for_function("([c]) => document.querySelector('#calcmode input').value === c", arg=[r.calcmode])
+        assert _value(page, "#alpha input") == f"{r.alpha:g}"
+        assert page.is_visible("#beta") == r.uses_beta()
+        page.wait_for_function("([xl]) => { const e = document.querySelector('#mbw_IN09');"
+                               " return xl ? (!e || e.offsetParent === null) : (e && e.offsetParent !== null); }",
+                               arg=[r.model_a == XL])
+        if r.mbw_alpha:
+            assert _value(page, "#mbw_alpha textarea") == ",".join(f"{v:g}" for v in r.mbw_alpha)
+    log = (app["data"].parent / "app.log").read_text()
+    assert "not in the list of choices" not in log and "Traceback" not in log
+    msg = click_and_wait(page, "#merge", ("merged", "Error"))        # the tab still works
+    assert msg.startswith("merged #") and "x 0.25" in msg, msg
+
+
+def test_alpha_is_never_clamped_or_guessed(page):
+    page.get_by_role("tab", name="Merge").click()
+    pick(page, "#model_b", B)
+    box = page.locator("#alpha input")
+    box.fill("")
+    box.press_sequentially("abc")           # a number box takes no letters: it stays empty
+    msg = click_and_wait(page, "#merge", ("merged", "Error"))
+    assert msg == "Error: alpha must be a number, got None", msg
+    box.fill("5")
+    box.press("Enter")
+    msg = click_and_wait(page, "#merge", ("merged", "Error"))
+    assert "A x -4.0 + demo-sd1-tiny-B x 5.0 " in msg, msg          # merged at 5, not clamped to 2
+    box.fill("0.5")
+    box.press("Enter")
+
+
+def test_model_c_can_be_cleared_and_full_names_are_shown(page):
+    pick(page, "#model_c", C)
+    page.wait_for_function("([c]) => document.querySelector('#model_names').innerText.includes(c)", arg=[C])
+    pick(page, "#model_c", "(none)")
+    assert _value(page, "#model_c input") == "(none)"
+    names = page.inner_text("#model_names")
+    assert A in names and B in names and C not in names
+
+
+def test_axis_boxes_take_several_lines(page):
+    _open_xyz(page)
+    pick(page, "#xyz_X_type", "mbw")
+    box = page.locator("#xyz_X_values textarea")
+    box.fill("")
+    box.press_sequentially("GRAD_V")
+    box.press("Enter")
+    box.press_sequentially("GRAD_A")
+    assert box.input_value() == "GRAD_V\nGRAD_A"
+    page.fill("#prompt textarea", "a cat --w 64 --h 64 --s 2 --d 1")
+    fill_axis(page, "Y", "none", "")
+    msg = click_and_wait(page, "#xyz_run", ("plot finished", "Error"), sel="#xyz_status textarea")
+    assert msg.startswith("plot finished: 2/2 cells"), msg
+
+
+def test_an_axis_that_cannot_change_the_plot_is_refused(page):
+    _open_xyz(page)
+    fill_axis(page, "X", "beta", "0.1,0.9")
+    msg = click_and_wait(page, "#xyz_run", ("plot finished", "Error"), sel="#xyz_status textarea")
+    assert msg.startswith("Error: X axis (beta) cannot change the result: weight_sum with calcmode normal does "
+                          "not use beta"), msg
+
+
+def test_the_whole_grid_is_visible_and_zooms_and_a_cell_can_be_recalled(page, app):
+    _open_xyz(page)
+    fill_axis(page, "X", "alpha", "0.2,0.5,0.8")
+    opts = " --w 64 --h 64 --s 2 --d 1"
+    fill_axis(page, "Y", "prompt", f"a watercolor painting of a cat sitting on a red sofa{opts}\na photo of a dog{opts}")
+    msg = click_and_wait(page, "#xyz_run", ("plot finished", "Error"), sel="#xyz_status textarea")
+    assert msg.startswith("plot finished: 6/6 cells"), msg
+    page.wait_for_selector("#xyz_gallery img")
+    page.wait_for_function("document.querySelector('#xyz_gallery img').complete")
+    fits = page.evaluate("""() => {
+        const img = document.querySelector('#xyz_gallery img'), frame = document.querySelector('#xyz_gallery .grid-wrap');
+        const i = img.getBoundingClientRect(), f = frame.getBoundingClientRect();
+        const scale = Math.min(i.width / img.naturalWidth, i.height / img.naturalHeight);
+        return [i.top >= f.top - 1 && i.bottom <= f.bottom + 1, getComputedStyle(img).objectFit,
+                img.naturalHeight * scale <= f.height];
+    }""")
+    assert fits == [True, "contain", True], fits
+    page.locator("#xyz_gallery").screenshot(path=str(DOCS / "xyz-grid.png"))
+    page.click("#xyz_gallery .thumbnail-item")
+    page.wait_for_selector("#xyz_gallery .preview", timeout=10_000)           # click-to-zoom
+    page.keyboard.press("Escape")
+    # the cells gallery: captions name each cell; clicking one loads its settings
+    page.wait_for_function("document.querySelector('#xyz_cells').innerText.includes('alpha 0.8')")
+    page.locator("#xyz_cells .thumbnail-item").nth(2).click()
+    page.wait_for_function("document.querySelector('#xyz_cell_id textarea').value !== ''")
+    cell_id = page.input_value("#xyz_cell_id textarea")
+    page.wait_for_function("([id]) => document.querySelector('#status textarea').value"
+                           ".startsWith('loaded settings of merge #' + id)", arg=[cell_id])
+    page.wait_for_function("document.querySelector('#alpha input').value === '0.8'")
+    msg = click_and_wait(page, "#xyz_cell_save", ("saved", "Error"), sel="#xyz_status textarea")
+    assert msg.startswith("saved ") and msg.endswith(".safetensors"), msg
+    saved = Path(msg[len("saved "):])
+    header, _ = read_safetensors_header(saved)
+    assert json.loads(header["__metadata__"]["sdmw_recipe"])["alpha"] == 0.8
+
+
+def test_dice_cells_show_their_rolls_and_carry_the_recipe(page, app):
+    _open_xyz(page)
+    fill_axis(page, "X", "random", "2")
+    fill_axis(page, "Y", "none", "")
+    msg = click_and_wait(page, "#xyz_run", ("plot finished", "Error"), sel="#xyz_status textarea")
+    assert msg.startswith("plot finished: 2/2 cells"), msg
+    page.wait_for_function("document.querySelector('#xyz_cells').innerText.includes('roll 2 α')")
+    caption = page.inner_text("#xyz_cells")
+    folder = sorted((app["data"] / "outputs" / "xyz").iterdir())[-1]
+    cells = sorted(folder.glob("cell-*.png"))
+    assert len(cells) == 2
+    recipe = json.loads(read_png_info(cells[0])["sdmw_recipe"])
+    assert len(recipe["mbw_alpha"]) == 26
+    assert "roll 1 α " + " ".join(f"{v:g}" for v in recipe["mbw_alpha"][:5]) in caption
+
+
+def test_reservations_can_be_managed_and_show_progress(page, app):
+    _open_xyz(page)
+    fill_axis(page, "X", "alpha", "0.1,0.3,0.5,0.7,0.9")
+    fill_axis(page, "Y", "seed", "1,2")
+    page.fill("#prompt textarea", "a cat --w 64 --h 64 --s 4 --d 1")
+    first = click_and_wait(page, "#xyz_reserve", ("reserved", "Error"), sel="#xyz_status textarea")
+    assert first.startswith("reserved plot(s) #"), first
+    again = click_and_wait(page, "#xyz_reserve", ("reserved", "Error"), sel="#xyz_status textarea")
+    first_id = first.split("#")[1]
+    assert f"the same plot is already reserved as #{first_id}" in again, again
+    fill_axis(page, "X", "alpha", "0.4,0.6")
+    click_and_wait(page, "#xyz_reserve", ("reserved", "Error"), sel="#xyz_status textarea")
+    page.get_by_role("tab", name="Reservations").click()
+    page.locator("#res_refresh").wait_for(state="visible")
+    page.click("#res_refresh")
+    page.wait_for_function("document.querySelector('#res_table').innerText.split('waiting').length === 4")
+
+    def pick_row(entry_id):
+        cells = page.locator("#res_table").get_by_text(entry_id, exact=True)
+        cells.nth(next(i for i in range(cells.count()) if cells.nth(i).is_visible())).click()
+        page.wait_for_function("([id]) => document.querySelector('#res_picked textarea').value === id", arg=[entry_id])
+    dup_id = str(int(first_id) + 1)
+    pick_row(dup_id)
+    assert click_and_wait(page, "#res_delete", ("deleted", "Error"), sel="#res_status textarea") == f"deleted #{dup_id}"
+    last_id = str(int(first_id) + 2)
+    pick_row(last_id)
+    click_and_wait(page, "#res_up", ("moved", "Error"), sel="#res_status textarea")
+    rows = page.inner_text("#res_table")
+    assert rows.index("0.4,0.6") < rows.index("0.1,0.3"), rows              # the small plot runs first now
+    page.click("#res_start")
+    page.wait_for_function("document.querySelector('#res_status textarea').value.includes(' cells')",
+                           timeout=120_000)                                    # live: "running #n: k/N cells"
+    assert page.input_value("#res_status textarea").startswith("running #")
+    page.wait_for_function("/running #\\d+: [1-9]\\d*\\/10 cells/.test(document.querySelector('#res_status textarea')"
+                           ".value)", timeout=120_000, polling=100)     # the second plot part-way, the first done
+    page.wait_for_function("document.querySelector('#res_table').innerText.includes('/10 cells')")
+    page.screenshot(path=str(DOCS / "reservations.png"), full_page=True)
+    page.wait_for_function("document.querySelector('#res_status textarea').value.endsWith('reservation(s) run')",
+                           timeout=180_000)
+    table = page.inner_text("#res_table")
+    assert "10/10 cells" in table and "4/4 cells" in table
+    pick_row(first_id)
+    msg = click_and_wait(page, "#res_retry", ("run again", "Error"), sel="#res_status textarea")
+    assert msg == f"#{first_id} will run again", msg
+    msg = click_and_wait(page, "#res_clear", ("cleared", "Error"), sel="#res_status textarea")
+    assert msg.startswith("cleared") and "waiting" in page.inner_text("#res_table")
+    msg = click_and_wait(page, "#res_clear_all", ("cleared", "Error"), sel="#res_status textarea")
+    assert msg.startswith("cleared"), msg
+    page.get_by_role("tab", name="Merge").click()
+
+
+def test_lora_tab_shows_list_and_metadata_at_once_and_keeps_its_own_output(page, app):
+    page.get_by_role("tab", name="LoRA").click()
+    page.locator("#lora_table").wait_for(state="visible")
+    page.wait_for_function("document.querySelector('#lora_table').innerText.includes('demo-sd1-tiny-lora')")
+    page.click("#lora_meta_accordion")
+    page.wait_for_selector("#lora_meta")
+    page.wait_for_function("document.querySelector('#lora_meta').innerText.includes('ss_network_dim')")
+    page.click("#lora_more_accordion")
+    page.wait_for_selector("#lora_e_b")
+    assert _value(page, "#lora_e_a input") != _value(page, "#lora_e_b input")
+    assert page.is_visible("#lora_overwrite")
+    page.fill("#lora_spec textarea", "demo-sd1-tiny-lora:0.6")
+    msg = click_and_wait(page, "#lora_merge_gen", ("generated", "Error"), sel="#lora_status textarea")
+    assert "generated 1 image" in msg, msg
+    page.wait_for_selector("#lora_gallery img")
+    page.fill("#lora_m_spec textarea", "demo-sd1-tiny-lora:0.5")
+    page.fill("#lora_m_out textarea", "browser-merged-lora")
+    msg = click_and_wait(page, "#lora_m_go", ("saved", "Error"), sel="#lora_status textarea")
+    assert msg.startswith("saved"), msg
+    meta = read_safetensors_header(app["dirs"].lora / "browser-merged-lora.safetensors")[0]["__metadata__"]
+    assert meta["ss_network_dim"] and meta["ss_network_alpha"] and meta["ss_base_model_version"] == "sd_v1"
+    msg = click_and_wait(page, "#lora_m_go", ("saved", "Error"), sel="#lora_status textarea")
+    assert "already exists" in msg and "tick overwrite" in msg, msg
+    page.check("#lora_overwrite input")
+    msg = click_and_wait(page, "#lora_m_go", ("saved", "Error"), sel="#lora_status textarea")
+    assert msg.startswith("saved"), msg
+    page.get_by_role("tab", name="Merge").click()
