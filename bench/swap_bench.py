@@ -29,8 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from bench.merge_bench import best, build, peak_gib, reset_peak  # noqa: E402
 from merger.engine import merge, plan_merge  # noqa: E402
 from merger.ldm_layout import checkpoint_layout  # noqa: E402
-from merger.pipeline import ResidentPipeline, spec_for  # noqa: E402
-from merger.pipeline_config import pipeline_folder  # noqa: E402
+from merger.pipeline.resident import ResidentPipeline, spec_for  # noqa: E402
+from merger.pipeline.pipeline_config import pipeline_folder  # noqa: E402
 from merger.recipe import Recipe  # noqa: E402
 from merger.files.saving import SaveOptions, save_tensors  # noqa: E402
 

@@ -20,7 +20,7 @@ from bench.merge_bench import build  # noqa: E402
 from merger.blocks import BLOCKS_SD  # noqa: E402
 from merger.engine import plan_merge  # noqa: E402
 from merger.ldm_layout import checkpoint_layout  # noqa: E402
-from merger.pipeline import ResidentPipeline  # noqa: E402
+from merger.pipeline.resident import ResidentPipeline  # noqa: E402
 from merger.recipe import Recipe  # noqa: E402
 
 

@@ -9,7 +9,7 @@ by three modules (q, k, v), each owning a third of the rows.
 """
 from __future__ import annotations
 
-from merger.keymap import UNET, Target, targets_for
+from merger.pipeline.keymap import UNET, Target, targets_for
 
 # modules kohya's plain LoRA (LierLa) patches: attention / feed-forward Linear layers, 1x1 convs
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")

@@ -32,10 +32,15 @@ def tensor_cosines(a, b, arch: str, parts=("U-Net", "text encoder")) -> list[tup
 
 
 def block_cosines(a, b, arch: str, parts=("U-Net", "text encoder"), how: str = "mean") -> list[tuple[str, float]]:
-    """Per block: mean (or min) of the tensor cosine similarities, in block order."""
+    """Per block, in block order: the mean or the min of its tensors' cosine similarities, or
+    (``how="attn2"``, SuperMerger's Block method "attn2") the similarity of the block's
+    cross-attention output projection ``attn2.to_out.0.weight``; blocks without cross-attention
+    are left out. SDXL blocks with several transformer blocks get the mean of theirs (SuperMerger
+    keys them by sub-block and finds none at block level)."""
     per: dict[str, list[float]] = {}
-    for block, _, sim in tensor_cosines(a, b, arch, parts):
-        per.setdefault(block, []).append(sim)
+    for block, key, sim in tensor_cosines(a, b, arch, parts):
+        if how != "attn2" or key.endswith("attn2.to_out.0.weight"):
+            per.setdefault(block, []).append(sim)
     agg = min if how == "min" else mean
     return [(blk, round(agg(per[blk]), 3)) for blk in block_ids(arch) + ["VAE"] if blk in per]
 

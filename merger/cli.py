@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--history", help="merge history CSV to append to (default: the app's)")
     m.add_argument("--no-history", action="store_true")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument("--print-keys", action="store_true",
+                   help="list the keys --include/--exclude keeps as model A's and the count merged, then stop "
+                        "(nothing is written)")
     e = sub.add_parser("elements", help="list a checkpoint's tensors with block, shape and dtype")
     e.add_argument("model")
     e.add_argument("--filter", default="")
@@ -81,7 +84,7 @@ def _recipe_from_args(args, arch: str) -> Recipe:
         adjust=_floats(args.adjust, 8, "--adjust") if args.adjust else None)
 
 
-def run_merge(args) -> Path:
+def run_merge(args) -> Path | None:
     from .arch import detect_arch
     from tqdm import tqdm
     paths = {s: getattr(args, f"model_{s}") for s in "abc" if getattr(args, f"model_{s}")}
@@ -89,6 +92,13 @@ def run_merge(args) -> Path:
     arch = detect_arch(loaded["a"].tensors, loaded["a"].name)
     recipe = _recipe_from_args(args, arch)
     recipe.check()
+    if args.print_keys:
+        from .ratios import inex_selection
+        merged, kept = inex_selection(recipe, loaded["a"].tensors, arch)
+        print(f"{len(kept)} key(s) kept as model A's, {len(merged)} merged")
+        if kept:
+            print("\n".join(kept))
+        return None
     plan = plan_merge(recipe, loaded["a"], loaded.get("b"), loaded.get("c"))
     options = SaveOptions(fmt="ckpt" if args.output.lower().endswith((".ckpt", ".pt")) else "safetensors",
                           fp16=args.fp16, prune=args.prune, overwrite=args.overwrite, vae=args.vae,
@@ -125,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def command():
         if args.command == "merge":
-            print(run_merge(args))
+            saved = run_merge(args)
+            if saved is not None:
+                print(saved)
         else:
             ck = load_checkpoint(args.model)
             for el in list_elements(ck.tensors, contains=args.filter):

@@ -117,3 +117,15 @@ class RatioPlan:
             if rule.matches(block, key):
                 alpha = rule.ratio
         return alpha, beta
+
+
+def inex_selection(recipe: Recipe, keys, arch: str) -> tuple[list[str], list[str]]:
+    """SuperMerger's include/exclude "print": of the merge-block keys among ``keys``, those the
+    include/exclude setting merges and those it keeps as model A's."""
+    plan = RatioPlan(recipe, arch)
+    merged, kept = [], []
+    for key in keys:
+        block = block_of(key, arch)
+        if block is not None:
+            (kept if plan.excluded(block, key) else merged).append(key)
+    return merged, kept

@@ -12,12 +12,12 @@ from pathlib import Path
 from .files.checkpoint_io import short_hash
 from .engine import plan_merge
 from .errors import MergeError
-from .generate import GenParams, GenResult, generate
+from .pipeline.generate import GenParams, GenResult, generate
 from .files.model_cache import ModelCache
 from .files.model_dirs import ModelDirs
 from .files.paths import data_dir
-from .pipeline import ResidentPipeline
-from .pnginfo import save_png
+from .pipeline.resident import ResidentPipeline
+from .pipeline.pnginfo import draw_merge_id, save_png
 from .recipe import Recipe
 from .files.saving import SaveOptions, auto_filename, model_label, recipe_metadata, save_merge, save_tensors
 
@@ -147,6 +147,13 @@ class Workstation:
             notes.append(f"warning: the history row could not be written ({getattr(e, 'strerror', None) or e})")
             return None
 
+    def inex_keys(self, recipe: Recipe) -> tuple[list[str], list[str]]:
+        """(keys merged, keys kept as model A's) under the recipe's include/exclude setting."""
+        from .arch import detect_arch
+        from .ratios import inex_selection
+        ck = self.cache.get(self.dirs.resolve("ckpt", recipe.model_a))
+        return inex_selection(recipe, ck.tensors, detect_arch(ck.tensors, ck.name))
+
     def load_model(self, name: str) -> Outcome:
         """Show one checkpoint unmerged."""
         t0 = time.perf_counter()
@@ -160,21 +167,25 @@ class Workstation:
         self.pipeline.use_vae(load_vae(self.dirs.resolve("vae", name)) if name else None, name or "")
 
     def generate(self, params: GenParams, progress=None, save: bool = True, interruptible: bool = True,
-                 folder: Path | None = None, stem: str = "", loras: str = "") -> Outcome:
+                 folder: Path | None = None, stem: str = "", loras: str = "", init_image=None,
+                 id_to: tuple[str, ...] = ("PNG info",)) -> Outcome:
         """Generate with the resident pipeline. LoRAs given in ``loras`` ("name:weight[:blocks],
         ..." — the UI's five LoRA slots) or as ``<lora:name:weight>`` in the prompt are added to the
-        weights for this generation only."""
+        weights for this generation only. ``init_image`` (PIL) makes it img2img. ``id_to`` is
+        SuperMerger's "save merged model ID to": "PNG info" writes the merge ID into the PNG
+        info, "image" draws it onto the picture."""
         if interruptible:
             self.stop_event.clear()
         rp = self.pipeline
         recipe = rp.recipe
         extra = {}
-        if self.history_id is not None:
-            extra["Merge ID"] = self.history_id
+        merge_id = self.history_id if "PNG info" in id_to else None
+        if merge_id is not None:
+            extra["Merge ID"] = merge_id
         if rp.vae_name:
             extra["VAE"] = rp.vae_name
         label = model_label(recipe) if recipe else rp.label
-        from .prompt import extract_lora_tags
+        from .pipeline.prompt import extract_lora_tags
         prompt, tags = extract_lora_tags(params.prompt)
         lora_text = ", ".join([x.strip() for x in (loras or "").split(",") if x.strip()] + tags)
         backup: dict = {}
@@ -186,17 +197,20 @@ class Workstation:
             from dataclasses import replace as _replace
             res = generate(rp, _replace(params, prompt=prompt), model_label=label,
                            model_hash=recipe.hash_a if recipe else "", extra_info=extra, progress=progress,
-                           should_stop=self.should_stop if interruptible else None)
+                           should_stop=self.should_stop if interruptible else None, init_image=init_image)
         finally:
             if backup:
                 rp.restore(backup)
+        if "image" in id_to and self.history_id is not None:
+            for im in res.images:
+                im.image = draw_merge_id(im.image, self.history_id)
         files = []
         if save:
             stem = stem or time.strftime("%Y%m%d-%H%M%S")
             for i, im in enumerate(res.images):
                 files.append(save_png(im.image, (folder or self.outputs / "images") / f"{stem}-{i:03}-{im.seed}.png",
                                       im.infotext, recipe.to_line() if recipe else "",
-                                      self.history_id if self.history_id else ""))
+                                      merge_id if merge_id is not None else ""))
         for im in res.images:
             im.image.info["parameters"] = im.infotext
         return Outcome(f"generated {len(res.images)} image(s)", Timings(generate=res.seconds), self.history_id,

@@ -97,7 +97,7 @@ def parse_axis(kind: str, text: str, name: str, arch: str, mode: str, models: li
                 raise MergeError(f"{name} axis: calcmode {v!r} does not work with {mode}")
         return Axis(kind, vals, vals)
     if kind == "prompt":     # labels: the prompt without its --w/--h/--s... options (those are in the PNG info)
-        from .prompt import parse_prompt_options
+        from .pipeline.prompt import parse_prompt_options
         vals = [ln.strip() for ln in text.splitlines() if ln.strip()]
         return Axis(kind, vals, [parse_prompt_options(v).prompt.strip()[:200] for v in vals])
     if kind == "random":

@@ -9,8 +9,8 @@ from .arch import detect_arch_of_file
 from .files.checkpoint_io import short_hash
 from .dice import DiceSettings, elist_csv, new_seed, roll
 from .errors import MergeError
-from .generate import GenParams
-from .pnginfo import save_png
+from .pipeline.generate import GenParams
+from .pipeline.pnginfo import save_png
 from .ratios import RatioPlan, parse_elemental
 from .recipe import Recipe
 from .xyz import Axis, Cell, check_axes_matter, grid_image, parse_axis, plan_cells

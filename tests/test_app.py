@@ -3,7 +3,7 @@ import torch
 
 import app
 from merger.demo import DEMO_CHECKPOINTS
-from merger.pipeline import ResidentPipeline, default_device
+from merger.pipeline.resident import ResidentPipeline, default_device
 
 
 def test_default_folder_gets_demo_models(tmp_path, monkeypatch):

@@ -171,7 +171,7 @@ def test_gallery_download_keeps_png_info(page, tmp_path):
     click_and_wait(page, "#gen", ("generated", "Error"))
     data = gallery_image(page)
     (tmp_path / "g.png").write_bytes(data)
-    from merger.pnginfo import read_png_info
+    from merger.pipeline.pnginfo import read_png_info
     info = read_png_info(tmp_path / "g.png")
     assert "Steps: 3" in info["parameters"] and "sdmw_recipe" in info
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from merger.calcmodes import calcmode_names, get_calcmode
 from merger.files.checkpoint_io import read_safetensors_header
-from merger.pnginfo import read_png_info
+from merger.pipeline.pnginfo import read_png_info
 from merger.recipe import Recipe
 from mergehistory import MergeHistory
 from tests.conftest import ROOT
@@ -268,4 +268,64 @@ def test_lora_tab_shows_list_and_metadata_at_once_and_keeps_its_own_output(page,
     page.check("#lora_overwrite input")
     msg = click_and_wait(page, "#lora_m_go", ("saved", "Error"), sel="#lora_status textarea")
     assert msg.startswith("saved"), msg
+    page.get_by_role("tab", name="Merge").click()
+
+
+def test_hires_img2img_merge_id_png_recall_inex_print_and_attn2(page, app, tmp_path):
+    """Runs last: it leaves a start image in the img2img box."""
+    page.get_by_role("tab", name="Merge").click()
+    pick(page, "#model_b", B)
+    page.fill("#alpha input", "0.35")
+    page.press("#alpha input", "Enter")
+    page.fill("#prompt textarea", "a red fox --w 64 --h 64 --s 4 --d 11")
+    page.click("#hires_accordion")
+    page.check("#hires input")
+    page.click("text=Save options")
+    page.locator("#id_to label", has_text="image").click()
+    msg = click_and_wait(page, "#merge_gen", ("generated", "Error"))
+    assert "generated 1 image" in msg, msg
+    info = page.input_value("#pnginfo textarea")
+    assert "Hires upscale: 2, Hires upscaler: Latent" in info and "Size: 64x64" in info and "Merge ID: " in info
+    merge_id = info.split("Merge ID: ")[1].split(",")[0].strip()
+    newest = max((app["data"] / "outputs" / "images").glob("*.png"), key=lambda p: p.stat().st_mtime)
+    from PIL import Image
+    assert Image.open(newest).size == (128, 128)
+    page.uncheck("#hires input")
+    # PNG info -> settings: change things, drop the PNG, get them back
+    page.fill("#alpha input", "0.9")
+    page.press("#alpha input", "Enter")
+    page.fill("#prompt textarea", "something else")
+    page.click("#png_in_accordion")
+    page.set_input_files("#png_in input[type=file]", str(newest))
+    page.wait_for_function("document.querySelector('#status textarea').value.startsWith('loaded merge')",
+                           timeout=30_000)
+    assert "x 0.35" in page.input_value("#status textarea")
+    page.wait_for_function("document.querySelector('#alpha input').value === '0.35'")
+    assert page.input_value("#prompt textarea") == "a red fox"
+    assert page.is_checked("#hires input")
+    # img2img from an uploaded picture
+    page.uncheck("#hires input")
+    start = tmp_path / "start.png"
+    Image.new("RGB", (90, 70), (200, 40, 40)).save(start)
+    page.click("#img2img_accordion")
+    page.set_input_files("#init_image input[type=file]", str(start))
+    page.wait_for_selector("#init_image img")
+    page.fill("#prompt textarea", "a red fox --w 64 --h 64 --s 4 --d 11")
+    msg = click_and_wait(page, "#gen", ("generated", "Error"))
+    assert "generated 1 image" in msg, msg
+    assert "Denoising strength: 0.7" in page.input_value("#pnginfo textarea")
+    assert f"Merge ID: {merge_id}" in page.input_value("#pnginfo textarea")
+    # include / exclude "print"
+    page.get_by_text("Elemental, include / exclude, adjust").click()
+    page.locator("#inex label", has_text="Exclude").click()
+    page.fill("#inex_text textarea", "IN01")
+    msg = click_and_wait(page, "#inex_print", ("kept as model A's", "Error"))
+    assert msg.endswith("merged") and "model.diffusion_model.input_blocks.1." in page.input_value("#inex_keys textarea")
+    page.locator("#inex label", has_text="Off").click()
+    # Analysis: attn2 per block
+    page.get_by_role("tab", name="Analysis").click()
+    page.locator("#analysis_go").wait_for(state="visible")
+    page.get_by_label("cosine (attn2 per block)").check()
+    msg = click_and_wait(page, "#analysis_go", ("blocks", "Error"), sel="#analysis_status textarea")
+    assert msg == "cosine (attn2 per block): 16 blocks", msg
     page.get_by_role("tab", name="Merge").click()

@@ -14,7 +14,7 @@ from merger.blocks import block_of
 from merger.files.checkpoint_io import Checkpoint
 from merger.demo import demo_lora
 from merger.errors import MergeError
-from merger.pipeline import ResidentPipeline
+from merger.pipeline.resident import ResidentPipeline
 from merger.synthetic import random_checkpoint
 
 
@@ -294,7 +294,7 @@ def ws(tmp_path):
 
 
 def test_prompt_lora_tags():
-    from merger.prompt import extract_lora_tags
+    from merger.pipeline.prompt import extract_lora_tags
     text, tags = extract_lora_tags("a cat, <lora:style:0.8>, on a mat <lora:char:1:lbw=OUTALL>")
     assert text == "a cat, on a mat" and tags == ["style:0.8", "char:1:OUTALL"]
     with pytest.raises(MergeError, match="must be a number"):
@@ -302,7 +302,7 @@ def test_prompt_lora_tags():
 
 
 def test_recipe_loras_merge_history_and_save(ws):
-    from merger.generate import GenParams
+    from merger.pipeline.generate import GenParams
     from merger.recipe import Recipe
     r = ws.recipe("demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors", alpha=0.3,
                   loras="demo-sd1-tiny-lora:0.8:OUTALL")
@@ -327,7 +327,7 @@ def test_recipe_loras_merge_history_and_save(ws):
 def test_loras_at_generation_change_the_image_and_leave_the_merge(ws):
     import numpy as np
 
-    from merger.generate import GenParams
+    from merger.pipeline.generate import GenParams
     ws.merge(ws.recipe("demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors", alpha=0.5))
     before = {n: p.clone() for n, p in ws.pipeline.modules["unet"].named_parameters()}
     g = dict(prompt="a cat", steps=2, width=64, height=64, seed=1)

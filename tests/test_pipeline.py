@@ -10,11 +10,11 @@ from merger.files.checkpoint_io import Checkpoint, load_checkpoint
 from merger.demo import DEMO_CHECKPOINTS, DEMO_LORA, DEMO_VAE, ensure_demo_models
 from merger.engine import merge, plan_merge
 from merger.errors import MergeError, MergeStopped
-from merger.generate import SAMPLERS, GenParams, encode_prompt, generate
+from merger.pipeline.generate import SAMPLERS, GenParams, encode_prompt, generate
 from merger.files.model_dirs import ModelDirs
-from merger.pipeline import ResidentPipeline, spec_for, storage_dtypes
-from merger.pipeline_config import clip_vocab
-from merger.pnginfo import read_png_info
+from merger.pipeline.resident import ResidentPipeline, spec_for, storage_dtypes
+from merger.pipeline.pipeline_config import clip_vocab
+from merger.pipeline.pnginfo import read_png_info
 from merger.recipe import Recipe
 from merger.files.saving import SaveOptions, save_tensors
 from merger.synthetic import random_checkpoint

@@ -4,7 +4,7 @@ import pytest
 from PIL import ImageFont
 
 from merger.errors import MergeError
-from merger.generate import GenParams
+from merger.pipeline.generate import GenParams
 from merger.xyz import Axis, grid_image, wrap_label
 from merger.xyz_run import PlotSpec, prepare
 

@@ -9,7 +9,7 @@ import pytest
 
 from merger.errors import MergeError
 from merger.files.saving import SaveOptions, clean_stale_temps, save_tensors
-from merger.generate import GenParams
+from merger.pipeline.generate import GenParams
 from merger.xyz_run import PlotSpec, estimate, prepare, run
 from ui import forms
 

@@ -9,10 +9,10 @@ from merger.demo import ensure_demo_models
 from merger.dice import DiceSettings, roll
 from merger.engine import plan_merge
 from merger.errors import MergeError
-from merger.generate import GenParams
+from merger.pipeline.generate import GenParams
 from merger.files.model_dirs import ModelDirs
-from merger.pipeline import ResidentPipeline
-from merger.pnginfo import read_png_info
+from merger.pipeline.resident import ResidentPipeline
+from merger.pipeline.pnginfo import read_png_info
 from merger.recipe import Recipe
 from merger.reservations import ReservationQueue
 from merger.synthetic import random_checkpoint

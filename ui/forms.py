@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from merger.blocks import BLOCKS_SD, BLOCKS_XL
 from merger.errors import MergeError
-from merger.generate import GenParams
+from merger.pipeline.generate import GenParams
 from merger.presets import parse_vector
 from merger.ratios import split_inex
 from merger.recipe import MODE_LABELS, Recipe
@@ -18,7 +18,7 @@ ADJUST_LABELS = ["IN", "OUT", "OUT2", "CONT", "BRI", "COL1", "COL2", "COL3"]
 RECIPE_KEYS = ["arch", "a", "b", "c", "mode", "calcmode", "alpha", "beta", "gamma", "use_mbw", "mbw_a", "mbw_b",
                "elemental", "inex", "inex_text", "adjust", "loras"]
 GEN_KEYS = ["prompt", "negative", "steps", "cfg", "seed", "width", "height", "batch_count", "batch_size",
-            "clip_skip", "sampler"]
+            "clip_skip", "sampler", "hires", "hires_scale", "hires_upscaler", "hires_steps", "denoise"]
 
 
 NONE = "(none)"
@@ -106,6 +106,14 @@ def recipe_arch(recipe: Recipe, detected: str | None) -> str:
     return "sdxl" if recipe.mbw_alpha is not None and len(recipe.mbw_alpha) == len(BLOCKS_XL) else "sd1"
 
 
+def gen_to_widgets(gen: dict) -> dict:
+    """Generation widget values from PNG info settings (only the fields it had)."""
+    out = {k: v for k, v in gen.items() if k in GEN_KEYS}
+    if "hires_scale" in gen:
+        out["hires"] = gen["hires_scale"] != 1.0
+    return out
+
+
 def save_options(flags: list[str], vae_path: str | None = None) -> SaveOptions:
     return SaveOptions(fmt="safetensors" if "safetensors" in flags else "ckpt", fp16="fp16" in flags,
                        prune="prune" in flags, save_metadata="save metadata" in flags,
@@ -113,12 +121,14 @@ def save_options(flags: list[str], vae_path: str | None = None) -> SaveOptions:
 
 
 def gen_params(prompt, negative, steps, cfg, seed, width, height, batch_count, batch_size, clip_skip,
-               sampler) -> GenParams:
+               sampler, hires=False, hires_scale=2.0, hires_upscaler="Latent", hires_steps=0, denoise=0.7) -> GenParams:
     w = {name: number(v, name, whole=True) for name, v in (
         ("steps", steps), ("seed", seed), ("width", width), ("height", height), ("batch count", batch_count),
         ("batch size", batch_size), ("clip skip", clip_skip))}
     p = GenParams(prompt=prompt or "", negative=negative or "", steps=w["steps"], cfg=number(cfg, "CFG scale"),
                   seed=w["seed"], width=w["width"], height=w["height"], batch_count=w["batch count"],
-                  batch_size=w["batch size"], clip_skip=w["clip skip"], sampler=sampler)
+                  batch_size=w["batch size"], clip_skip=w["clip skip"], sampler=sampler,
+                  hires_scale=number(hires_scale, "hires upscale") if hires else 1.0, hires_upscaler=hires_upscaler,
+                  hires_steps=number(hires_steps, "hires steps", whole=True), denoise=number(denoise, "denoising strength"))
     p.with_prompt_options().check()        # before anything is merged: a bad seed must not cost a merge
     return p

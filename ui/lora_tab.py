@@ -8,7 +8,7 @@ import pandas as pd
 from lora_ops.catalog import lora_table
 from lora_ops.formats import metadata_table
 from merger.errors import MergeError
-from merger.prompt import extract_lora_tags
+from merger.pipeline.prompt import extract_lora_tags
 
 from .common import progress_cb, safe
 

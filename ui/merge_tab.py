@@ -7,7 +7,9 @@ import gradio as gr
 from merger.arch import detect_arch_of_file
 from merger.blocks import BLOCKS_SD
 from merger.calcmodes import calcmode_names, get_calcmode
-from merger.generate import SAMPLERS
+from merger.files.saving import model_label
+from merger.pipeline.generate import HIRES_UPSCALERS, SAMPLERS
+from merger.pipeline.pnginfo import settings_from_png
 from merger.presets import presets
 from merger.recipe import MODES_WITH_BETA
 
@@ -70,8 +72,13 @@ def build(ws):
                 c["elemental"] = gr.Textbox(label="Elemental (blocks:elements:ratio, one per line)", lines=2,
                                             elem_id="elemental")
                 with gr.Row():
-                    c["inex"] = gr.Radio(forms.INEX_CHOICES, value="off", label="Include / Exclude")
-                    c["inex_text"] = gr.Textbox(label="blocks (IN01 OUT03-OUT05 VAE Adjust) and key substrings")
+                    c["inex"] = gr.Radio(forms.INEX_CHOICES, value="off", label="Include / Exclude", elem_id="inex")
+                    c["inex_text"] = gr.Textbox(label="blocks (IN01 OUT03-OUT05 VAE Adjust) and key substrings",
+                                                elem_id="inex_text")
+                with gr.Row():
+                    c["inex_print"] = gr.Button("List the keys this include/exclude keeps (print)", elem_id="inex_print")
+                c["inex_keys"] = gr.Textbox(label="Include / exclude: keys kept as model A's", lines=6, max_lines=20,
+                                            interactive=False, elem_id="inex_keys")
                 c["loras"] = gr.Textbox(label="LoRAs merged on top: name:ratio[:blocks], ...", elem_id="merge_loras")
                 c["adjust"] = gr.Textbox(label="Adjust: IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3",
                                          value="0,0,0,0,0,0,0,0", elem_id="adjust")
@@ -83,6 +90,12 @@ def build(ws):
                 with gr.Row():
                     c["bake_vae"] = gr.Dropdown([None] + ws.dirs.vaes(), value=None, label="Bake in VAE")
                     c["custom_name"] = gr.Textbox(label="Custom name (optional)", elem_id="custom_name")
+                    c["id_to"] = gr.CheckboxGroup(["image", "PNG info"], value=["PNG info"],
+                                                  label="save merged model ID to", elem_id="id_to")
+            with gr.Accordion("PNG info → settings", open=False, elem_id="png_in_accordion"):
+                c["png_in"] = gr.Image(type="pil", label="Drop a PNG made here (or by A1111 with SuperMerger): its "
+                                       "merge and generation settings are loaded", sources=["upload", "clipboard"],
+                                       elem_id="png_in", height=200)
             with gr.Row():
                 c["merge"] = gr.Button("Merge", elem_id="merge")
                 c["merge_gen"] = gr.Button("Merge and Gen", variant="primary", elem_id="merge_gen")
@@ -110,6 +123,21 @@ def build(ws):
                 c["batch_count"] = gr.Slider(1, 100, value=1, step=1, label="Batch count")
                 c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size")
                 c["vae"] = gr.Dropdown([BAKED] + ws.dirs.vaes(), value=BAKED, label="VAE")
+            with gr.Accordion("Hires. fix", open=False, elem_id="hires_accordion"):
+                with gr.Row():
+                    c["hires"] = gr.Checkbox(label="Hires. fix", value=False, elem_id="hires")
+                    c["hires_upscaler"] = gr.Dropdown(list(HIRES_UPSCALERS), value="Latent", label="Upscaler",
+                                                      elem_id="hires_upscaler")
+                with gr.Row():
+                    c["hires_scale"] = gr.Slider(1, 4, value=2.0, step=0.05, label="Upscale by", elem_id="hires_scale")
+                    c["hires_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0 = same)",
+                                                 elem_id="hires_steps")
+                    c["denoise"] = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength (hires, img2img)",
+                                             elem_id="denoise")
+            with gr.Accordion("img2img: start from an image", open=False, elem_id="img2img_accordion"):
+                c["init_image"] = gr.Image(type="pil", label="Start image (resized to width × height; denoising "
+                                           "strength above)", sources=["upload", "clipboard"], elem_id="init_image",
+                                           height=220)
             with gr.Accordion("LoRAs at generation (up to 5; <lora:name:weight> in the prompt also works)",
                               open=False, elem_id="gen_loras"):
                 c["gen_loras"] = []
@@ -198,19 +226,21 @@ def _wire(ws, c):
             msg += f"; {saved.message}"
         return msg, out.timings
 
-    def do_gen(gen_args, vae, progress, loras=()):
+    def do_gen(gen_args, vae, init_image, id_to, progress, loras=()):
         ws.set_vae(None if vae == BAKED else vae)
         text = ", ".join(f"{n}:{w:g}" for n, w in zip(loras[::2], loras[1::2]) if n)
-        out = ws.generate(forms.gen_params(*gen_args), progress=progress_cb(progress, "generating"), loras=text)
+        out = ws.generate(forms.gen_params(*gen_args), progress=progress_cb(progress, "generating"), loras=text,
+                          init_image=init_image, id_to=tuple(id_to or ()))
         # the saved PNG files (with their PNG info), so a download from the gallery keeps it
         images = [(str(f), f"seed {im.seed}") for f, im in zip(out.files, out.result.images)]
         return images, out.result.images[0].infotext if images else "", out.timings
 
     n_rec, n_gen = len(recipe_inputs), len(gen_inputs)
-    gen_inputs = gen_inputs + [c["vae"]] + c["gen_loras"]     # prompt ... sampler, VAE, 5 LoRA slots
+    # prompt ... denoise, VAE, start image, merge ID option, 5 LoRA slots
+    gen_inputs = gen_inputs + [c["vae"], c["init_image"], c["id_to"]] + c["gen_loras"]
 
     def run_gen(args, progress):
-        return do_gen(args[:n_gen], args[n_gen], progress, args[n_gen + 1:])
+        return do_gen(args[:n_gen], *args[n_gen:n_gen + 3], progress, args[n_gen + 3:])
     c["run_gen"], c["gen_inputs"], c["gen_outputs"] = run_gen, gen_inputs, [c["gallery"], c["info"]]
 
     @safe(3)
@@ -249,25 +279,46 @@ def _wire(ws, c):
     c["clear_cache"].click(lambda: ws.clear_cache(), None, c["status"])
 
     widget_keys = forms.RECIPE_KEYS[1:]      # everything but the detected architecture
-    load_outputs = [c["status"]] + [c[k] for k in widget_keys] + [c["arch"]] + c["sliders"] + c["adjust_sliders"] \
-        + [c["beta_box"]]
+    recipe_outputs = [c[k] for k in widget_keys] + [c["arch"]] + c["sliders"] + c["adjust_sliders"] + [c["beta_box"]]
 
-    @safe(len(load_outputs))
-    def load_settings(ref):
-        """Every merge widget from a history row, consistently: the calcmode with its mode's
-        choices, β/γ shown as the mode needs, the MBW sliders of the model's architecture."""
-        row = ws.history.get(ref)
-        recipe = ws.history.recipe(ref)
+    def recipe_updates(recipe) -> list:
+        """Every merge widget from a recipe, consistently: the calcmode with its mode's choices,
+        β/γ shown as the mode needs, the MBW sliders of the model's architecture."""
         values = forms.recipe_to_widgets(recipe)
-        names = calcmode_names(recipe.mode)
-        values["calcmode"] = gr.update(choices=names, value=recipe.calcmode)
-        values["beta"] = recipe.beta
+        values["calcmode"] = gr.update(choices=calcmode_names(recipe.mode), value=recipe.calcmode)
         values["gamma"] = gr.update(value=recipe.gamma, visible=recipe.calcmode == "extract")
         arch = forms.recipe_arch(recipe, model_a_arch(recipe.model_a))
-        shown = forms.visible_blocks(arch)
         sliders = forms.text_to_sliders(values["mbw_a"], arch) if values["mbw_a"] else [0.5] * 26
-        adjust = forms.adjust_values(values["adjust"])
-        return (f"loaded settings of merge #{row['id']}: {row['label']}", *[values[k] for k in widget_keys], arch,
-                *[gr.update(value=v, visible=s) for v, s in zip(sliders, shown)], *adjust,
-                gr.update(visible=recipe.uses_beta()))
-    c["load_btn"].click(load_settings, c["load_id"], load_outputs)
+        return ([values[k] for k in widget_keys] + [arch]
+                + [gr.update(value=v, visible=s) for v, s in zip(sliders, forms.visible_blocks(arch))]
+                + forms.adjust_values(values["adjust"]) + [gr.update(visible=recipe.uses_beta())])
+
+    @safe(1 + len(recipe_outputs))
+    def load_settings(ref):
+        row = ws.history.get(ref)
+        return (f"loaded settings of merge #{row['id']}: {row['label']}", *recipe_updates(ws.history.recipe(ref)))
+    c["load_btn"].click(load_settings, c["load_id"], [c["status"]] + recipe_outputs)
+
+    @safe(2)
+    def inex_print(*args):
+        recipe = forms.build_recipe(ws, *args)
+        merged, kept = ws.inex_keys(recipe)
+        head = f"{len(kept)} key(s) kept as model A's, {len(merged)} merged"
+        return head, head + ("\n" + "\n".join(kept) if kept else "")
+    c["inex_print"].click(inex_print, recipe_inputs, [c["status"], c["inex_keys"]])
+
+    gen_keys = forms.GEN_KEYS
+
+    @safe(1 + len(recipe_outputs) + len(gen_keys))
+    def png_dropped(image):
+        """PNG info in, settings out: the merge (exact recipe, or SuperMerger's description) and
+        the generation settings of a picture."""
+        if image is None:
+            return ("", *[gr.update()] * (len(recipe_outputs) + len(gen_keys)))
+        recipe, gen, notes = settings_from_png(dict(image.info), ws.dirs.checkpoints())
+        gen_values = forms.gen_to_widgets(gen)
+        merge = recipe_updates(recipe) if recipe is not None else [gr.update()] * len(recipe_outputs)
+        what = (f"merge ({model_label(recipe)}) and " if recipe is not None else "") + "generation settings"
+        return (f"loaded {what} from the PNG" + "".join(f"; note: {n}" for n in notes), *merge,
+                *[gen_values.get(k, gr.update()) for k in gen_keys])
+    c["png_in"].upload(png_dropped, c["png_in"], [c["status"]] + recipe_outputs + [c[k] for k in gen_keys])

@@ -75,7 +75,7 @@ def analysis_tab(ws):
         ck = ws.dirs.checkpoints()
         a = gr.Dropdown(ck, value=ck[0] if ck else None, label="Model A", elem_id="analysis_a")
         b = gr.Dropdown(ck, value=ck[1] if len(ck) > 1 else None, label="Model B", elem_id="analysis_b")
-        how = gr.Radio(["cosine (mean per block)", "cosine (min per block)", "ASimilarity"],
+        how = gr.Radio(["cosine (mean per block)", "cosine (min per block)", "cosine (attn2 per block)", "ASimilarity"],
                        value="cosine (mean per block)", label="Measure")
         parts = gr.CheckboxGroup(["U-Net", "text encoder", "VAE"], value=["U-Net", "text encoder"], label="Parts")
         go = gr.Button("Compare", elem_id="analysis_go")
@@ -93,7 +93,8 @@ def analysis_tab(ws):
             blocks = asimilarity(A.tensors, B.tensors, arch)
             rows = [(blk, "", v) for blk, v in blocks]
         else:
-            blocks = block_cosines(A.tensors, B.tensors, arch, tuple(parts), "min" if "min" in measure else "mean")
+            how_blocks = next(h for h in ("min", "attn2", "mean") if h in measure)
+            blocks = block_cosines(A.tensors, B.tensors, arch, tuple(parts), how_blocks)
             rows = [(blk, "", v) for blk, v in blocks] + list(tensor_cosines(A.tensors, B.tensors, arch, tuple(parts)))
         bars = pd.DataFrame(blocks, columns=["block", "similarity"])
         return f"{measure}: {len(blocks)} blocks", bars, pd.DataFrame(rows, columns=["block", "key", "similarity"])

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .arch import ARCH_NAMES, detect_arch
-from .files.checkpoint_io import Checkpoint
-from .engine import MergePlan, check_inputs, iter_merge
-from .errors import MergeError
+from ..arch import ARCH_NAMES, detect_arch
+from ..files.checkpoint_io import Checkpoint
+from ..engine import MergePlan, check_inputs, iter_merge
+from ..errors import MergeError
 from .keymap import Target, component_of, targets_for
-from .ldm_layout import sized_layout, sized_params
+from ..ldm_layout import sized_layout, sized_params
 from .pipeline_config import pipeline_folder
-from .tensor_ops import ReusableBuffer
+from ..tensor_ops import ReusableBuffer
 from .weight_storage import store_low_precision
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from .errors import MergeError, MergeStopped
+from ..errors import MergeError, MergeStopped
 from .prompt import BREAK, parse_attention, parse_prompt_options
 
+HIRES_UPSCALERS = ("Latent", "Lanczos")
 SAMPLERS = {
     # A1111 name: (diffusers scheduler class, config overrides)
     "Euler": ("EulerDiscreteScheduler", {}),
@@ -39,6 +41,18 @@ class GenParams:
     batch_size: int = 1
     clip_skip: int = 1
     sampler: str = "Euler a"
+    hires_scale: float = 1.0          # A1111 hires fix: 1 = off, else the second pass' size factor
+    hires_upscaler: str = "Latent"    # "Latent" (latents resized) or "Lanczos" (decoded image resized)
+    hires_steps: int = 0              # 0 = as many as the first pass
+    denoise: float = 0.7              # A1111 "Denoising strength": hires second pass and img2img
+
+    @property
+    def hires(self) -> bool:
+        return self.hires_scale != 1.0
+
+    def hires_size(self) -> tuple[int, int]:
+        """The second pass' (width, height), multiples of 8 as A1111 rounds them."""
+        return (int(self.width * self.hires_scale) // 8 * 8, int(self.height * self.hires_scale) // 8 * 8)
 
     def with_prompt_options(self) -> "GenParams":
         """Apply sd-scripts options written in the prompt line (``--n --w --h --d --l --s``)."""
@@ -60,6 +74,16 @@ class GenParams:
                 raise MergeError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
         if self.width % 8 or self.height % 8:
             raise MergeError(f"width and height must be multiples of 8, got {self.width}x{self.height}")
+        if self.hires_upscaler not in HIRES_UPSCALERS:
+            raise MergeError(f"hires upscaler must be one of {', '.join(HIRES_UPSCALERS)}, got {self.hires_upscaler!r}")
+        if not isinstance(self.hires_scale, (int, float)) or not 1 <= self.hires_scale <= 4:
+            raise MergeError(f"hires upscale must be a number from 1 (off) to 4, got {self.hires_scale!r}")
+        if self.hires and max(self.hires_size()) > 4096:
+            raise MergeError(f"hires fix would make {self.hires_size()[0]}x{self.hires_size()[1]}: at most 4096 per side")
+        if not isinstance(self.hires_steps, int) or not 0 <= self.hires_steps <= 500:
+            raise MergeError(f"hires steps must be a whole number from 0 (same as steps) to 500, got {self.hires_steps!r}")
+        if not isinstance(self.denoise, (int, float)) or not 0 <= self.denoise <= 1:
+            raise MergeError(f"denoising strength must be from 0 to 1, got {self.denoise!r}")
         last = MAX_SEED - self.batch_count * self.batch_size + 1
         if not isinstance(self.seed, int) or not (self.seed == -1 or 0 <= self.seed <= last):
             raise MergeError(f"seed must be -1 (random) or a whole number from 0 to {last}, got {self.seed!r}")
@@ -145,8 +169,10 @@ def scheduler_for(pipe, sampler: str):
 
 
 # ----------------------------------------------------------------------------- generation
-def infotext(p: GenParams, seed: int, model: str, model_hash: str, extra: dict | None = None) -> str:
-    """A1111 ``parameters`` text, which A1111's PNG Info tab reads back."""
+def infotext(p: GenParams, seed: int, model: str, model_hash: str, extra: dict | None = None,
+             img2img: bool = False) -> str:
+    """A1111 ``parameters`` text, which A1111's PNG Info tab (and :func:`pnginfo.settings_from_png`)
+    reads back. Hires fix and img2img add A1111's ``Denoising strength`` / ``Hires ...`` fields."""
     lines = [p.prompt]
     if p.negative:
         lines.append(f"Negative prompt: {p.negative}")
@@ -154,16 +180,72 @@ def infotext(p: GenParams, seed: int, model: str, model_hash: str, extra: dict |
               "Size": f"{p.width}x{p.height}", "Model hash": model_hash, "Model": model}
     if p.clip_skip > 1:
         fields["Clip skip"] = p.clip_skip
+    if img2img or p.hires:
+        fields["Denoising strength"] = f"{p.denoise:g}"
+    if p.hires and not img2img:
+        fields.update({"Hires upscale": f"{p.hires_scale:g}", "Hires steps": p.hires_steps or None,
+                       "Hires upscaler": p.hires_upscaler})
     fields.update(extra or {})
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v not in (None, "")))
     return "\n".join(lines)
 
 
+def _img2img(pipe):
+    """An img2img pipeline on the same modules (no weights copied or cast, tested; made per
+    call, so it always uses the pipeline's current VAE and weights). diffusers' and transformers'
+    notes while assembling it (dtype casts it does not do, torchvision-less image processors)
+    are silenced."""
+    import diffusers
+    import transformers
+    from diffusers import AutoPipelineForImage2Image
+    levels = diffusers.logging.get_verbosity(), transformers.logging.get_verbosity()
+    diffusers.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    try:
+        i2i = AutoPipelineForImage2Image.from_pipe(pipe)
+    finally:
+        diffusers.logging.set_verbosity(levels[0])
+        transformers.logging.set_verbosity(levels[1])
+    i2i.set_progress_bar_config(disable=True)
+    return i2i
+
+
+@contextmanager
+def _vae_kept_as_is(vae, on_cpu: bool):
+    """SDXL's img2img casts the VAE to fp32 for encoding when ``force_upcast`` is set, and leaves
+    it there: on the CPU, which computes in fp32 anyway (held fp16 weights are upcast layer by
+    layer), that only doubles the VAE's memory for good. There it is switched off for the call."""
+    if not (on_cpu and vae.config.get("force_upcast")):
+        yield
+        return
+    vae.register_to_config(force_upcast=False)
+    try:
+        yield
+    finally:
+        vae.register_to_config(force_upcast=True)
+
+
+def upscale_latents(latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """A1111's "Latent" hires upscaler: bilinear resize of the latents to the second pass' size."""
+    return torch.nn.functional.interpolate(latents, size=(height // 8, width // 8), mode="bilinear",
+                                           align_corners=False)
+
+
 def generate(rp, params: GenParams, *, model_label: str = "", model_hash: str = "",
-             extra_info: dict | None = None, progress=None, should_stop=None) -> GenResult:
-    """Generate ``batch_count × batch_size`` images; image i of the run uses seed + i (A1111)."""
+             extra_info: dict | None = None, progress=None, should_stop=None, init_image=None) -> GenResult:
+    """Generate ``batch_count × batch_size`` images; image i of the run uses seed + i (A1111).
+
+    ``init_image`` (a PIL image) makes it img2img: the image is resized to width × height and
+    noised by ``denoise``. Otherwise, with ``hires_scale`` > 1, A1111's hires fix: the first pass
+    at width × height, then its latents ("Latent") or its decoded image ("Lanczos") are resized
+    and a second img2img pass with ``denoise`` and ``hires_steps`` refines them."""
     p = params.with_prompt_options()
     p.check()
+    for what, steps in (("img2img", p.steps if init_image is not None else None),
+                        ("the hires pass", (p.hires_steps or p.steps) if p.hires and init_image is None else None)):
+        if steps is not None and int(steps * p.denoise) < 1:      # diffusers runs int(steps × strength) steps
+            raise MergeError(f"{what} would run no step: {steps} steps × denoising strength {p.denoise:g} < 1; "
+                             f"raise the steps or the denoising strength")
     t0 = time.perf_counter()
     with rp.lock:
         rp.check_ready()
@@ -173,31 +255,59 @@ def generate(rp, params: GenParams, *, model_label: str = "", model_hash: str = 
         neg, npooled, m = encode_prompt(pipe, arch, p.negative, p.clip_skip, n)
         if m > n:
             pos, pooled, _ = encode_prompt(pipe, arch, p.prompt, p.clip_skip, m)
-        pipe.scheduler = scheduler_for(pipe, p.sampler)
+        second = init_image is not None or p.hires
+        i2i = _img2img(pipe) if second else None
+        for pl in (pipe, i2i):
+            if pl is not None:
+                pl.scheduler = scheduler_for(pipe, p.sampler)
+        steps2 = int((p.hires_steps or p.steps) * p.denoise) if p.hires and init_image is None else 0
+        per_batch = (int(p.steps * p.denoise) if init_image is not None else p.steps) + steps2
+        total, done = p.batch_count * per_batch, [0]
         result = GenResult()
-        total = p.batch_count * p.steps
         for batch in range(p.batch_count):
             if should_stop is not None and should_stop():
                 raise MergeStopped("generation stopped by user")
             seeds = [seed + batch * p.batch_size + i for i in range(p.batch_size)]
-            gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-            kw = dict(prompt_embeds=pos, negative_prompt_embeds=neg, num_inference_steps=p.steps,
-                      guidance_scale=p.cfg, width=p.width, height=p.height, generator=gens,
-                      num_images_per_prompt=p.batch_size)
+            common = dict(prompt_embeds=pos, negative_prompt_embeds=neg, guidance_scale=p.cfg,
+                          num_images_per_prompt=p.batch_size)
             if arch == "sdxl":
-                kw.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=npooled)
+                common.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=npooled)
 
-            def on_step(_pipe, step, _t, cb_kwargs, batch=batch):
+            def on_step(_pipe, step, _t, cb_kwargs):
+                done[0] += 1
                 if progress:
-                    progress(batch * p.steps + step + 1, total, "generating")
+                    progress(min(done[0], total), total, "generating")
                 if should_stop is not None and should_stop():
                     _pipe._interrupt = True
                 return cb_kwargs
-            images = pipe(**kw, callback_on_step_end=on_step).images
-            if getattr(pipe, "_interrupt", False):
-                pipe._interrupt = False
-                raise MergeStopped("generation stopped by user")
+
+            def run(pl, **kw):
+                gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+                with _vae_kept_as_is(pipe.vae, pipe.device.type == "cpu"):
+                    out = pl(**common, **kw, generator=gens, callback_on_step_end=on_step).images
+                if getattr(pl, "_interrupt", False):
+                    pl._interrupt = False
+                    raise MergeStopped("generation stopped by user")
+                return out
+            if init_image is not None:
+                from PIL import Image
+                start = init_image.convert("RGB").resize((p.width, p.height), Image.LANCZOS)
+                images = run(i2i, image=start, strength=p.denoise, num_inference_steps=p.steps)
+            elif p.hires:
+                w2, h2 = p.hires_size()
+                latent = p.hires_upscaler == "Latent"
+                first = run(pipe, num_inference_steps=p.steps, width=p.width, height=p.height,
+                            output_type="latent" if latent else "pil")
+                if latent:
+                    start = upscale_latents(first, w2, h2)
+                else:
+                    from PIL import Image
+                    start = [im.resize((w2, h2), Image.LANCZOS) for im in first]
+                images = run(i2i, image=start, strength=p.denoise, num_inference_steps=p.hires_steps or p.steps)
+            else:
+                images = run(pipe, num_inference_steps=p.steps, width=p.width, height=p.height)
             for img, s in zip(images, seeds):
-                result.images.append(GenImage(img, s, infotext(p, s, model_label, model_hash, extra_info)))
+                result.images.append(GenImage(img, s, infotext(p, s, model_label, model_hash, extra_info,
+                                                               img2img=init_image is not None)))
         result.seconds = time.perf_counter() - t0
         return result

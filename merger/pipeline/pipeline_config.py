@@ -12,9 +12,9 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .files.paths import data_dir
+from ..files.paths import data_dir
 
-VOCAB_GZ = Path(__file__).with_name("data") / "bpe_simple_vocab_16e6.txt.gz"
+VOCAB_GZ = Path(__file__).resolve().parents[1] / "data" / "bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 48894  # lines 2 .. 48,895 of the vocabulary file
 
 

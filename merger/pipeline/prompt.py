@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import MergeError
+from ..errors import MergeError
 
 BREAK = "BREAK"
 _TOKEN = re.compile(r"""
