@@ -7,6 +7,7 @@ from pathlib import Path
 
 from merger.arch import detect_arch
 from merger.files.checkpoint_io import load_checkpoint
+from merger.cli import join_negative_values
 from merger.errors import run_cli
 from merger.files.saving import SaveOptions, save_tensors
 
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     ml.add_argument("--new-conv-rank", type=int)
     ml.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], default="fp16")
     ml.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32", help="calculation precision")
+    ml.add_argument("--clamp-quantile", type=float, default=0.99,
+                    help="svd: clamp the factors' values at this quantile (kohya's default 0.99; 1 = no clamp)")
     ml.add_argument("--metadata", choices=["create new", "merge", "save all", "use first LoRA"], default="create new")
     ml.add_argument("--overwrite", action="store_true")
     el = sub.add_parser("extract-loras", help="(dis)similar features of two LoRAs (SuperMerger extract)")
@@ -60,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], default="fp16")
     ex.add_argument("--output", required=True)
     ex.add_argument("--overwrite", action="store_true")
+    dy = sub.add_parser("extract-dylora", help="a fixed-rank LoRA from a DyLoRA file (sd-scripts' DyLoRA split)")
+    dy.add_argument("--lora", required=True, help="the DyLoRA file")
+    dy.add_argument("--rank", type=int, required=True, help="a multiple of its unit, at most its dim")
+    dy.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], default="fp16")
+    dy.add_argument("--output", required=True)
+    dy.add_argument("--overwrite", action="store_true")
     return p
 
 
@@ -69,7 +78,8 @@ def cli_lora_path(folder: str, name: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    import sys
+    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv)))
     return run_cli(lambda: _run(args))
 
 
@@ -87,7 +97,8 @@ def _run(args) -> None:
         from .merge_loras import merge_lora_set, merged_metadata, parse_ratio_list
         pairs = [(load_lora(cli_lora_path(args.lora_dir, n)), r) for n, r in parse_ratio_list(args.loras)]
         sd = merge_lora_set(pairs, args.method, same_strength=args.same_strength, shuffle=args.shuffle,
-                            new_rank=args.new_rank, new_conv_rank=args.new_conv_rank, precision=args.precision)
+                            new_rank=args.new_rank, new_conv_rank=args.new_conv_rank, precision=args.precision,
+                            clamp_quantile=args.clamp_quantile)
         meta = merged_metadata(pairs, args.metadata, {"ss_network_module": "networks.lora",
                                                       "sdmw_merged_from": args.loras, "sdmw_method": args.method}, sd)
         print(save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
@@ -96,6 +107,10 @@ def _run(args) -> None:
         sd = extract_from_loras(load_lora(args.lora_b), load_lora(args.lora_c), args.alpha, args.beta,
                                 args.gamma, args.rank)
         print(save_lora(args.output, sd, {"ss_network_module": "networks.lora"}, "fp16", args.overwrite))
+    elif args.command == "extract-dylora":
+        from .dylora import extract_dylora_rank
+        sd, meta = extract_dylora_rank(load_lora(args.lora), args.rank)
+        print(save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
     elif args.command == "extract":
         from .extract import extract_lora
         a, b = load_checkpoint(args.model_a), load_checkpoint(args.model_b)

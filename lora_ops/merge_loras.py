@@ -39,23 +39,27 @@ def parse_ratio_list(text: str) -> list[tuple[str, float]]:
 
 def merge_lora_set(pairs: list[tuple[LoraFile, float]], method: str, *, same_strength: bool = False,
                    shuffle: bool = False, new_rank: int = 64, new_conv_rank: int | None = None,
-                   precision: str = "fp32") -> dict[str, torch.Tensor]:
+                   precision: str = "fp32", clamp_quantile: float = 0.99) -> dict[str, torch.Tensor]:
     """One of the three merges by name: "same-rank", "concat" or "svd"."""
     if method == "same-rank":
         return merge_same_rank(pairs, same_strength, precision)
     if method == "concat":
         return merge_concat(pairs, shuffle, precision=precision)
     if method == "svd":
-        return merge_svd(pairs, new_rank, new_conv_rank, precision=precision)
+        if not 0 < clamp_quantile <= 1:
+            raise MergeError(f"clamp quantile must be in (0, 1], got {clamp_quantile}")
+        return merge_svd(pairs, new_rank, new_conv_rank, clamp_quantile, precision=precision)
     raise MergeError(f"unknown LoRA merge method {method!r} (same-rank, concat, svd)")
 
 
 def merge_same_rank(loras: list[tuple[LoraFile, float]], same_strength: bool = False,
                     precision: str = "fp32") -> dict[str, torch.Tensor]:
     """kohya ``merge_lora_models``: up and down of every LoRA are summed with
-    ``sqrt(alpha / base_alpha) · ratio`` (base = the first LoRA's alpha, which is kept). The
-    product then scales by about ratio²; with ``same_strength`` (SuperMerger's option) each side
-    gets sqrt(|ratio|) (the sign on up) so a single LoRA keeps the strength it is given."""
+    ``s = sqrt(alpha / base_alpha) · ratio`` (base = the first LoRA's alpha, which is kept), up
+    with ``|s|`` and down with ``s`` (kohya: ``scale = abs(scale) if "lora_up" in key``), so a
+    negative ratio subtracts. The product then scales by about ratio²; with ``same_strength``
+    (SuperMerger's option) each side gets sqrt(|ratio|) (the sign on up) so a single LoRA keeps
+    the strength it is given."""
     _lora_only(loras)
     out: dict[str, torch.Tensor] = {}
     base_alpha: dict[str, float] = {}
@@ -74,6 +78,7 @@ def merge_same_rank(loras: list[tuple[LoraFile, float]], same_strength: bool = F
                     s = math.sqrt(abs(ratio)) * math.sqrt(alpha / base) * (math.copysign(1, ratio) if "up" in part else 1)
                 else:
                     s = math.sqrt(alpha / base) * ratio
+                    s = abs(s) if "up" in part else s
                 out[key] = out.get(key, 0) + w * s
             out[f"{name}.alpha"] = torch.tensor(base)
     return out

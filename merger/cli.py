@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,24 @@ def _floats(text: str, n: int, what: str) -> list[float]:
     if len(values) != n:
         raise MergeError(f"{what} needs {n} values, got {len(values)}")
     return values
+
+
+_NEGATIVE_LIST = re.compile(r"^-(\d|\.\d)[^\s]*,")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``--adjust -6,0,...`` as ``--adjust=-6,0,...``: argparse takes a value that starts with '-'
+    and is not a single number for an option name."""
+    out, i = [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--") and "=" not in tok and i + 1 < len(argv) and _NEGATIVE_LIST.match(argv[i + 1]):
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(tok)
+            i += 1
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +150,7 @@ def run_merge(args) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv)))
 
     def command():
         if args.command == "merge":

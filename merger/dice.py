@@ -1,10 +1,20 @@
 """Let the Dice Roll: random MBW ratios (SuperMerger ``randdealer`` / ``eratiodealer``).
 
 A template has one entry per block (BASE first): a number (kept), ``R`` (uniform in [0, 1)),
-``U`` (uniform in [-0.5, 1.5)), ``X`` (uniform between that block's lower and upper limit), or
-``ER``/``EU``/``EX`` (every element of the block gets its own R/U/X ratio, written as Elemental
-lines). Ratios are rounded to ``digits`` and clamped to the optional min/max. The same seed
-always gives the same ratios; each roll of a plot uses seed + roll index.
+``U`` (−2r + 1.5, in (−0.5, 1.5]), ``X`` (``(lower − upper)·r + upper``: between that block's
+limits), ``D`` (``upper + lower·(r − 0.5)``: around the upper limit, spread by the lower), or
+``ER``/``EU``/``EX`` (every element of the block gets its own ratio, written as Elemental lines:
+``r``, ``−2r + 1`` and the X formula, rounded but never clamped, as ``eratiodealer``). A lower limit
+written ``aRp`` (e.g. ``0.2R0.3``) makes an X or D block random only with probability p: otherwise
+X gives 0 and D gives the upper limit. Block ratios are rounded to ``digits`` and clamped to the
+optional min/max.
+
+Draws follow SuperMerger: ``np.random.seed(seed); rand(3000)``, alpha entry i uses draw i, beta
+draw 50 + i, the element with key index n draw 100 + n. On SDXL a 26-entry template is drawn at
+its SD positions and then reduced to SDXL's 20 blocks as SuperMerger does, so a seed gives
+SuperMerger's rolls; limits may have 1, 20 or 26 values. The same seed always gives the same
+ratios (the ``aRp`` coin flips too: SuperMerger draws them from an unseeded generator); each
+roll of a plot uses seed + roll index.
 """
 from __future__ import annotations
 
@@ -13,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blocks import block_ids, block_of
+from .blocks import BLOCKS_SD, BLOCKS_XL, block_ids, block_of, sd_vector_to_xl
 from .errors import MergeError
 from .presets import presets
 
@@ -44,7 +54,12 @@ def new_seed() -> int:
     return random.randrange(2**31)
 
 
+LETTERS = ("R", "U", "X", "D")
+OFFSETS = {"alpha": 0, "beta": 50, "elements": 100}      # SuperMerger's RANDMAP
+
+
 def _template(text: str, arch: str) -> list[str]:
+    """The entries of a template (preset name or comma list): one per block, or 26 on SDXL."""
     text = text.strip()
     table = presets("sd1" if arch != "sdxl" else "sdxl")
     if "," not in text:
@@ -53,45 +68,55 @@ def _template(text: str, arch: str) -> list[str]:
         text = table[text]
     parts = [p.strip() for p in text.split(",")]
     n = len(block_ids(arch))
-    if arch == "sdxl" and len(parts) == 26:
-        parts = [parts[0]] + parts[1:10] + parts[13:23]
-    if len(parts) != n:
-        raise MergeError(f"dice template needs {n} entries, got {len(parts)}")
+    if len(parts) != n and not (arch == "sdxl" and len(parts) == len(BLOCKS_SD)):
+        raise MergeError(f"dice template needs {n} entries" + (" (or 26)" if arch == "sdxl" else "")
+                         + f", got {len(parts)}")
     for p in parts:
-        if p.lstrip("E") not in RANDOM_LETTERS:
+        if p not in LETTERS and not (p.startswith("E") and p[1:] in RANDOM_LETTERS):
             try:
                 float(p)
             except ValueError:
-                raise MergeError(f"dice template entry {p!r} is not a number, R, U, X, ER, EU or EX") from None
+                raise MergeError(f"dice template entry {p!r} is not a number, R, U, X, D, ER, EU or EX") from None
     return parts
 
 
-def _limits(text: str, n: int, what: str) -> list[float]:
-    try:
-        vals = [float(v) for v in str(text).split(",")]
-    except ValueError:
-        raise MergeError(f"dice {what} limit must be numbers") from None
+def _limits(text: str, n: int, arch: str, what: str) -> list[str]:
+    """One limit per template position, as text (a lower limit may be ``aRp``)."""
+    vals = [v.strip() for v in str(text).split(",")]
+    for v in vals:
+        try:
+            [float(x) for x in v.split("R")] if what == "lower" and v.count("R") == 1 else float(v)
+        except ValueError:
+            raise MergeError(f"dice {what} limit {v!r} is not a number" + (" or aRp" if what == "lower" else "")) from None
     if len(vals) == 1:
         return vals * n
-    if len(vals) != n:
-        raise MergeError(f"dice {what} limits: 1 or {n} values, got {len(vals)}")
-    return vals
+    if len(vals) == n:
+        return vals
+    if arch == "sdxl" and n == len(BLOCKS_XL) and len(vals) == len(BLOCKS_SD):
+        return sd_vector_to_xl(vals)
+    raise MergeError(f"dice {what} limits: 1 or {n} values, got {len(vals)}")
 
 
-def _draw(letter: str, r: float, lo: float, up: float) -> float:
+def _draw(letter: str, r: float, lo: str, up: str, coin: random.Random, element: bool = False) -> float:
+    """One ratio from draw ``r`` (SuperMerger's formulas; ``element``: eratiodealer's)."""
     if letter == "R":
         return r
     if letter == "U":
-        return -2 * r + 1.5
-    return (lo - up) * r + up
+        return -2 * r + (1.0 if element else 1.5)
+    low, upper = lo, float(up)
+    if "R" in lo:                          # random only with probability p
+        low, p = lo.split("R")
+        if coin.random() > float(p):
+            return 0.0 if letter == "X" else upper
+    low = float(low)
+    return (low - upper) * r + upper if letter == "X" else upper + low * (r - 0.5)
 
 
 def roll(settings: DiceSettings, arch: str, keys: list[str], seed: int) -> Roll:
     """One set of ratios. ``keys``: model A's keys (for per-element E modes)."""
-    ids = block_ids(arch)
     rng = np.random.RandomState(seed % 2**32)
     draws = rng.rand(3000)
-    lows, ups = _limits(settings.lower, len(ids), "lower"), _limits(settings.upper, len(ids), "upper")
+    coin = random.Random(seed)
 
     def fix(v: float) -> float:
         if settings.clamp_max is not None:
@@ -101,23 +126,29 @@ def roll(settings: DiceSettings, arch: str, keys: list[str], seed: int) -> Roll:
         return round(float(v), settings.digits)
 
     def vector(template: str, offset: int) -> tuple[list[float], list[str]]:
+        parts = _template(template, arch)
+        ids = BLOCKS_SD if len(parts) == len(BLOCKS_SD) else block_ids(arch)     # the template's positions
+        lows = _limits(settings.lower, len(parts), arch, "lower")
+        ups = _limits(settings.upper, len(parts), arch, "upper")
         out, lines = [], []
-        for i, entry in enumerate(_template(template, arch)):
-            if entry in RANDOM_LETTERS:
-                out.append(fix(_draw(entry, draws[i + offset], lows[i], ups[i])))
+        for i, entry in enumerate(parts):
+            if entry in LETTERS:
+                out.append(fix(_draw(entry, draws[i + offset], lows[i], ups[i], coin)))
             elif entry.startswith("E"):
                 out.append(0.0)
-                letter = entry[1:]
                 for num, key in enumerate(keys):
                     if block_of(key, arch) == ids[i] and ("weight" in key or "bias" in key):
-                        v = fix(_draw(letter, draws[(num + 100) % len(draws)], lows[i], ups[i]))
-                        lines.append(f"{ids[i]}:{key}:{v}")
+                        r = draws[(num + OFFSETS["elements"]) % len(draws)]
+                        v = round(_draw(entry[1:], r, lows[i], ups[i], coin, element=True), settings.digits)
+                        lines.append(f"{ids[i]}:{key}:{v:g}")
             else:
                 out.append(float(entry))
+        if len(out) != len(block_ids(arch)):
+            out = sd_vector_to_xl(out)                       # SuperMerger's weighttoxl, after drawing
         return out, lines
 
-    alpha, lines = vector(settings.template_alpha, 0)
-    beta = vector(settings.template_beta, 50)[0] if settings.template_beta else None
+    alpha, lines = vector(settings.template_alpha, OFFSETS["alpha"])
+    beta = vector(settings.template_beta, OFFSETS["beta"])[0] if settings.template_beta else None
     return Roll(seed, alpha, beta, "\n".join(lines))
 
 

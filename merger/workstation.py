@@ -248,13 +248,14 @@ class Workstation:
 
     def merge_lora_files(self, text: str, method: str = "svd", same_strength: bool = False, new_rank: int = 64,
                          new_conv_rank: int | None = None, name: str = "merged-lora",
-                         metadata: str = "create new", precision: str = "fp16", overwrite: bool = False) -> Outcome:
+                         metadata: str = "create new", precision: str = "fp16", overwrite: bool = False,
+                         clamp_quantile: float = 0.99) -> Outcome:
         """Merge LoRAs ("name:ratio, ...") into one LoRA file in the LoRA folder."""
         from lora_ops.merge_loras import merge_lora_set, merged_metadata, parse_ratio_list
         path = self._new_lora(name, overwrite)
         pairs = [(self.load_lora_file(n), r) for n, r in parse_ratio_list(text)]
         sd = merge_lora_set(pairs, method, same_strength=same_strength, new_rank=new_rank,
-                            new_conv_rank=new_conv_rank)
+                            new_conv_rank=new_conv_rank, clamp_quantile=clamp_quantile)
         meta = merged_metadata(pairs, metadata, {"ss_network_module": "networks.lora", "sdmw_merged_from": text,
                                                  "sdmw_method": method}, sd)
         return self._save_lora(path, sd, meta, precision, overwrite)
@@ -272,6 +273,14 @@ class Workstation:
         from lora_ops.formats import save_lora
         path = save_lora(path, sd, meta, precision, overwrite)
         return Outcome(f"saved {path}", path=path)
+
+    def extract_dylora(self, lora: str, rank: int, name: str = "", overwrite: bool = False) -> Outcome:
+        """A fixed-rank LoRA from a DyLoRA in the LoRA folder (default name: ``<lora>-<rank>``)."""
+        from lora_ops.dylora import extract_dylora_rank
+        src = self.load_lora_file(lora)
+        path = self._new_lora(name or f"{src.name}-{int(rank):04d}", overwrite)
+        sd, meta = extract_dylora_rank(src, int(rank))
+        return self._save_lora(path, sd, meta, overwrite=overwrite)
 
     def extract_from_loras(self, lora_b: str, lora_c: str, alpha: float, beta: float, gamma: float = 1.0,
                            rank: int = 64, name: str = "extracted-features", overwrite: bool = False) -> Outcome:

@@ -254,25 +254,32 @@ def grid_image(images: list, x: Axis, y: Axis, title: str = "", max_row: int = 1
 
 
 def wrap_label(text: str, font, width: int, max_lines: int) -> list[str]:
-    """``text`` broken at spaces (or anywhere, for long words) into lines of at most ``width``
-    pixels; the last kept line ends with "…" when something is left out."""
+    """``text`` broken at newlines and spaces (or anywhere, for long words) into lines of at most
+    ``width`` pixels; the last kept line ends with "…" when something is left out."""
     lines: list[str] = []
-    for word in text.split():
-        cur = f"{lines[-1]} {word}" if lines else word
-        if lines and font.getlength(cur) <= width:
-            lines[-1] = cur
-            continue
-        while font.getlength(word) > width and len(word) > 1:
-            cut = len(word)
-            while cut > 1 and font.getlength(word[:cut]) > width:
-                cut -= 1
-            lines.append(word[:cut])
-            word = word[cut:]
-        lines.append(word)
+    for para in text.split("\n"):
+        start = len(lines)
+        for word in para.split():
+            cur = f"{lines[-1]} {word}" if len(lines) > start else word
+            if len(lines) > start and font.getlength(cur) <= width:
+                lines[-1] = cur
+                continue
+            _add_word(lines, word, font, width)
     if len(lines) > max_lines:
         lines = lines[:max_lines]
         lines[-1] = _fit(lines[-1] + "…", font, width)
     return lines
+
+
+def _add_word(lines: list[str], word: str, font, width: int) -> None:
+    """``word`` on new lines, cut where it is wider than ``width``."""
+    while font.getlength(word) > width and len(word) > 1:
+        cut = len(word)
+        while cut > 1 and font.getlength(word[:cut]) > width:
+            cut -= 1
+        lines.append(word[:cut])
+        word = word[cut:]
+    lines.append(word)
 
 
 def _fit(text: str, font, width: int) -> str:

@@ -9,6 +9,7 @@ from .arch import detect_arch_of_file
 from .files.checkpoint_io import short_hash
 from .dice import DiceSettings, elist_csv, new_seed, roll
 from .errors import MergeError
+from .presets import is_number
 from .pipeline.generate import GenParams
 from .pipeline.pnginfo import save_png
 from .ratios import RatioPlan, parse_elemental
@@ -25,17 +26,18 @@ class PlotSpec:
     dice: DiceSettings | None = None
     save_elist: bool = False
     allow_large: bool = False       # run even above the workstation's cell limit (the user confirmed)
+    lora_legend: str = ""           # LoRA metadata fields printed under each lora-axis label
 
     def to_dict(self) -> dict:
         return {"recipe": self.recipe.to_line(), "gen": asdict(self.gen), "axes": self.axes,
                 "dice": asdict(self.dice) if self.dice else None, "save_elist": self.save_elist,
-                "allow_large": self.allow_large}
+                "allow_large": self.allow_large, "lora_legend": self.lora_legend}
 
     @classmethod
     def from_dict(cls, d: dict) -> "PlotSpec":
         return cls(Recipe.from_line(d["recipe"]), GenParams(**d["gen"]), {k: tuple(v) for k, v in d["axes"].items()},
                    DiceSettings(**d["dice"]) if d.get("dice") else None, d.get("save_elist", False),
-                   d.get("allow_large", False))
+                   d.get("allow_large", False), d.get("lora_legend", ""))
 
 
 @dataclass
@@ -66,9 +68,12 @@ def prepare(ws, spec: PlotSpec) -> Prepared:
     arch = detect_arch_of_file(ws.dirs.resolve("ckpt", r.model_a))
     models = ws.dirs.checkpoints()
     axes = {n: parse_axis(t, v, n, arch, r.mode, models) for n, (t, v) in spec.axes.items()}
+    fields = [f.strip() for f in spec.lora_legend.split(",") if f.strip()]
     for ax in axes.values():
         if ax.type.startswith("model_"):   # grid labels name each model with its short hash
             ax.labels = [f"{ax.type[-1]}: {m} [{short_hash(ws.dirs.resolve('ckpt', m))}]" for m in ax.values]
+        if ax.type == "lora" and fields:   # Additional Networks' metadata legends
+            ax.labels = [label + lora_legend(ws, value, fields) for label, value in zip(ax.labels, ax.values)]
     cells = plan_cells(r, spec.gen, axes["X"], axes["Y"], axes["Z"], arch)
     limit = ws.max_cells
     if len(cells) > limit and not spec.allow_large:
@@ -102,6 +107,19 @@ def prepare(ws, spec: PlotSpec) -> Prepared:
         RatioPlan(c.recipe, arch)
     check_axes_matter(cells, axes)
     return Prepared(spec, arch, axes, cells, dice_seed)
+
+
+def lora_legend(ws, value: str, fields: list[str]) -> str:
+    """Lines "name: field=value, ..." for each LoRA of a lora-axis value (metadata read from the
+    LoRA files; a field the file lacks shows "-")."""
+    lines = []
+    for item in (x.strip() for x in value.split(",") if ":" in x or x.strip()):
+        name = item.split(":")[0].strip()
+        if not name or is_number(name):
+            continue
+        meta = ws.load_lora_file(name).metadata
+        lines.append(f"{name}: " + ", ".join(f"{f}={meta.get(f, '-')}" for f in fields))
+    return "".join("\n" + ln for ln in lines)
 
 
 def cell_caption(axes: dict[str, Axis], cell) -> str:

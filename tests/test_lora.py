@@ -212,6 +212,40 @@ def test_concat_and_svd_merges(base, tmp_path):
     torch.testing.assert_close(_delta_of(half, tmp_path, "h.safetensors", name, shape), want, rtol=2e-2, atol=2e-3)
 
 
+def test_same_rank_merge_puts_the_sign_on_down_as_kohya(base, tmp_path):
+    """kohya merge_lora_models: s = sqrt(alpha/base_alpha)·ratio; up gets |s|, down gets s."""
+    from lora_ops.merge_loras import merge_same_rank
+    a = _lf(tmp_path, "a.safetensors", demo_lora(base, rank=4, alpha=2.0, seed=1))
+    b = _lf(tmp_path, "b.safetensors", demo_lora(base, rank=4, alpha=1.0, seed=2))
+    out = merge_same_rank([(a, 0.6), (b, -0.4)])
+    for name in list(a.modules)[:5]:
+        ta, tb = a.modules[name].tensors, b.modules[name].tensors
+        s_a, s_b = math.sqrt(2.0 / 2.0) * 0.6, math.sqrt(1.0 / 2.0) * -0.4
+        up = ta["lora_up.weight"].float() * abs(s_a) + tb["lora_up.weight"].float() * abs(s_b)
+        down = ta["lora_down.weight"].float() * s_a + tb["lora_down.weight"].float() * s_b
+        torch.testing.assert_close(out[f"{name}.lora_up.weight"], up)
+        torch.testing.assert_close(out[f"{name}.lora_down.weight"], down)
+        assert out[f"{name}.alpha"].item() == 2.0
+    # a single LoRA at a negative ratio subtracts (before, the sign on both sides cancelled)
+    name = next(iter(a.modules))
+    w_key = next(k for k in base if name in [n for n, _ in kohya_targets(k, "sd1")])
+    shape = tuple(base[w_key].shape)
+    neg = _delta_of(merge_same_rank([(a, -0.5)]), tmp_path, "neg.safetensors", name, shape)
+    torch.testing.assert_close(neg, -0.25 * module_delta(a.modules[name], shape), rtol=1e-4, atol=1e-6)
+
+
+def test_svd_merge_clamp_quantile_is_an_option(base, tmp_path):
+    from lora_ops.merge_loras import merge_lora_set
+    a = _lf(tmp_path, "a.safetensors", demo_lora(base, rank=4, seed=1))
+    name = next(iter(a.modules))
+    full = merge_lora_set([(a, 1.0)], "svd", new_rank=4, clamp_quantile=1.0)
+    clamped = merge_lora_set([(a, 1.0)], "svd", new_rank=4, clamp_quantile=0.5)
+    up_full, up_clamped = full[f"{name}.lora_up.weight"], clamped[f"{name}.lora_up.weight"]
+    assert up_clamped.abs().max() < up_full.abs().max()
+    with pytest.raises(MergeError, match="clamp quantile must be in"):
+        merge_lora_set([(a, 1.0)], "svd", clamp_quantile=0)
+
+
 def test_extract_reconstructs_b_minus_a_better_with_rank_and_fast_svd_keeps_the_error():
     from lora_ops.extract import extract_lora, lora_modules
     a = random_checkpoint("sd1", seed=1, extras=False)

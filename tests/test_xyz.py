@@ -112,7 +112,7 @@ def test_dice_modes_seeds_limits_and_rounding():
     ratios = {line.split(":")[0]: [] for line in e.elemental.splitlines()}
     for line in e.elemental.splitlines():
         ratios[line.split(":")[0]].append(float(line.rsplit(":", 1)[1]))
-    assert all(-0.5 <= v <= 1.5 for b, vs in ratios.items() if b.startswith("IN") for v in vs)  # rounded
+    assert all(-1 <= v <= 1 for b, vs in ratios.items() if b.startswith("IN") for v in vs)    # eratiodealer: -2r+1
     assert all(0.2 <= v <= 0.4 for b, vs in ratios.items() if b.startswith(("M", "OUT")) for v in vs)
     assert len(set(ratios["OUT05"])) > 1                                  # one ratio per element
     clamp = roll(replace(d, template_alpha="ALL_U", clamp_min=0.0, clamp_max=1.0), "sd1", keys, 1)
@@ -121,6 +121,51 @@ def test_dice_modes_seeds_limits_and_rounding():
     assert len(both.mbw_alpha) == 20 and all(0.2 <= x <= 0.4 for x in both.mbw_beta)
     with pytest.raises(MergeError, match="dice template"):
         roll(replace(d, template_alpha="R,Q"), "sd1", keys, 1)
+
+
+def _supermerger_draws(seed: int):
+    import numpy as np
+    np.random.seed(seed)
+    return np.random.rand(3000)
+
+
+def test_dice_reproduces_supermerger_rolls_on_sd1_and_sdxl():
+    """randdealer: entry i of alpha uses randomer[i], beta randomer[50 + i]; SDXL: the 26-entry
+    template is drawn at its SD positions, then weighttoxl keeps BASE, IN00-08, M00, OUT00-08."""
+    from merger.blocks import sd_vector_to_xl
+    r = _supermerger_draws(123)
+    d = DiceSettings(template_alpha="ALL_R", template_beta="ALL_U", digits=4, seed=123)
+    sd1 = roll(d, "sd1", [], 123)
+    assert sd1.mbw_alpha == [round(x, 4) for x in r[:26]]
+    assert sd1.mbw_beta == [round(-2 * x + 1.5, 4) for x in r[50:76]]
+    xl = roll(replace(d, template_alpha=",".join(["R"] * 26)), "sdxl", [], 123)
+    assert xl.mbw_alpha == sd_vector_to_xl([round(x, 4) for x in r[:26]])
+    assert xl.mbw_alpha[10] == round(r[13], 4)                   # M00: SD position 13, not 10
+    x26 = roll(replace(d, template_alpha=",".join(["X"] * 26), lower=",".join(["0.1"] * 26),
+                       upper=",".join(str(i / 100) for i in range(26))), "sdxl", [], 123)
+    assert x26.mbw_alpha[10] == round((0.1 - 0.13) * r[13] + 0.13, 4)     # 26-value limits on SDXL
+
+
+def test_dice_elements_are_unclamped_and_d_and_probabilities_work():
+    keys = list(random_checkpoint("sd1", seed=1))
+    r = _supermerger_draws(5)
+    d = DiceSettings(template_alpha="0," + ",".join(["EU"] * 25), clamp_min=0.0, clamp_max=0.1, digits=3)
+    lines = roll(d, "sd1", keys, 5).elemental.splitlines()
+    key = lines[0].split(":")[1]
+    assert float(lines[0].rsplit(":", 1)[1]) == round(-2 * r[keys.index(key) + 100] + 1, 3)   # not clamped
+    assert any(float(ln.rsplit(":", 1)[1]) > 0.1 or float(ln.rsplit(":", 1)[1]) < 0 for ln in lines)
+    dd = roll(DiceSettings(template_alpha=",".join(["D"] * 26), lower="0.4", upper="0.5", digits=4), "sd1", [], 9)
+    r9 = _supermerger_draws(9)
+    assert dd.mbw_alpha == [round(0.5 + 0.4 * (x - 0.5), 4) for x in r9[:26]]
+    never = roll(DiceSettings(template_alpha=",".join(["X"] * 26), lower="0.2R0", upper="0.8"), "sd1", [], 9)
+    always = roll(DiceSettings(template_alpha=",".join(["X"] * 26), lower="0.2R1", upper="0.8", digits=4), "sd1", [], 9)
+    assert never.mbw_alpha == [0.0] * 26
+    assert always.mbw_alpha == [round((0.2 - 0.8) * x + 0.8, 4) for x in r9[:26]]
+    some = DiceSettings(template_alpha=",".join(["X"] * 26), lower="0.2R0.5", upper="0.8")
+    assert roll(some, "sd1", [], 9) == roll(some, "sd1", [], 9)                # the coin flips are seeded
+    assert 0 < roll(some, "sd1", [], 9).mbw_alpha.count(0.0) < 26
+    with pytest.raises(MergeError, match="lower limit 'x' is not a number or aRp"):
+        roll(replace(some, lower="x"), "sd1", [], 1)
 
 
 # ----------------------------------------------------------------------------- runs

@@ -68,6 +68,7 @@ def build(ws, mc, do_gen_outputs, run_gen):
         with gr.Row():
             m_meta = gr.Radio(["create new", "merge", "save all", "use first LoRA"], value="create new", label="metadata")
             m_prec = gr.Radio(["fp16", "bf16", "fp32"], value="fp16", label="save precision")
+            m_clamp = gr.Number(value=0.99, label="clamp quantile (svd; 1 = none)", elem_id="lora_m_clamp")
             m_go = gr.Button("Merge LoRAs", elem_id="lora_m_go")
         with gr.Row():
             ea = gr.Dropdown(ck, value=ck[0] if ck else None, label="Model A (fine-tune)", elem_id="lora_e_a")
@@ -87,6 +88,12 @@ def build(ws, mc, do_gen_outputs, run_gen):
             l_rank = gr.Number(value=64, precision=0, label="rank")
             l_out = gr.Textbox(label="output name", value="extracted-features")
             l_go = gr.Button("Extract from two LoRAs", elem_id="lora_l_go")
+        with gr.Row():
+            dy_pick = gr.Dropdown(loras, value=loras[0] if loras else None, label="DyLoRA", elem_id="lora_dy_pick")
+            dy_rank = gr.Number(value=4, precision=0, label="rank (a multiple of its unit, ≤ its dim)",
+                                elem_id="lora_dy_rank")
+            dy_out = gr.Textbox(label="output name (empty: <name>-<rank>)", elem_id="lora_dy_out")
+            dy_go = gr.Button("Extract a fixed rank from a DyLoRA", elem_id="lora_dy_go")
 
     refresh.click(lambda: (f"{len(ws.dirs.loras())} LoRAs", rows(), gr.update(choices=ws.dirs.loras())),
                   None, [status, table, pick])
@@ -114,10 +121,12 @@ def build(ws, mc, do_gen_outputs, run_gen):
     merge_save.click(merge_and_save, [model, spec, out_name, mc["save_flags"], overwrite], status)
 
     @safe(1)
-    def merge_loras(text, meth, same_strength, new_rank, new_conv, name, meta_mode, prec, over, progress=gr.Progress()):
+    def merge_loras(text, meth, same_strength, new_rank, new_conv, name, meta_mode, prec, over, clamp,
+                    progress=gr.Progress()):
         return ws.merge_lora_files(text, meth, bool(same_strength), int(new_rank), int(new_conv) or None, name,
-                                   meta_mode, prec, bool(over)).message
-    m_go.click(merge_loras, [m_spec, method, same, rank, conv_rank, m_out, m_meta, m_prec, overwrite], status)
+                                   meta_mode, prec, bool(over), float(clamp)).message
+    m_go.click(merge_loras, [m_spec, method, same, rank, conv_rank, m_out, m_meta, m_prec, overwrite, m_clamp],
+               status)
     l_go.click(safe(1)(lambda b, c, a, be, g, r, n, o: ws.extract_from_loras(b, c, a, be, g, int(r), n, bool(o)).message),
                [lb, lc, l_alpha, l_beta, l_gamma, l_rank, l_out, overwrite], status)
 
@@ -126,4 +135,6 @@ def build(ws, mc, do_gen_outputs, run_gen):
         return ws.extract_lora(a, b, float(al), float(be), int(dim), int(conv) or None, name,
                                progress=progress_cb(progress, "extracting"), overwrite=bool(over)).message
     e_go.click(extract, [ea, eb, e_alpha, e_beta, e_dim, e_conv, e_out, overwrite], status)
+    dy_go.click(safe(1)(lambda n, r, out, o: ws.extract_dylora(n, int(r), out or "", bool(o)).message),
+                [dy_pick, dy_rank, dy_out, overwrite], status)
     return {"table": table, "rows": rows, "pick": pick, "meta": meta, "meta_rows": safe_meta}

@@ -45,6 +45,8 @@ def build_plot_panel(ws, mc, queue):
                 c["dice_digits"] = gr.Number(value=3, precision=0, label="rounding digits")
                 c["dice_seed"] = gr.Number(value=-1, precision=0, label="dice seed (-1 new, recorded)")
                 c["elist"] = gr.Checkbox(label="save E-list (CSV of every key's ratios)")
+            c["lora_legend"] = gr.Textbox(label="LoRA legend: metadata fields printed under each label of a lora "
+                                          "axis (e.g. ss_learning_rate, ss_num_epochs)", elem_id="xyz_lora_legend")
         with gr.Row():
             c["allow_large"] = gr.Checkbox(label=f"allow large plots (more than {ws.max_cells} cells)", value=False,
                                            elem_id="xyz_allow_large")
@@ -77,18 +79,19 @@ def _spec(ws, mc_values, plot_values) -> PlotSpec:
     n_rec = len(forms.RECIPE_KEYS)
     recipe = forms.build_recipe(ws, *mc_values[:n_rec])
     gen = forms.gen_params(*mc_values[n_rec:])
-    (xt, xv, yt, yv, zt, zv, da, db, lo, up, mn, mx, digits, seed, elist, allow_large) = plot_values
+    (xt, xv, yt, yv, zt, zv, da, db, lo, up, mn, mx, digits, seed, elist, allow_large, legend) = plot_values
     dice = DiceSettings(template_alpha=da or "ALL_R", template_beta=db or "", lower=lo or "0", upper=up or "1",
                         clamp_min=forms.number(mn, "clamp min") if str(mn or "").strip() else None,
                         clamp_max=forms.number(mx, "clamp max") if str(mx or "").strip() else None,
                         digits=forms.number(digits, "rounding digits", whole=True),
                         seed=forms.number(seed, "dice seed", whole=True))
-    return PlotSpec(recipe, gen, {"X": (xt, xv), "Y": (yt, yv), "Z": (zt, zv)}, dice, bool(elist), bool(allow_large))
+    return PlotSpec(recipe, gen, {"X": (xt, xv), "Y": (yt, yv), "Z": (zt, zv)}, dice, bool(elist), bool(allow_large),
+                    legend or "")
 
 
 def _wire(ws, mc, c, queue):
     plot_keys = ["X_type", "X_values", "Y_type", "Y_values", "Z_type", "Z_values", "dice_a", "dice_b", "dice_lower",
-                 "dice_upper", "dice_min", "dice_max", "dice_digits", "dice_seed", "elist", "allow_large"]
+                 "dice_upper", "dice_min", "dice_max", "dice_digits", "dice_seed", "elist", "allow_large", "lora_legend"]
     inputs = [mc[k] for k in forms.RECIPE_KEYS + forms.GEN_KEYS] + [c[k] for k in plot_keys]
     n_mc = len(forms.RECIPE_KEYS) + len(forms.GEN_KEYS)
 

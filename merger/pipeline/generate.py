@@ -10,7 +10,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import MergeError, MergeStopped
-from .prompt import BREAK, parse_attention, parse_prompt_options
+from .prompt import (BREAK, check_variants, choose_variants, enumerate_variants, parse_attention,
+                     parse_prompt_options)
 
 HIRES_UPSCALERS = ("Latent", "Lanczos")
 SAMPLERS = {
@@ -74,6 +75,7 @@ class GenParams:
                 raise MergeError(f"{name} must be a whole number from {lo} to {hi}, got {v!r}")
         if self.width % 8 or self.height % 8:
             raise MergeError(f"width and height must be multiples of 8, got {self.width}x{self.height}")
+        check_variants(self.prompt)
         if self.hires_upscaler not in HIRES_UPSCALERS:
             raise MergeError(f"hires upscaler must be one of {', '.join(HIRES_UPSCALERS)}, got {self.hires_upscaler!r}")
         if not isinstance(self.hires_scale, (int, float)) or not 1 <= self.hires_scale <= 4:
@@ -251,10 +253,19 @@ def generate(rp, params: GenParams, *, model_label: str = "", model_hash: str = 
         rp.check_ready()
         pipe, arch = rp.pipe, rp.spec.arch
         seed = p.seed if p.seed != -1 else random.randrange(2**32)
-        pos, pooled, n = encode_prompt(pipe, arch, p.prompt, p.clip_skip)
-        neg, npooled, m = encode_prompt(pipe, arch, p.negative, p.clip_skip, n)
-        if m > n:
-            pos, pooled, _ = encode_prompt(pipe, arch, p.prompt, p.clip_skip, m)
+        encoded: dict[str, tuple] = {}
+
+        def encode(text: str) -> tuple:
+            if text not in encoded:
+                pos, pooled, n = encode_prompt(pipe, arch, text, p.clip_skip)
+                neg, npooled, m = encode_prompt(pipe, arch, p.negative, p.clip_skip, n)
+                if m > n:
+                    pos, pooled, _ = encode_prompt(pipe, arch, text, p.clip_skip, m)
+                encoded[text] = (pos, pooled, neg, npooled)
+            return encoded[text]
+        # {e$$...} variants: one run per combination, each with the same seeds (comparable);
+        # random {a|b} variants: chosen per batch from its first seed (reproducible)
+        templates = enumerate_variants(p.prompt)
         second = init_image is not None or p.hires
         i2i = _img2img(pipe) if second else None
         for pl in (pipe, i2i):
@@ -262,12 +273,14 @@ def generate(rp, params: GenParams, *, model_label: str = "", model_hash: str = 
                 pl.scheduler = scheduler_for(pipe, p.sampler)
         steps2 = int((p.hires_steps or p.steps) * p.denoise) if p.hires and init_image is None else 0
         per_batch = (int(p.steps * p.denoise) if init_image is not None else p.steps) + steps2
-        total, done = p.batch_count * per_batch, [0]
+        total, done = len(templates) * p.batch_count * per_batch, [0]
         result = GenResult()
-        for batch in range(p.batch_count):
+        for template, batch in ((t, b) for t in templates for b in range(p.batch_count)):
             if should_stop is not None and should_stop():
                 raise MergeStopped("generation stopped by user")
             seeds = [seed + batch * p.batch_size + i for i in range(p.batch_size)]
+            text = choose_variants(template, seeds[0])
+            pos, pooled, neg, npooled = encode(text)
             common = dict(prompt_embeds=pos, negative_prompt_embeds=neg, guidance_scale=p.cfg,
                           num_images_per_prompt=p.batch_size)
             if arch == "sdxl":
@@ -306,8 +319,9 @@ def generate(rp, params: GenParams, *, model_label: str = "", model_hash: str = 
                 images = run(i2i, image=start, strength=p.denoise, num_inference_steps=p.hires_steps or p.steps)
             else:
                 images = run(pipe, num_inference_steps=p.steps, width=p.width, height=p.height)
+            shown = replace(p, prompt=text)          # PNG info gets the text actually used
             for img, s in zip(images, seeds):
-                result.images.append(GenImage(img, s, infotext(p, s, model_label, model_hash, extra_info,
+                result.images.append(GenImage(img, s, infotext(shown, s, model_label, model_hash, extra_info,
                                                                img2img=init_image is not None)))
         result.seconds = time.perf_counter() - t0
         return result

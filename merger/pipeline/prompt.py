@@ -4,9 +4,14 @@ Attention (A1111): ``(text)`` ×1.1, ``[text]`` ÷1.1, ``(text:1.5)`` ×1.5, nes
 ``\\(`` ``\\)`` ``\\[`` ``\\]`` are literal brackets, and ``BREAK`` starts a new 75-token chunk.
 Options (kohya sd-scripts sample prompts): ``prompt --n negative --w 512 --h 768 --d 42
 --l 7.5 --s 28`` (negative prompt, width, height, seed, CFG scale, steps) and ``--ss sampler``.
+Variants (sd-scripts' dynamic prompts): ``{a|b|c}`` one at random, ``{2$$a|b|c}`` two joined by
+", ", ``{1-2$$ and $$a|b|c}`` one or two joined by " and ", ``{e$$a|b|c}`` every choice (the
+prompt is repeated per combination); ``\{`` ``\}`` are literal braces.
 """
 from __future__ import annotations
 
+import itertools
+import random
 import re
 from dataclasses import dataclass
 
@@ -120,3 +125,98 @@ def extract_lora_tags(text: str) -> tuple[str, list[str]]:
         blocks = blocks[4:] if blocks.startswith("lbw=") else blocks
         specs.append(f"{name}:{weight}" + (f":{blocks}" if blocks else ""))
     return re.sub(r"\s*,?\s*" + _LORA_TAG.pattern, "", text).strip(" ,"), specs
+
+
+# ----------------------------------------------------------------------------- variants
+# sd-scripts' dynamic prompts: {a|b|c}, {2$$a|b|c}, {1-2$$ and $$a|b|c}, {e$$a|b|c} (E too)
+_VARIANT = re.compile(r"\{((e|E)\$\$)?(([\d\-]+)\$\$)?(([^\|\}]+?)\$\$)?(.+?((\|).+?)*?)\}")
+
+
+@dataclass
+class _Group:
+    text: str               # the whole "{...}"
+    enumerate: bool
+    low: int
+    high: int
+    separator: str
+    choices: list[str]
+
+
+_ESCAPES = (("\\{", "\x01"), ("\\}", "\x02"))
+
+
+def _protect(prompt: str) -> str:
+    for esc, mark in _ESCAPES:
+        prompt = prompt.replace(esc, mark)
+    return prompt
+
+
+def _unprotect(prompt: str, literal: bool) -> str:
+    for esc, mark in _ESCAPES:
+        prompt = prompt.replace(mark, esc[1] if literal else esc)
+    return prompt
+
+
+def _groups(prompt: str) -> list[_Group]:
+    """The variant groups of a (protected) prompt, checked: balanced braces, counts within the
+    choices. Positions in messages count from 1."""
+    depth = 0
+    for i, ch in enumerate(prompt):
+        if ch == "{":
+            depth += 1
+            if depth > 1:
+                raise MergeError(f"prompt: nested '{{' at position {i + 1} (variants cannot be nested)")
+        elif ch == "}":
+            if depth == 0:
+                raise MergeError(f"prompt: '}}' at position {i + 1} has no opening '{{'")
+            depth -= 1
+    if depth:
+        raise MergeError(f"prompt: '{{' at position {prompt.rfind('{') + 1} is never closed")
+    groups = []
+    for m in _VARIANT.finditer(prompt):
+        choices = m.group(7).split("|")
+        low = high = 1
+        if m.group(4) is not None:
+            parts = m.group(4).split("-")
+            try:
+                low, high = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (0, -1)
+            except ValueError:
+                low, high = 0, -1
+            if len(parts) > 2 or low > high or low < 0:
+                raise MergeError(f"prompt: bad count {m.group(4)!r} at position {m.start() + 1} (n or a-b)")
+        if high > len(choices):
+            raise MergeError(f"prompt: {m.group(0)!r} at position {m.start() + 1} asks for {high} of "
+                             f"{len(choices)} choices")
+        groups.append(_Group(m.group(0), m.group(2) is not None, low, high,
+                             ", " if m.group(6) is None else m.group(6), choices))
+    return groups
+
+
+def check_variants(prompt: str) -> None:
+    _groups(_protect(prompt))
+
+
+def enumerate_variants(prompt: str) -> list[str]:
+    """The prompts of every ``{e$$...}`` combination (several e-groups give their product: 5 × 3 =
+    15 prompts); random groups are left for :func:`choose_variants`. sd-scripts' order."""
+    prompt = _protect(prompt)
+    prompts = [prompt]
+    for g in _groups(prompt):
+        if g.enumerate:
+            values = [g.separator.join(c) for n in range(g.low, g.high + 1)
+                      for c in itertools.combinations(g.choices, n)]
+            prompts = [p.replace(g.text, v, 1) for p in prompts for v in values]
+    return [_unprotect(p, literal=False) for p in prompts]
+
+
+def choose_variants(prompt: str, seed: int) -> str:
+    """Random groups filled as sd-scripts does (a count in the range, then that many distinct
+    choices joined by the separator), drawn from ``seed`` so a prompt and a seed always give the
+    same text."""
+    rng = random.Random(seed)
+    prompt = _protect(prompt)
+    for g in _groups(prompt):
+        if not g.enumerate:
+            n = rng.randint(g.low, g.high)
+            prompt = prompt.replace(g.text, g.separator.join(rng.sample(g.choices, n)), 1)
+    return _unprotect(prompt, literal=True)

@@ -1,0 +1,146 @@
+"""Features from the source documents (issue 12): sd-scripts prompt variants, DyLoRA extraction,
+LoRA metadata legends, and the command lines' negative vectors."""
+from dataclasses import replace
+
+import pytest
+
+from merger.errors import MergeError
+from merger.pipeline.generate import GenParams
+from merger.pipeline.prompt import check_variants, choose_variants, enumerate_variants
+
+GEN = GenParams(prompt="a cat", steps=2, width=64, height=64, seed=11)
+
+
+def test_variant_syntax_as_sd_scripts():
+    assert enumerate_variants("a {e$$red|green|blue|pink|gold} {E$$cat|dog|fox}")[:4] == [
+        "a red cat", "a red dog", "a red fox", "a green cat"]
+    assert len(enumerate_variants("a {e$$red|green|blue|pink|gold} {E$$cat|dog|fox}")) == 15
+    assert enumerate_variants("{e$$1-2$$ and $$x|y}") == ["x", "y", "x and y"]
+    one = {choose_variants("{a|b|c}", s) for s in range(200)}
+    assert one == {"a", "b", "c"}
+    two = choose_variants("{2$$a|b|c}", 3)
+    assert len(two.split(", ")) == 2 and len(set(two.split(", "))) == 2
+    some = {len(choose_variants("{1-2$$ and $$a|b|c}", s).split(" and ")) for s in range(100)}
+    assert some == {1, 2}
+    assert choose_variants("x {a|b|c} y", 42) == choose_variants("x {a|b|c} y", 42)         # seeded
+    assert choose_variants(r"literal \{braces\} {a|a}", 1) == "literal {braces} a"
+    assert enumerate_variants("no variants here") == ["no variants here"]
+
+
+@pytest.mark.parametrize("prompt, msg", [
+    ("a {b|c", "'{' at position 3 is never closed"),
+    ("a b|c} d", "'}' at position 6 has no opening '{'"),
+    ("{x {a|b}}", "nested '{' at position 4"),
+    ("cat {3$$a|b}", "'{3$$a|b}' at position 5 asks for 3 of 2 choices"),
+    ("cat {2-1$$a|b}", "bad count '2-1' at position 5"),
+])
+def test_bad_variants_name_the_position(prompt, msg):
+    with pytest.raises(MergeError, match="prompt: " + msg.replace("$", r"\$").replace("{", r"\{").replace("(", r"\(")):
+        check_variants(prompt)
+    with pytest.raises(MergeError, match="position"):
+        replace(GEN, prompt=prompt).check()
+
+
+def test_generation_runs_every_combination_and_records_the_chosen_text(demo_ws):
+    ws = demo_ws
+    ws.merge(ws.recipe("demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors", alpha=0.5))
+    p = replace(GEN, prompt="a {e$$red|green} {cat|dog|fox}", batch_count=2)
+    out = ws.generate(p, save=False).result.images
+    prompts = [im.infotext.splitlines()[0] for im in out]
+    assert len(out) == 4 and [x.split()[1] for x in prompts] == ["red", "red", "green", "green"]
+    assert all(x.split()[2] in ("cat", "dog", "fox") for x in prompts)
+    assert [im.seed for im in out] == [11, 12, 11, 12]                          # the same seeds per combination
+    again = [im.infotext.splitlines()[0] for im in ws.generate(p, save=False).result.images]
+    assert again == prompts                                                     # prompt + seed: reproducible
+    # the XYZ prompt axis and dice runs go through the same generation
+    from merger.xyz_run import PlotSpec, prepare, run
+    spec = PlotSpec(ws.recipe("demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors"), GEN,
+                    {"X": ("prompt", "a {cat|dog}\na {e$$red|blue} fox"), "Y": ("none", ""), "Z": ("none", "")})
+    res = run(ws, prepare(ws, spec))
+    assert res.cells_done == 2
+    bad = PlotSpec(spec.recipe, GEN, {"X": ("prompt", "a {cat|dog\nfine"), "Y": ("none", ""), "Z": ("none", "")})
+    with pytest.raises(MergeError, match="never closed"):
+        prepare(ws, bad)
+
+
+def test_vector_options_may_start_with_a_negative_number(tmp_path, models):
+    from merger.cli import join_negative_values, main
+    assert join_negative_values(["--adjust", "-6,0,0", "--alpha", "-0.5", "--x=-1,2"]) == \
+        ["--adjust=-6,0,0", "--alpha", "-0.5", "--x=-1,2"]
+    out = tmp_path / "neg.safetensors"
+    mbw = ",".join(["-0.5"] + ["0.5"] * 25)
+    assert main(["merge", "--model-a", str(models["a"]), "--model-b", str(models["b"]), "--mode", "weight_sum",
+                 "--adjust", "-1,0,0,0,0,0,0,0", "--mbw-alpha", mbw, "--alpha", "-0.2", "--output", str(out),
+                 "--no-history", "--quiet"]) == 0
+    import json
+
+    from merger.files.checkpoint_io import read_safetensors_header
+    recipe = json.loads(read_safetensors_header(out)[0]["__metadata__"]["sdmw_recipe"])
+    assert recipe["adjust"][0] == -1 and recipe["mbw_alpha"][0] == -0.5 and recipe["alpha"] == -0.2
+
+
+def _dylora(tmp_path, rank=8, unit=4):
+    import json
+
+    import safetensors.torch as st
+
+    from merger.demo import demo_lora
+    from merger.synthetic import random_checkpoint
+    sd = demo_lora(random_checkpoint("sd1", seed=1, extras=False), rank=rank, alpha=4.0)
+    path = tmp_path / "dy.safetensors"
+    st.save_file(sd, str(path), metadata={"ss_network_module": "networks.dylora", "ss_network_dim": str(rank),
+                                          "ss_network_args": json.dumps({"unit": str(unit)})})
+    return path, sd
+
+
+def test_dylora_gives_the_first_r_ranks_as_an_ordinary_lora(tmp_path):
+    from lora_ops.dylora import extract_dylora_rank
+    from lora_ops.formats import load_lora
+    path, full = _dylora(tmp_path)
+    dy = load_lora(path)
+    assert dy.network_type() == "DyLoRA"
+    sd, meta = extract_dylora_rank(dy, 4)
+    name = next(k for k in full if k.endswith("lora_down.weight"))[: -len(".lora_down.weight")]
+    import torch
+    assert torch.equal(sd[f"{name}.lora_down.weight"], full[f"{name}.lora_down.weight"][:4])
+    assert torch.equal(sd[f"{name}.lora_up.weight"], full[f"{name}.lora_up.weight"][:, :4])
+    assert sd[f"{name}.alpha"].item() == 4.0                                     # alpha kept, as sd-scripts
+    assert meta["ss_network_dim"] == "4" and "split from DyLoRA, rank 8 to 4" in meta["ss_training_comment"]
+    for bad in (6, 12, 0):
+        with pytest.raises(MergeError, match="multiple of dy's unit 4 from 4 to its dim 8"):
+            extract_dylora_rank(dy, bad)
+    import lora_ops.cli as lcli
+    out = tmp_path / "r4.safetensors"
+    assert lcli.main(["extract-dylora", "--lora", str(path), "--rank", "4", "--output", str(out)]) == 0
+    fixed = load_lora(out)
+    assert fixed.network_type() == "LoRA" and fixed.dims() == (4, 0)
+    with pytest.raises(MergeError, match="not a DyLoRA"):
+        extract_dylora_rank(fixed, 4)
+
+
+def test_dylora_from_the_lora_folder(demo_ws, tmp_path):
+    path, _ = _dylora(tmp_path)
+    (demo_ws.dirs.lora / "mydy.safetensors").write_bytes(path.read_bytes())
+    out = demo_ws.extract_dylora("mydy", 8)
+    assert out.path.name == "mydy-0008.safetensors"
+    with pytest.raises(MergeError, match="already exists"):
+        demo_ws.extract_dylora("mydy", 8)
+
+
+def test_lora_axis_labels_carry_metadata_legends(demo_ws, tmp_path):
+    from merger.xyz import grid_image
+    from merger.xyz_run import PlotSpec, prepare
+    ws = demo_ws
+    spec = PlotSpec(ws.recipe("demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors"), GEN,
+                    {"X": ("lora", "demo-sd1-tiny-lora:0.5\ndemo-sd1-tiny-lora:1"), "Y": ("none", ""),
+                     "Z": ("none", "")}, lora_legend="ss_network_dim, ss_base_model_version, ss_num_epochs")
+    prep = prepare(ws, spec)
+    assert prep.axes["X"].labels[0] == ("demo-sd1-tiny-lora:0.5\ndemo-sd1-tiny-lora: ss_network_dim=4, "
+                                        "ss_base_model_version=sd_v1, ss_num_epochs=-")
+    from PIL import Image
+    im = Image.new("RGB", (64, 64))
+    plain = PlotSpec(spec.recipe, GEN, spec.axes)
+    short = grid_image([im, im], prepare(ws, plain).axes["X"], prepare(ws, plain).axes["Y"])
+    tall = grid_image([im, im], prep.axes["X"], prep.axes["Y"])
+    assert tall.height > short.height                                            # the legend is drawn
+    assert PlotSpec.from_dict(spec.to_dict()).lora_legend == spec.lora_legend   # kept by reservations
