@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--dim", type=int, default=128)
     ex.add_argument("--conv-dim", type=int)
     ex.add_argument("--clamp-quantile", type=float, default=0.99)
+    ex.add_argument("--conv-in-out", action="store_true",
+                    help="with --conv-dim, also extract the U-Net's conv_in/conv_out (kohya never does)")
     ex.add_argument("--full-svd", action="store_true", help="exact SVD instead of the randomized one")
     ex.add_argument("--save-precision", choices=["fp32", "fp16", "bf16"], default="fp16")
     ex.add_argument("--output", required=True)
@@ -117,7 +119,7 @@ def _run(args) -> None:
         from merger.arch import check_same_arch
         arch = check_same_arch({a.name: detect_arch(a.tensors, a.name), b.name: detect_arch(b.tensors, b.name)})
         sd, meta = extract_lora(a.tensors, b.tensors, arch, args.dim, args.conv_dim, args.alpha, args.beta,
-                                args.clamp_quantile, fast=not args.full_svd)
+                                args.clamp_quantile, fast=not args.full_svd, conv_in_out=args.conv_in_out)
         print(save_lora(args.output, sd, meta, args.save_precision, args.overwrite))
     else:
         lf = load_lora(args.lora)

@@ -2,6 +2,8 @@
 "Extract From Models": ΔW = α·A − β·B, usually A = fine-tune, B = its base)."""
 from __future__ import annotations
 
+import re
+
 import torch
 
 from merger.errors import MergeError, MergeStopped
@@ -10,22 +12,30 @@ from .naming import TEXT_TARGETS, UNET_TARGETS, kohya_targets
 from .svd import low_rank
 
 
-def lora_modules(tensors, arch: str, conv: bool) -> dict[str, tuple[str, object]]:
-    """kohya module name -> (LDM key, Target) for what a LoRA covers: attention, feed-forward and
-    projection layers of the U-Net and the text encoders (plus, with ``conv``, every k×k conv as
-    LoCon does). SD1/SD2 U-Net names are Diffusers-style, SDXL's LDM-style, as kohya writes them."""
+_RESNET_PART = re.compile(r"(^|\.)(resnets\.\d+\.(conv1|conv2|time_emb_proj|conv_shortcut)|"
+                          r"downsamplers\.0\.conv|upsamplers\.0\.conv)$")
+_IN_OUT = ("conv_in", "conv_out")
+
+
+def lora_modules(tensors, arch: str, conv: bool, conv_in_out: bool = False) -> dict[str, tuple[str, object]]:
+    """kohya module name -> (LDM key, Target) for the modules kohya's ``networks/lora.py`` patches:
+    every Linear / 1×1 conv inside the U-Net's transformer blocks and the text encoders' attention
+    and MLP; with ``conv`` (a conv dim, LoCon) also everything inside ResNet blocks and down/up
+    samplers (3×3 convs, ``time_emb_proj``, ``conv_shortcut``). ``conv_in_out`` adds the U-Net's
+    first and last convs, which kohya never patches (an option here). SD1/SD2 U-Net names are
+    Diffusers-style, SDXL's LDM-style, as kohya writes them."""
     out = {}
     for key, t in tensors.items():
         if not t.is_floating_point() or t.dim() not in (2, 4):
-            continue
-        is_3x3 = t.dim() == 4 and t.shape[2] > 1
-        if is_3x3 and not conv:
             continue
         pairs = kohya_targets(key, arch, t.shape[1] if key.endswith("in_proj_weight") else 1)
         unet = [p for p in pairs if p[1].component == "unet"]
         if unet:
             name, tg = unet[1] if arch == "sdxl" else unet[0]
-            if is_3x3 or any(tg.param.rsplit(".", 1)[0].endswith("." + w) for w in UNET_TARGETS):
+            module = tg.param.rsplit(".", 1)[0]
+            in_transformer = any(module.endswith("." + w) for w in UNET_TARGETS)
+            in_resnet = conv and _RESNET_PART.search(module) is not None
+            if in_transformer or in_resnet or (conv and conv_in_out and module in _IN_OUT):
                 out[name] = (key, tg)
             continue
         for name, tg in pairs:
@@ -36,10 +46,12 @@ def lora_modules(tensors, arch: str, conv: bool) -> dict[str, tuple[str, object]
 
 def extract_lora(a: dict, b: dict, arch: str, dim: int = 128, conv_dim: int | None = None,
                  alpha: float = 1.0, beta: float = 1.0, clamp_quantile: float = 0.99, min_diff: float = 0.01,
-                 fast: bool = True, should_stop=None, progress=None) -> tuple[dict[str, torch.Tensor], dict]:
-    """kohya-format LoRA state dict approximating α·A − β·B per module, plus metadata. The text
-    encoder is left out when it is identical (max |ΔW| ≤ ``min_diff``), as kohya does."""
-    mods = lora_modules(a, arch, conv_dim is not None)
+                 fast: bool = True, should_stop=None, progress=None,
+                 conv_in_out: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """kohya-format LoRA state dict approximating α·A − β·B per module (kohya's module set, see
+    :func:`lora_modules`), plus metadata. The text encoder is left out when it is identical
+    (max |ΔW| ≤ ``min_diff``), as kohya does."""
+    mods = lora_modules(a, arch, conv_dim is not None, conv_in_out)
     if not mods:
         raise MergeError("no LoRA-able modules found")
     te_diff = 0.0

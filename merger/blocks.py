@@ -16,6 +16,55 @@ _IN = re.compile(r"\.input_blocks\.(\d+)\.")
 _OUT = re.compile(r"\.output_blocks\.(\d+)\.")
 
 
+# SuperMerger's extended SDXL list (BLOCKIDXLLL): the text encoders, each ResNet / transformer
+# sub-block (IN41 = input_blocks.4.1, IN410 = its transformer block 0), TIME, LABEL, VAE.
+BLOCKS_XL_EXT = (
+    ["CLIPL", "CLIPG", "IN0", "IN00", "IN10", "IN20", "IN30", "IN40", "IN41", "IN410", "IN411", "IN50", "IN51",
+     "IN510", "IN511", "IN60", "IN70", "IN71"] + [f"IN71{i}" for i in range(10)] + ["IN80", "IN81"]
+    + [f"IN81{i}" for i in range(10)] + ["MID00", "MID10"] + [f"MID10{i}" for i in range(10)]
+    + ["MID20", "OUT00", "OUT01"] + [f"OUT01{i}" for i in range(10)] + ["OUT10", "OUT11"]
+    + [f"OUT11{i}" for i in range(10)] + ["OUT20", "OUT21"] + [f"OUT21{i}" for i in range(10)]
+    + ["OUT22", "OUT30", "OUT31", "OUT310", "OUT311", "OUT40", "OUT41", "OUT410", "OUT411", "OUT50", "OUT51",
+       "OUT510", "OUT511", "OUT52", "OUT60", "OUT70", "OUT80", "OUT9", "TIME", "LABEL", "VAE"])
+_FINE_PART = re.compile(r"input|mid|output")
+_TRANSFORMER = re.compile(r"transformer_blocks\.(\d+)\.")
+
+
+def xl_fine_block(key: str) -> str | None:
+    """SuperMerger's fine SDXL block name of a key (``blockfromkey`` for XL): CLIPL / CLIPG / VAE /
+    TIME / LABEL, ``OUT9`` for the final layers, else IN/MID/OUT + the key's first digits (one for
+    MID, plus 0) + the transformer block's index. None for keys that are neither weight nor bias."""
+    if not ("weight" in key or "bias" in key):
+        return None
+    for part, name in (("label_emb", "LABEL"), ("time_embed", "TIME"), ("conditioner.embedders.0.", "CLIPL"),
+                       ("conditioner.embedders.1.", "CLIPG"), ("first_stage_model", "VAE")):
+        if part in key:
+            return name
+    if "model.diffusion_model" not in key:
+        return None
+    if "model.diffusion_model.out." in key:
+        return "OUT9"
+    found = _FINE_PART.findall(key)
+    block = found[0].upper().replace("PUT", "") if found else ""
+    digits = re.sub(r"\D", "", key)
+    nums = digits[:1] + "0" if block == "MID" else digits[:2]
+    if not nums:
+        return "MID00"
+    add = _TRANSFORMER.findall(key)
+    return block + nums + (add[0] if add else "")
+
+
+def xl_extended_index(key: str) -> int | None:
+    """Which entry of a 110-value extended SDXL vector a key takes, as SuperMerger: keys of the
+    BASE block take the first (CLIPL; the VAE too), CLIP-G the second, the rest their fine block's."""
+    fine = xl_fine_block(key)
+    if fine is None:
+        return None
+    if block_of(key, "sdxl") == "BASE" and fine != "CLIPG":
+        return 0
+    return BLOCKS_XL_EXT.index(fine) if fine in BLOCKS_XL_EXT else None
+
+
 def block_ids(arch: str) -> list[str]:
     return BLOCKS_XL if arch == "sdxl" else BLOCKS_SD
 

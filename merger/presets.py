@@ -4,7 +4,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from .blocks import block_ids, sd_vector_to_xl
+from .blocks import BLOCKS_XL_EXT, block_ids, sd_vector_to_xl
 from .errors import MergeError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -53,9 +53,11 @@ def parse_vector(text: str, arch: str, what: str = "MBW") -> list[float]:
     n = len(block_ids(arch))
     if arch == "sdxl" and len(values) == 26:
         values = sd_vector_to_xl(values)
+    if arch == "sdxl" and len(values) == len(BLOCKS_XL_EXT):
+        return values                       # SuperMerger's extended 110-block SDXL vector
     if len(values) != n:
         raise MergeError(f"{what}: {len(values)} values given, {n} needed for this model "
-                         f"({', '.join(block_ids(arch))})")
+                         f"({', '.join(block_ids(arch))})" + (" or 110 (extended)" if arch == "sdxl" else ""))
     return values
 
 

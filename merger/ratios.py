@@ -5,7 +5,7 @@ import re
 from dataclasses import dataclass
 
 from .adjust import ADJUST_KEYS
-from .blocks import block_ids, block_of, expand_blocks
+from .blocks import BLOCKS_XL_EXT, block_ids, block_of, expand_blocks, xl_extended_index, xl_fine_block
 from .errors import MergeError
 from .presets import parse_vector
 from .recipe import Recipe
@@ -58,7 +58,8 @@ def parse_elemental(text: str, arch: str) -> list[ElementalRule]:
 
 
 def split_inex(text: str, arch: str) -> tuple[list[str], list[str]]:
-    """"IN01 OUT03-OUT05, attn2, VAE" -> (blocks incl. VAE/Adjust, element substrings)."""
+    """"IN01 OUT03-OUT05, attn2, VAE" -> (blocks incl. VAE/Adjust, element substrings). On SDXL,
+    SuperMerger's fine names (CLIPL, CLIPG, TIME, LABEL, IN41, IN410, MID103, OUT9...) are blocks."""
     ids = block_ids(arch)
     blocks: list[str] = []
     elements: list[str] = []
@@ -66,7 +67,7 @@ def split_inex(text: str, arch: str) -> tuple[list[str], list[str]]:
         if not tok:
             continue
         ends = tok.split("-")
-        if tok in INEX_SPECIAL:
+        if tok in INEX_SPECIAL or (arch == "sdxl" and tok in BLOCKS_XL_EXT and tok not in ids):
             blocks.append(tok)
         elif all(e in ids for e in ends) and len(ends) <= 2:
             blocks.extend(expand_blocks(tok, arch)[1])
@@ -85,7 +86,7 @@ class RatioPlan:
         self.betas = self._vector(recipe.mbw_beta, "MBW beta") if recipe.uses_beta() else None
         self.rules = parse_elemental(recipe.elemental, arch)
         for b in recipe.inex_blocks:
-            if b not in self.ids and b not in INEX_SPECIAL:
+            if b not in self.ids and b not in INEX_SPECIAL and not (arch == "sdxl" and b in BLOCKS_XL_EXT):
                 raise MergeError(f"include/exclude: unknown block {b!r}")
 
     def _vector(self, values, what):
@@ -100,19 +101,27 @@ class RatioPlan:
         if r.inex == "off" or not (r.inex_blocks or elems):
             return False
         include = r.inex == "include"
-        hit = (block in r.inex_blocks or block in elems
+        fine = xl_fine_block(key) if self.arch == "sdxl" else None
+        hit = (block in r.inex_blocks or block in elems or (fine is not None and fine in r.inex_blocks)
                or ("Adjust" in r.inex_blocks and key in ADJUST_KEYS)
                or any(e in key for e in elems)
                or ("VAE" in r.inex_blocks and "first_stage_model" in key))
         return (not include) if hit else include
+
+    def _pick(self, vector: list[float], i: int, key: str) -> float:
+        """Block ``i``'s value, or for a 110-value extended SDXL vector the key's fine block's."""
+        if len(vector) == len(self.ids):
+            return vector[i]
+        j = xl_extended_index(key)
+        return vector[j] if j is not None else vector[0]
 
     def ratios(self, key: str) -> tuple[float, float] | None:
         block = block_of(key, self.arch)
         if block is None or self.excluded(block, key):
             return None
         i = self.ids.index(block)
-        alpha = self.alphas[i] if self.alphas else self.recipe.alpha
-        beta = self.betas[i] if self.betas else self.recipe.beta
+        alpha = self._pick(self.alphas, i, key) if self.alphas else self.recipe.alpha
+        beta = self._pick(self.betas, i, key) if self.betas else self.recipe.beta
         for rule in self.rules:
             if rule.matches(block, key):
                 alpha = rule.ratio

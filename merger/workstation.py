@@ -298,7 +298,7 @@ class Workstation:
 
     def extract_lora(self, model_a: str, model_b: str, alpha: float = 1.0, beta: float = 1.0, dim: int = 128,
                      conv_dim: int | None = None, name: str = "extracted-lora", progress=None,
-                     overwrite: bool = False) -> Outcome:
+                     overwrite: bool = False, conv_in_out: bool = False) -> Outcome:
         """A LoRA approximating α·A − β·B, written to the LoRA folder."""
         from lora_ops.extract import extract_lora
         from .arch import check_same_arch, detect_arch
@@ -314,7 +314,7 @@ class Workstation:
         arch = check_same_arch({a.name: detect_arch(a.tensors, a.name), b.name: detect_arch(b.tensors, b.name)})
         self.stop_event.clear()
         sd, meta = extract_lora(a.tensors, b.tensors, arch, dim, conv_dim, alpha, beta,
-                                should_stop=self.should_stop, progress=progress)
+                                should_stop=self.should_stop, progress=progress, conv_in_out=conv_in_out)
         return self._save_lora(path, sd, meta, overwrite=overwrite)
 
     def unload(self) -> str:

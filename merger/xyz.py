@@ -173,6 +173,9 @@ def pin(recipe: Recipe, blocks: list[str], which: str, value: float, arch: str) 
     ids = block_ids(arch)
     r = replace(recipe)
     base = getattr(r, f"mbw_{which}") or [getattr(r, which)] * len(ids)
+    if len(base) != len(ids):
+        raise MergeError(f"pinpoint blocks works on {len(ids)}-block MBW vectors; the {which} vector has "
+                         f"{len(base)} (extended)")
     setattr(r, f"mbw_{which}", [value if b in blocks else v for b, v in zip(ids, base)])
     return r
 

@@ -144,3 +144,101 @@ def test_lora_axis_labels_carry_metadata_legends(demo_ws, tmp_path):
     tall = grid_image([im, im], prep.axes["X"], prep.axes["Y"])
     assert tall.height > short.height                                            # the legend is drawn
     assert PlotSpec.from_dict(spec.to_dict()).lora_legend == spec.lora_legend   # kept by reservations
+
+
+def _kohya_module_names(pipe, conv: bool) -> set[str]:
+    """kohya networks/lora.py create_modules, written from its description: Linear / Conv2d children
+    of the target classes (Transformer2DModel; with a conv dim also ResnetBlock2D, Downsample2D,
+    Upsample2D; CLIPAttention / CLIPMLP in the text encoder), named prefix + dotted path with '_'."""
+    unet_classes = {"Transformer2DModel"} | ({"ResnetBlock2D", "Downsample2D", "Upsample2D"} if conv else set())
+    names = set()
+    te = pipe.text_encoder       # kohya names from CLIPTextModel: "text_model.encoder..."
+    te_prefix = "lora_te" if hasattr(te, "text_model") else "lora_te_text_model"
+    for prefix, root, classes in (("lora_unet", pipe.unet, unet_classes),
+                                  (te_prefix, te, {"CLIPAttention", "CLIPMLP"})):
+        for name, module in root.named_modules():
+            if module.__class__.__name__ in classes:
+                for child_name, child in module.named_modules():
+                    kind = child.__class__.__name__
+                    if kind == "Linear" or (kind in ("Conv2d", "LoRACompatibleConv") and
+                                            (conv or child.kernel_size == (1, 1))):
+                        names.add(f"{prefix}_{name}.{child_name}".replace(".", "_"))
+    return names
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_extraction_covers_kohyas_module_set(demo_ws, conv):
+    from lora_ops.extract import lora_modules
+    from merger.files.checkpoint_io import load_checkpoint
+    ws = demo_ws
+    ws.load_model("demo-sd1-tiny-A.safetensors")
+    tensors = load_checkpoint(ws.dirs.ckpt / "demo-sd1-tiny-A.safetensors").tensors
+    ours = set(lora_modules(tensors, "sd1", conv))
+    assert ours == _kohya_module_names(ws.pipeline.pipe, conv)
+    if conv:
+        assert any("time_emb_proj" in n for n in ours) and any("conv_shortcut" in n for n in ours)
+        assert not any(n in ("lora_unet_conv_in", "lora_unet_conv_out") for n in ours)
+        extra = set(lora_modules(tensors, "sd1", conv, conv_in_out=True)) - ours
+        assert extra == {"lora_unet_conv_in", "lora_unet_conv_out"}
+
+
+def test_sdxl_fine_block_names_as_supermerger():
+    from merger.blocks import BLOCKS_XL_EXT, xl_fine_block
+    from merger.ldm_layout import sized_layout
+    cases = {"model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": "IN410",
+             "model.diffusion_model.input_blocks.4.0.in_layers.2.weight": "IN40",
+             "model.diffusion_model.middle_block.1.transformer_blocks.3.ff.net.2.bias": "MID103",
+             "model.diffusion_model.output_blocks.2.2.conv.weight": "OUT22",
+             "model.diffusion_model.out.2.weight": "OUT9", "model.diffusion_model.time_embed.0.weight": "TIME",
+             "model.diffusion_model.label_emb.0.0.bias": "LABEL",
+             "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": "CLIPL",
+             "conditioner.embedders.1.model.ln_final.bias": "CLIPG", "first_stage_model.encoder.conv_in.weight": "VAE"}
+    for key, want in cases.items():
+        assert xl_fine_block(key) == want, key
+    fines = {xl_fine_block(k) for k in sized_layout("sdxl", "full")}      # shapes only: no weights
+    assert set(BLOCKS_XL_EXT) - fines == {"IN0"} and fines - {None} <= set(BLOCKS_XL_EXT)
+
+
+def test_sdxl_include_exclude_takes_fine_names():
+    from merger.ratios import inex_selection, split_inex
+    from tests.conftest import tiny
+    xl = tiny("sdxl", 1).tensors
+    blocks, elems = split_inex("CLIPL TIME IN41", "sdxl")
+    assert blocks == ["CLIPL", "TIME", "IN41"] and elems == []
+    from merger.recipe import Recipe
+    merged, kept = inex_selection(Recipe("a", "b", inex="exclude", inex_blocks=blocks, inex_elements=[]), xl, "sdxl")
+    assert kept and all(k.startswith("conditioner.embedders.0.") or "time_embed" in k
+                        or ".input_blocks.4.1." in k for k in kept)
+    assert any(k.startswith("conditioner.embedders.0.") for k in kept) and any("time_embed" in k for k in kept)
+    assert any(".input_blocks.4.1." in k for k in kept)
+    assert not any(k.startswith("conditioner.embedders.1.") for k in kept)      # CLIPG stays merged
+    assert split_inex("CLIPL", "sd1") == ([], ["CLIPL"])                        # SD1: just a key substring
+
+
+def test_a_110_value_extended_sdxl_vector_merges_each_sub_block():
+    import torch
+
+    from merger.blocks import BLOCKS_XL_EXT, block_of, xl_fine_block
+    from merger.engine import merge
+    from merger.recipe import Recipe
+    from tests.conftest import tiny
+    A, B = tiny("sdxl", 1), tiny("sdxl", 2)
+    vec = [round(i / 109, 4) for i in range(110)]
+    res = merge(Recipe("a", "b", mbw_alpha=vec), A, B).tensors
+    checked = 0
+    for key, t in A.tensors.items():
+        fine = xl_fine_block(key)
+        if fine is None or not t.is_floating_point() or "model" not in key:
+            continue
+        want = 0 if (block_of(key, "sdxl") == "BASE" and fine != "CLIPG") else BLOCKS_XL_EXT.index(fine)
+        ratio = vec[want]
+        torch.testing.assert_close(res[key], torch.lerp(t, B.tensors[key], ratio), rtol=0, atol=1e-6)
+        checked += 1
+    assert checked > 500
+    from merger.xyz import pin
+    with pytest.raises(MergeError, match="pinpoint blocks works on 20-block MBW vectors"):
+        pin(Recipe("a", "b", mbw_alpha=vec), ["IN01"], "alpha", 0.5, "sdxl")
+    from merger.presets import parse_vector
+    assert len(parse_vector(",".join(map(str, vec)), "sdxl")) == 110
+    with pytest.raises(MergeError, match="or 110 .extended."):
+        parse_vector(",".join(["0.5"] * 50), "sdxl")

@@ -1,7 +1,7 @@
 """Widget values <-> engine objects (Recipe, GenParams, SaveOptions). Glue only, no math."""
 from __future__ import annotations
 
-from merger.blocks import BLOCKS_SD, BLOCKS_XL
+from merger.blocks import BLOCKS_SD, BLOCKS_XL, BLOCKS_XL_EXT
 from merger.errors import MergeError
 from merger.pipeline.generate import GenParams
 from merger.presets import parse_vector
@@ -44,8 +44,19 @@ def sliders_to_text(values: list[float], arch: str) -> str:
 
 
 def text_to_sliders(text: str, arch: str) -> list[float]:
-    """26 slider values from a preset name or 26/20 values (hidden SDXL-only sliders keep 0)."""
-    values = iter(parse_vector(text, arch))
+    """26 slider values from a preset name or 26/20 values (hidden SDXL-only sliders keep 0). An
+    extended 110-value SDXL vector is edited as text: the sliders show its 20-block view (each
+    block's first entry)."""
+    values = parse_vector(text, arch)
+    if len(values) == len(BLOCKS_XL_EXT):
+        from merger.blocks import BLOCKS_XL
+        firsts = {"BASE": values[0], "M00": values[BLOCKS_XL_EXT.index("MID00")]}
+        for b in BLOCKS_XL[1:]:
+            if b != "M00":                       # IN03 -> IN30, OUT05 -> OUT50
+                name = b[:-2] + b[-1] + "0"
+                firsts[b] = values[BLOCKS_XL_EXT.index(name)] if name in BLOCKS_XL_EXT else 0.0
+        values = [firsts[b] for b in BLOCKS_XL]
+    values = iter(values)
     return [next(values) if show else 0.0 for show in visible_blocks(arch)]
 
 

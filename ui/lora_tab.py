@@ -77,6 +77,7 @@ def build(ws, mc, do_gen_outputs, run_gen):
             e_beta = gr.Number(value=1.0, label="β (B)")
             e_dim = gr.Number(value=128, precision=0, label="dim")
             e_conv = gr.Number(value=0, precision=0, label="conv dim (0 = none)")
+            e_inout = gr.Checkbox(label="also conv_in/conv_out (kohya: no)", value=False, elem_id="lora_e_inout")
             e_out = gr.Textbox(label="output name", value="extracted-lora")
             e_go = gr.Button("Extract", elem_id="lora_e_go")
         with gr.Row():
@@ -131,10 +132,11 @@ def build(ws, mc, do_gen_outputs, run_gen):
                [lb, lc, l_alpha, l_beta, l_gamma, l_rank, l_out, overwrite], status)
 
     @safe(1)
-    def extract(a, b, al, be, dim, conv, name, over, progress=gr.Progress()):
+    def extract(a, b, al, be, dim, conv, name, over, inout, progress=gr.Progress()):
         return ws.extract_lora(a, b, float(al), float(be), int(dim), int(conv) or None, name,
-                               progress=progress_cb(progress, "extracting"), overwrite=bool(over)).message
-    e_go.click(extract, [ea, eb, e_alpha, e_beta, e_dim, e_conv, e_out, overwrite], status)
+                               progress=progress_cb(progress, "extracting"), overwrite=bool(over),
+                               conv_in_out=bool(inout)).message
+    e_go.click(extract, [ea, eb, e_alpha, e_beta, e_dim, e_conv, e_out, overwrite, e_inout], status)
     dy_go.click(safe(1)(lambda n, r, out, o: ws.extract_dylora(n, int(r), out or "", bool(o)).message),
                 [dy_pick, dy_rank, dy_out, overwrite], status)
     return {"table": table, "rows": rows, "pick": pick, "meta": meta, "meta_rows": safe_meta}
