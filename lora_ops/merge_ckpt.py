@@ -121,6 +121,14 @@ class LoraApplier:
     def keys(self) -> list[str]:
         return list(self.by_key)
 
+    def only(self, keep) -> "LoraApplier":
+        """The same LoRAs restricted to the keys ``keep(key)`` accepts (a shallow copy)."""
+        part = object.__new__(LoraApplier)
+        part.arch = self.arch
+        part.by_key = {k: v for k, v in self.by_key.items() if keep(k)}
+        part.shapes = {k: self.shapes[k] for k in part.by_key}
+        return part
+
     def delta(self, key: str) -> torch.Tensor:
         """Σ scale · ΔW for ``key`` (float32, the key's full shape)."""
         shape = self.shapes[key]

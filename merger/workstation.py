@@ -168,12 +168,15 @@ class Workstation:
 
     def generate(self, params: GenParams, progress=None, save: bool = True, interruptible: bool = True,
                  folder: Path | None = None, stem: str = "", loras: str = "", init_image=None,
-                 id_to: tuple[str, ...] = ("PNG info",)) -> Outcome:
+                 id_to: tuple[str, ...] = ("PNG info",), mask=None, regional: list[str] | None = None) -> Outcome:
         """Generate with the resident pipeline. LoRAs given in ``loras`` ("name:weight[:blocks],
         ..." — the UI's five LoRA slots) or as ``<lora:name:weight>`` in the prompt are added to the
         weights for this generation only. ``init_image`` (PIL) makes it img2img. ``id_to`` is
         SuperMerger's "save merged model ID to": "PNG info" writes the merge ID into the PNG
-        info, "image" draws it onto the picture."""
+        info, "image" draws it onto the picture. ``regional``: up to three LoRAs ("name:weight",
+        "" for none) of slots 1-3, restricted by the R, G, B channels of the ``mask`` image to
+        regions of the picture (Additional Networks; :mod:`.pipeline.regional`); without a mask
+        they are added like the others."""
         if interruptible:
             self.stop_event.clear()
         rp = self.pipeline
@@ -188,17 +191,30 @@ class Workstation:
         from .pipeline.prompt import extract_lora_tags
         prompt, tags = extract_lora_tags(params.prompt)
         lora_text = ", ".join([x.strip() for x in (loras or "").split(",") if x.strip()] + tags)
+        regional = [s.strip() for s in (regional or [])][:3]
+        if mask is None:   # no mask: slots 1-3 are ordinary LoRAs
+            lora_text = ", ".join([s for s in regional if s] + ([lora_text] if lora_text else []))
+            regional = []
         backup: dict = {}
         if lora_text:      # applied for this generation only, then the merged weights come back exactly
             rp.check_ready()
             rp.add_deltas(self.lora_applier(lora_text, rp.layout(), rp.spec.arch), backup)
             extra["LoRAs"] = lora_text
+        hooks, png_extra = None, {}
+        if any(regional):
+            rp.check_ready()
+            hooks, png_extra = self._regional(params, mask, regional, backup)
+            extra["LoRA mask"] = "; ".join(f"{c}: {s}" for c, s in zip("RGB", regional) if s)
         try:
+            if hooks is not None:
+                hooks.__enter__()
             from dataclasses import replace as _replace
             res = generate(rp, _replace(params, prompt=prompt), model_label=label,
                            model_hash=recipe.hash_a if recipe else "", extra_info=extra, progress=progress,
                            should_stop=self.should_stop if interruptible else None, init_image=init_image)
         finally:
+            if hooks is not None:
+                hooks.__exit__(None, None, None)
             if backup:
                 rp.restore(backup)
         if "image" in id_to and self.history_id is not None:
@@ -210,11 +226,32 @@ class Workstation:
             for i, im in enumerate(res.images):
                 files.append(save_png(im.image, (folder or self.outputs / "images") / f"{stem}-{i:03}-{im.seed}.png",
                                       im.infotext, recipe.to_line() if recipe else "",
-                                      merge_id if merge_id is not None else ""))
+                                      merge_id if merge_id is not None else "", png_extra))
         for im in res.images:
             im.image.info["parameters"] = im.infotext
         return Outcome(f"generated {len(res.images)} image(s)", Timings(generate=res.seconds), self.history_id,
                        res, files=files)
+
+    def _regional(self, params: GenParams, mask, regional: list[str], backup: dict):
+        """(hooks for the masked LoRAs' U-Net parts, PNG text chunks recording the mask); their
+        text-encoder parts are added into the weights (saved in ``backup``)."""
+        import base64
+        import io
+
+        from .pipeline.regional import RegionalLoras, mask_levels, rgb_masks
+        rp = self.pipeline
+        p = params.with_prompt_options()
+        sizes = [(p.width, p.height)] + ([p.hires_size()] if p.hires else [])
+        entries = []
+        for spec, channel in zip(regional, rgb_masks(mask)):
+            if spec:
+                applier = self.lora_applier(spec, rp.layout(), rp.spec.arch)
+                entries.append((applier.only(lambda k: k.startswith("model.diffusion_model.")),
+                                mask_levels(channel, sizes)))
+                rp.add_deltas(applier.only(lambda k: not k.startswith("model.diffusion_model.")), backup)
+        buf = io.BytesIO()
+        mask.convert("RGB").save(buf, format="PNG")
+        return RegionalLoras(rp, entries), {"sdmw_lora_mask": base64.b64encode(buf.getvalue()).decode()}
 
     def save_current(self, name: str = "", options: SaveOptions | None = None, progress=None) -> Outcome:
         """Write exactly the weights the pipeline holds (LDM layout)."""

@@ -271,6 +271,27 @@ def test_lora_tab_shows_list_and_metadata_at_once_and_keeps_its_own_output(page,
     page.get_by_role("tab", name="Merge").click()
 
 
+def test_regional_lora_mask_in_the_generation_panel(page, app, tmp_path):
+    from PIL import Image
+    page.get_by_role("tab", name="Merge").click()
+    page.fill("#prompt textarea", "a red fox --w 64 --h 64 --s 3 --d 5")
+    page.click("#gen_loras")
+    pick(page, "#gen_lora_0", "demo-sd1-tiny-lora.safetensors")
+    mask = tmp_path / "mask.png"
+    im = Image.new("RGB", (64, 64), (0, 0, 0))
+    im.paste((255, 0, 0), (0, 0, 32, 64))
+    im.save(mask)
+    page.set_input_files("#lora_mask input[type=file]", str(mask))
+    page.wait_for_selector("#lora_mask img")
+    msg = click_and_wait(page, "#merge_gen", ("generated", "Error"))
+    assert "generated 1 image" in msg, msg
+    assert "LoRA mask: R: demo-sd1-tiny-lora.safetensors:1" in page.input_value("#pnginfo textarea")
+    page.wait_for_function("document.querySelectorAll('#gallery .thumbnail-item').length === 2")
+    assert "regional mask over the image" in page.inner_text("#gallery")
+    page.click("#lora_mask button[aria-label='Remove Image']")          # back to no mask for later tests
+    page.wait_for_function("!document.querySelector('#lora_mask img')")
+
+
 def test_hires_img2img_merge_id_png_recall_inex_print_and_attn2(page, app, tmp_path):
     """Runs last: it leaves a start image in the img2img box."""
     page.get_by_role("tab", name="Merge").click()

@@ -242,3 +242,55 @@ def test_a_110_value_extended_sdxl_vector_merges_each_sub_block():
     assert len(parse_vector(",".join(map(str, vec)), "sdxl")) == 110
     with pytest.raises(MergeError, match="or 110 .extended."):
         parse_vector(",".join(["0.5"] * 50), "sdxl")
+
+
+def test_mask_levels_follow_additional_networks():
+    import torch
+
+    from merger.pipeline.regional import mask_levels
+    m = torch.ones(100, 80)
+    levels = mask_levels(m, [(64, 64)])
+    assert sorted(levels) == [1, 4, 16, 64]                                     # 8x8, 4x4, 2x2, 1x1
+    odd = mask_levels(m, [(72, 64)])                                            # 8 x 9 latents: odd width
+    assert {(t.shape[2], t.shape[3]) for t in odd.values()} >= {(8, 9), (8, 10), (4, 5), (4, 6), (2, 3), (2, 4), (1, 2)}
+    both = mask_levels(m, [(64, 64), (128, 128)])
+    assert 256 in both and 64 in both
+    half = torch.zeros(8, 8)
+    half[:, :4] = 1
+    lv = mask_levels(half, [(64, 64)])[64][0, 0]
+    assert lv[:, :3].min() == 1 and lv[:, 5:].max() == 0
+
+
+def test_regional_lora_with_a_white_mask_equals_the_added_lora_and_is_recorded(demo_ws):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from merger.pipeline.pnginfo import read_png_info
+    ws = demo_ws
+    ws.merge(ws.recipe("demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors", alpha=0.5))
+    p = replace(GEN, steps=4, seed=21)
+    lora = "demo-sd1-tiny-lora:4"          # strong enough to show on the tiny random model
+    added = ws.generate(p, save=False, loras=lora).result.images[0].image
+    white = Image.new("RGB", (32, 32), (255, 255, 255))
+    hooked = ws.generate(p, mask=white, regional=[lora, "", ""])
+    img = hooked.result.images[0].image
+    diff = np.abs(np.asarray(added, dtype=int) - np.asarray(img, dtype=int))
+    assert diff.max() <= 1, diff.max()                                          # ≤ 1/255 per channel
+    plain = ws.generate(p, save=False).result.images[0].image
+    assert np.abs(np.asarray(plain, dtype=int) - np.asarray(added, dtype=int)).max() > 3   # the LoRA shows
+    left = Image.new("RGB", (32, 32), (0, 0, 0))
+    left.paste((255, 0, 0), (0, 0, 16, 32))                                     # R: slot 1 on the left half only
+    part = ws.generate(p, save=False, mask=left, regional=[lora, "", ""]).result.images[0].image
+    assert np.asarray(part, dtype=int).tobytes() not in (np.asarray(added, dtype=int).tobytes(),
+                                                         np.asarray(plain, dtype=int).tobytes())
+    info = read_png_info(hooked.files[0])
+    assert "LoRA mask: R: demo-sd1-tiny-lora:4" in info["parameters"]
+    stored = Image.open(io.BytesIO(base64.b64decode(info["sdmw_lora_mask"])))
+    assert stored.size == (32, 32) and stored.getpixel((0, 0)) == (255, 255, 255)
+    # the merged weights are back exactly afterwards
+    again = ws.generate(p, save=False).result.images[0].image
+    assert again.tobytes() == plain.tobytes()
+    assert ws.generate(p, save=False, regional=[lora, "", ""]).result.images[0].image.tobytes() == added.tobytes()

@@ -107,8 +107,8 @@ def build(ws, mc, do_gen_outputs, run_gen):
     @safe(4)
     def merge_and_gen(model_name, text, *gen_args, progress=gr.Progress()):
         out = ws.merge(lora_recipe(model_name, text), progress=progress_cb(progress, "merging LoRAs"))
-        images, info, tg = run_gen(gen_args, progress)
-        return f"{out.message} ({out.timings.line()}); generated {len(images)} image(s)", images, info, images
+        images, info, tg, n = run_gen(gen_args, progress)
+        return f"{out.message} ({out.timings.line()}); generated {n} image(s)", images, info, images
     merge_gen.click(merge_and_gen, [model, spec] + do_gen_outputs["inputs"],
                     [status] + do_gen_outputs["outputs"] + [gallery])
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import gradio as gr
 
 from merger.arch import detect_arch_of_file
-from merger.blocks import BLOCKS_SD
+from merger.blocks import BLOCKS_SD, BLOCKS_XL_EXT
 from merger.calcmodes import calcmode_names, get_calcmode
 from merger.files.saving import model_label
 from merger.pipeline.generate import HIRES_UPSCALERS, SAMPLERS
 from merger.pipeline.pnginfo import settings_from_png
+from merger.pipeline.regional import mask_overlay
 from merger.presets import presets
 from merger.recipe import MODES_WITH_BETA
 
@@ -59,9 +60,15 @@ def build(ws):
                     sd_presets = [n for n, v in presets("sd1").items() if not any(x in v for x in "RUX")]
                     c["preset"] = gr.Dropdown(sd_presets, label="Preset", elem_id="mbw_preset")
                     c["target"] = gr.Radio(["alpha", "beta"], value="alpha", label="sliders edit")
-                c["mbw_a"] = gr.Textbox(label="MBW alpha (26 values for SD1/SD2, 20 for SDXL; BASE first)",
+                c["mbw_a"] = gr.Textbox(label="MBW alpha (26 values for SD1/SD2, 20 for SDXL or 110 extended; BASE first)",
                                         value=",".join(["0.5"] * 26), elem_id="mbw_alpha")
                 c["mbw_b"] = gr.Textbox(label="MBW beta", value="", elem_id="mbw_beta")
+                with gr.Accordion("Extended SDXL MBW (110 blocks, SuperMerger's list)", open=False,
+                                  elem_id="mbw_extended"):
+                    gr.Markdown("Paste 110 comma-separated values into MBW alpha / beta, in this order (the "
+                                "sliders then show each block's first sub-block): "
+                                + ", ".join(f"`{b}`" for b in BLOCKS_XL_EXT)
+                                + ". `CLIPL` also covers the VAE, as in SuperMerger.")
                 c["sliders"] = []
                 for row in (BLOCKS_SD[:13], BLOCKS_SD[13:]):
                     with gr.Row():
@@ -140,6 +147,9 @@ def build(ws):
                                            height=220)
             with gr.Accordion("LoRAs at generation (up to 5; <lora:name:weight> in the prompt also works)",
                               open=False, elem_id="gen_loras"):
+                c["lora_mask"] = gr.Image(type="pil", label="Regional mask: its R, G, B restrict LoRA 1, 2, 3 to "
+                                          "regions (0-255 = weight 0-1); LoRA 4-5 stay unmasked",
+                                          sources=["upload", "clipboard"], elem_id="lora_mask", height=160)
                 c["gen_loras"] = []
                 for i in range(5):
                     with gr.Row():
@@ -226,21 +236,26 @@ def _wire(ws, c):
             msg += f"; {saved.message}"
         return msg, out.timings
 
-    def do_gen(gen_args, vae, init_image, id_to, progress, loras=()):
+    def do_gen(gen_args, vae, init_image, id_to, mask, progress, loras=()):
         ws.set_vae(None if vae == BAKED else vae)
-        text = ", ".join(f"{n}:{w:g}" for n, w in zip(loras[::2], loras[1::2]) if n)
+        slots = list(zip(loras[::2], loras[1::2]))
+        regional = [f"{n}:{w:g}" if n else "" for n, w in slots[:3]] if mask is not None else []
+        text = ", ".join(f"{n}:{w:g}" for n, w in (slots[3:] if mask is not None else slots) if n)
         out = ws.generate(forms.gen_params(*gen_args), progress=progress_cb(progress, "generating"), loras=text,
-                          init_image=init_image, id_to=tuple(id_to or ()))
+                          init_image=init_image, id_to=tuple(id_to or ()), mask=mask, regional=regional)
         # the saved PNG files (with their PNG info), so a download from the gallery keeps it
         images = [(str(f), f"seed {im.seed}") for f, im in zip(out.files, out.result.images)]
-        return images, out.result.images[0].infotext if images else "", out.timings
+        if mask is not None and any(regional) and out.result.images:
+            images.append((mask_overlay(out.result.images[0].image, mask), "regional mask over the image"))
+        n = len(out.result.images)
+        return images, out.result.images[0].infotext if n else "", out.timings, n
 
     n_rec, n_gen = len(recipe_inputs), len(gen_inputs)
-    # prompt ... denoise, VAE, start image, merge ID option, 5 LoRA slots
-    gen_inputs = gen_inputs + [c["vae"], c["init_image"], c["id_to"]] + c["gen_loras"]
+    # prompt ... denoise, VAE, start image, merge ID option, regional mask, 5 LoRA slots
+    gen_inputs = gen_inputs + [c["vae"], c["init_image"], c["id_to"], c["lora_mask"]] + c["gen_loras"]
 
     def run_gen(args, progress):
-        return do_gen(args[:n_gen], *args[n_gen:n_gen + 3], progress, args[n_gen + 3:])
+        return do_gen(args[:n_gen], *args[n_gen:n_gen + 4], progress, args[n_gen + 4:])
     c["run_gen"], c["gen_inputs"], c["gen_outputs"] = run_gen, gen_inputs, [c["gallery"], c["info"]]
 
     @safe(3)
@@ -254,13 +269,13 @@ def _wire(ws, c):
     def merge_and_gen(*args, progress=gr.Progress()):
         forms.gen_params(*args[n_rec:n_rec + n_gen])     # refuse bad generation settings before merging
         msg, t = do_merge(args[:n_rec], *args[n_rec + n_all_gen:], progress)
-        images, info, tg = run_gen(args[n_rec:n_rec + n_all_gen], progress)
-        return f"{msg}; generated {len(images)} image(s) in {tg.generate:.2f} s", images, info
+        images, info, tg, n = run_gen(args[n_rec:n_rec + n_all_gen], progress)
+        return f"{msg}; generated {n} image(s) in {tg.generate:.2f} s", images, info
 
     @safe(3)
     def gen_only(*args, progress=gr.Progress()):
-        images, info, tg = run_gen(args, progress)
-        return f"generated {len(images)} image(s) (generating {tg.generate:.2f} s)", images, info
+        images, info, tg, n = run_gen(args, progress)
+        return f"generated {n} image(s) (generating {tg.generate:.2f} s)", images, info
 
     outs = [c["status"], c["gallery"], c["info"]]
     c["merge"].click(merge_only, recipe_inputs + save_inputs, outs)

@@ -10,10 +10,12 @@ from pathlib import Path
 from ..errors import MergeError
 
 
-def png_info(infotext: str, recipe_line: str = "", history_id: int | str = ""):
+def png_info(infotext: str, recipe_line: str = "", history_id: int | str = "", extra: dict | None = None):
     from PIL.PngImagePlugin import PngInfo
     info = PngInfo()
     info.add_text("parameters", infotext)
+    for k, v in (extra or {}).items():
+        info.add_text(k, v)
     if recipe_line:
         info.add_text("sdmw_recipe", recipe_line)
     if history_id != "":
@@ -22,10 +24,10 @@ def png_info(infotext: str, recipe_line: str = "", history_id: int | str = ""):
 
 
 def save_png(image, path: str | os.PathLike, infotext: str, recipe_line: str = "",
-             history_id: int | str = "") -> Path:
+             history_id: int | str = "", extra: dict | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=png_info(infotext, recipe_line, history_id))
+    image.save(path, pnginfo=png_info(infotext, recipe_line, history_id, extra))
     return path
 
 

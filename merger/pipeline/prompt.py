@@ -1,4 +1,4 @@
-"""Prompt syntax: A1111 attention weights and sd-scripts per-line options (pure text functions).
+r"""Prompt syntax: A1111 attention weights and sd-scripts per-line options (pure text functions).
 
 Attention (A1111): ``(text)`` ×1.1, ``[text]`` ÷1.1, ``(text:1.5)`` ×1.5, nesting multiplies,
 ``\\(`` ``\\)`` ``\\[`` ``\\]`` are literal brackets, and ``BREAK`` starts a new 75-token chunk.

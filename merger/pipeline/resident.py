@@ -361,6 +361,14 @@ class ResidentPipeline:
             return stats
         return self._run(spec, run, label or plan.a.name, plan.recipe, plan.a, partial=todo is not plan)
 
+    def targets_of(self, key: str) -> list:
+        """[(Target, parameter)] an LDM key feeds in the pipeline's modules."""
+        return self._targets(key)
+
+    def module_of(self, target):
+        """The Diffusers module that owns a target's parameter."""
+        return self.modules[target.component].get_submodule(target.param.rsplit(".", 1)[0])
+
     def layout(self) -> dict:
         """LDM key -> shape of the loaded architecture."""
         return sized_layout(self.spec.arch, self.spec.size)
