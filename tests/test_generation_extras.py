@@ -4,7 +4,6 @@ the resident pipeline, PNG info read back into settings, the merge ID on the ima
 from dataclasses import replace
 
 import pytest
-import torch
 from PIL import Image
 
 from merger.analysis import block_cosines, tensor_cosines
