@@ -56,10 +56,10 @@ def detect_arch_of_file(path) -> str:
     """Architecture from a file's key names only (reads just the safetensors header)."""
     from pathlib import Path
 
-    from .files.checkpoint_io import header_entries, load_checkpoint, read_safetensors_header
+    from .files.checkpoint_io import a1111_key_names, header_entries, load_checkpoint, read_safetensors_header
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
         header, _ = read_safetensors_header(path)
         _, entries = header_entries(header, path.name)
-        return detect_arch({e.key: e.shape for e in entries}, path.name)
+        return detect_arch(a1111_key_names({e.key: e.shape for e in entries}), path.name)
     return detect_arch(load_checkpoint(path).tensors, path.name)

@@ -294,3 +294,38 @@ def test_regional_lora_with_a_white_mask_equals_the_added_lora_and_is_recorded(d
     again = ws.generate(p, save=False).result.images[0].image
     assert again.tobytes() == plain.tobytes()
     assert ws.generate(p, save=False, regional=[lora, "", ""]).result.images[0].image.tobytes() == added.tobytes()
+
+
+def test_old_sd1_text_encoder_names_are_read_as_a1111_reads_them(tmp_path, models):
+    """An SD1 file whose text encoder lacks ``text_model.`` (A1111's checkpoint_dict_replacements)
+    merges exactly like the canonical file: before, its text encoder was silently not merged."""
+    import safetensors.torch as st
+    import torch
+
+    from merger.arch import detect_arch_of_file
+    from merger.cli import main
+    from merger.files.checkpoint_io import load_checkpoint
+    canon = load_checkpoint(models["b"]).tensors
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+           for k, v in canon.items()}
+    assert any(k.startswith("cond_stage_model.transformer.encoder.") for k in old)
+    old_path = tmp_path / "old_b.safetensors"
+    st.save_file(old, str(old_path))
+    assert load_checkpoint(old_path).tensors.keys() == canon.keys()
+    outs = {}
+    for tag, b in (("canon", models["b"]), ("old", old_path)):
+        outs[tag] = tmp_path / f"{tag}.safetensors"
+        assert main(["merge", "--model-a", str(models["a"]), "--model-b", str(b), "--mode", "weight_sum",
+                     "--alpha", "0.5", "--output", str(outs[tag]), "--no-history", "--quiet", "--no-metadata"]) == 0
+    x, y = load_checkpoint(outs["canon"]).tensors, load_checkpoint(outs["old"]).tensors
+    te = "cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(x[te], y[te]) and all(torch.equal(x[k], y[k]) for k in x)
+    # SD 2.1 Turbo's SGM names (A1111: ln_final 1024 wide) read as SD 2.x
+    from merger.synthetic import random_checkpoint
+    sd2 = {("conditioner.embedders.0." + k[len("cond_stage_model."):] if k.startswith("cond_stage_model.") else k): v
+           for k, v in random_checkpoint("sd2", seed=1).items()}
+    sd2["conditioner.embedders.0.model.ln_final.weight"] = torch.ones(1024)
+    turbo = tmp_path / "turbo.safetensors"
+    st.save_file(sd2, str(turbo))
+    assert detect_arch_of_file(turbo) == "sd2"
+    assert "cond_stage_model.model.ln_final.weight" in load_checkpoint(turbo).tensors

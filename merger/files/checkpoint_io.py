@@ -198,8 +198,39 @@ def load_pickle_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, _unwrap(obj, path.name))
 
 
+# A1111 sd_models.checkpoint_dict_replacements_sd1 / _sd2_turbo: names that files in the wild use
+A1111_RENAMES_SD1 = {
+    "cond_stage_model.transformer.embeddings.": "cond_stage_model.transformer.text_model.embeddings.",
+    "cond_stage_model.transformer.encoder.": "cond_stage_model.transformer.text_model.encoder.",
+    "cond_stage_model.transformer.final_layer_norm.": "cond_stage_model.transformer.text_model.final_layer_norm.",
+}
+A1111_RENAMES_SD2_TURBO = {"conditioner.embedders.0.": "cond_stage_model."}
+_TURBO_PROBE = "conditioner.embedders.0.model.ln_final.weight"
+
+
+def a1111_key_names(tensors: dict) -> dict:
+    """Keys renamed as A1111's ``get_state_dict_from_checkpoint`` does on load: old SD1 files' text
+    encoder without ``text_model.`` gets it; SD 2.1 Turbo's SGM names (its OpenCLIP under
+    ``conditioner.embedders.0.``, ``ln_final`` 1024 wide) become LDM's ``cond_stage_model.``. Values
+    (tensors or shapes) are kept as they are; the dict is returned unchanged when nothing matches."""
+    probe = tensors.get(_TURBO_PROBE)
+    turbo = probe is not None and tuple(getattr(probe, "shape", probe))[:1] == (1024,)
+    table = A1111_RENAMES_SD2_TURBO if turbo else A1111_RENAMES_SD1
+    if not any(k.startswith(tuple(table)) for k in tensors):
+        return tensors
+    out = {}
+    for key, value in tensors.items():
+        for old, new in table.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Load any supported checkpoint file; every failure is a :class:`MergeError`."""
+    """Load any supported checkpoint file (keys named as A1111 names them, see
+    :func:`a1111_key_names`); every failure is a :class:`MergeError`."""
     path = Path(path)
     if path.is_dir():
         raise MergeError(f"{path.name} is a folder, not a model file")
@@ -208,9 +239,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if path.suffix.lower() not in CHECKPOINT_EXTS:
         raise MergeError(f"{path.name}: unsupported file type (use .safetensors or .ckpt)")
     try:
-        if path.suffix.lower() == ".safetensors":
-            return load_safetensors(path)
-        return load_pickle_checkpoint(path)
+        ck = load_safetensors(path) if path.suffix.lower() == ".safetensors" else load_pickle_checkpoint(path)
+        ck.tensors = a1111_key_names(ck.tensors)
+        return ck
     except OSError as e:
         raise MergeError(f"could not read {path.name}: {e.strerror or e}") from None
 
