@@ -84,8 +84,10 @@ def _limits(text: str, n: int, arch: str, what: str) -> list[str]:
     """One limit per template position, as text (a lower limit may be ``aRp``)."""
     vals = [v.strip() for v in str(text).split(",")]
     for v in vals:
+        parts = v.split("R") if what == "lower" and v.count("R") == 1 else [v]   # "aRp": a value, a probability
         try:
-            [float(x) for x in v.split("R")] if what == "lower" and v.count("R") == 1 else float(v)
+            for part in parts:
+                float(part)
         except ValueError:
             raise MergeError(f"dice {what} limit {v!r} is not a number" + (" or aRp" if what == "lower" else "")) from None
     if len(vals) == 1:

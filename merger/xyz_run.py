@@ -113,7 +113,7 @@ def lora_legend(ws, value: str, fields: list[str]) -> str:
     """Lines "name: field=value, ..." for each LoRA of a lora-axis value (metadata read from the
     LoRA files; a field the file lacks shows "-")."""
     lines = []
-    for item in (x.strip() for x in value.split(",") if ":" in x or x.strip()):
+    for item in value.split(","):       # "name:weight[:blocks], ..." (block values are bare numbers)
         name = item.split(":")[0].strip()
         if not name or is_number(name):
             continue
