@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files.checkpoint_io import short_hash
+from .arch import UNET
 from .engine import plan_merge
 from .errors import MergeError
 from .pipeline.generate import GenParams, GenResult, generate
@@ -246,9 +247,8 @@ class Workstation:
         for spec, channel in zip(regional, rgb_masks(mask)):
             if spec:
                 applier = self.lora_applier(spec, rp.layout(), rp.spec.arch)
-                entries.append((applier.only(lambda k: k.startswith("model.diffusion_model.")),
-                                mask_levels(channel, sizes)))
-                rp.add_deltas(applier.only(lambda k: not k.startswith("model.diffusion_model.")), backup)
+                entries.append((applier, mask_levels(channel, sizes)))
+                rp.add_deltas(applier.only(lambda k: not k.startswith(UNET)), backup)
         buf = io.BytesIO()
         mask.convert("RGB").save(buf, format="PNG")
         return RegionalLoras(rp, entries), {"sdmw_lora_mask": base64.b64encode(buf.getvalue()).decode()}

@@ -238,9 +238,8 @@ def _wire(ws, c):
 
     def do_gen(gen_args, vae, init_image, id_to, mask, progress, loras=()):
         ws.set_vae(None if vae == BAKED else vae)
-        slots = list(zip(loras[::2], loras[1::2]))
-        regional = [f"{n}:{w:g}" if n else "" for n, w in slots[:3]] if mask is not None else []
-        text = ", ".join(f"{n}:{w:g}" for n, w in (slots[3:] if mask is not None else slots) if n)
+        slots = [f"{n}:{w:g}" if n else "" for n, w in zip(loras[::2], loras[1::2])]
+        regional, text = slots[:3], ", ".join(s for s in slots[3:] if s)   # slots 1-3 masked when a mask is given
         out = ws.generate(forms.gen_params(*gen_args), progress=progress_cb(progress, "generating"), loras=text,
                           init_image=init_image, id_to=tuple(id_to or ()), mask=mask, regional=regional)
         # the saved PNG files (with their PNG info), so a download from the gallery keeps it

@@ -26,15 +26,19 @@ def history_tab(ws, merge_c):
         load = gr.Button("Load settings into Merge tab", elem_id="history_load")
         save = gr.Button("Save this merge to a file", elem_id="history_save")
 
-    def rows(q):
-        data, _ = ws.history.find(q or "", newest=HISTORY_SHOWN)
-        return pd.DataFrame([[r[k] for k in HISTORY_COLS] for r in reversed(data)], columns=HISTORY_COLS)
-
-    def searched(q):
+    def table_of(q) -> tuple[pd.DataFrame, int, int]:
+        """(newest matches first, shown, total matches)."""
         data, total = ws.history.find(q or "", newest=HISTORY_SHOWN)
         df = pd.DataFrame([[r[k] for k in HISTORY_COLS] for r in reversed(data)], columns=HISTORY_COLS)
-        shown = f"the newest {len(data)} of " if total > len(data) else ""
-        return df, f"{shown}{total} merge(s)" + (f" matching {q!r}" if (q or "").strip() else "")
+        return df, len(data), total
+
+    def rows(q):
+        return table_of(q)[0]
+
+    def searched(q):
+        df, shown, total = table_of(q)
+        head = f"the newest {shown} of " if total > shown else ""
+        return df, f"{head}{total} merge(s)" + (f" matching {q!r}" if (q or "").strip() else "")
 
     search.click(searched, query, [table, status])
     query.submit(searched, query, [table, status])

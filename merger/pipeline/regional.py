@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..arch import UNET
 from ..errors import MergeError
 
 UNMASKED = ("attn2.to_k", "attn2.to_v", "time_emb_proj")
@@ -41,7 +42,8 @@ def mask_levels(mask: torch.Tensor, sizes) -> dict[int, torch.Tensor]:
 
 
 class RegionalLoras:
-    """Hooks adding masked LoRAs to the U-Net for one generation (a context manager).
+    """Hooks adding masked LoRAs to the U-Net for one generation (a context manager): only the
+    appliers' U-Net keys are hooked (the caller adds their text-encoder part to the weights).
 
     ``entries``: [(LoraApplier, mask levels or None)] — None applies that LoRA everywhere."""
 
@@ -52,7 +54,7 @@ class RegionalLoras:
         try:
             for applier, levels in self.entries:
                 for key in applier.keys:
-                    if not key.startswith("model.diffusion_model."):
+                    if not key.startswith(UNET):
                         continue
                     delta = applier.delta(key)
                     for target, param in self.rp.targets_of(key):
