@@ -88,7 +88,7 @@ def extract_from_loras(lora_b, lora_c, alpha: float = 0.5, beta: float = 0.0, ga
     ΔW = lerp(ΔB, ΔC, α) · lerp(d, 1-d, β) with d = ((cos(ΔB, ΔC) + 1) / 2)^γ along the last axis
     (α: B ↔ C, β: similar ↔ dissimilar features, γ: selectivity), re-factorised to ``rank``. A
     module only one LoRA has meets a zero difference in the other."""
-    from merger.calcmodes.extract import extract_features
+    from merger.engine.calcmodes.extract import extract_features
 
     from .delta import module_delta
     from .merge_loras import _shape_of

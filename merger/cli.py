@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from .calcmodes import calcmode_names
+from .engine.calcmodes import calcmode_names
 from .files.checkpoint_io import load_checkpoint, short_hash
 from .elements import list_elements
 from .engine import plan_merge
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe_from_args(args, arch: str) -> Recipe:
-    from .ratios import split_inex
+    from .engine.ratios import split_inex
     inex, text = ("include", args.include) if args.include else ("exclude", args.exclude) \
         if args.exclude else ("off", "")
     blocks, elements = split_inex(text or "", arch)
@@ -112,7 +112,7 @@ def run_merge(args) -> Path | None:
     recipe = _recipe_from_args(args, arch)
     recipe.check()
     if args.print_keys:
-        from .ratios import inex_selection
+        from .engine.ratios import inex_selection
         merged, kept = inex_selection(recipe, loaded["a"].tensors, arch)
         print(f"{len(kept)} key(s) kept as model A's, {len(merged)} merged")
         if kept:

@@ -48,7 +48,7 @@ class Recipe:
         return self.mode in MODES_WITH_C
 
     def uses_beta(self) -> bool:
-        from .calcmodes import get_calcmode
+        from .engine.calcmodes import get_calcmode
         return self.mode in MODES_WITH_BETA or get_calcmode(self.calcmode).uses_beta
 
     def to_line(self) -> str:
@@ -75,7 +75,7 @@ class Recipe:
 
     def check(self) -> None:
         """Validate everything that does not need the model files."""
-        from .calcmodes import get_calcmode
+        from .engine.calcmodes import get_calcmode
         if self.mode not in MODES:
             raise MergeError(f"unknown merge mode {self.mode!r}; choose one of {', '.join(MODES)}")
         cm = get_calcmode(self.calcmode)

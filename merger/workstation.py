@@ -99,7 +99,7 @@ class Workstation:
                       hash_c=short_hash(paths["c"]) if "c" in paths else "", **settings)
 
     def _load(self, recipe: Recipe):
-        from .calcmodes import get_calcmode
+        from .engine.calcmodes import get_calcmode
         needed = {"a": recipe.model_a}
         if get_calcmode(recipe.calcmode).needs_b or recipe.model_b:
             needed["b"] = recipe.model_b
@@ -151,7 +151,7 @@ class Workstation:
     def inex_keys(self, recipe: Recipe) -> tuple[list[str], list[str]]:
         """(keys merged, keys kept as model A's) under the recipe's include/exclude setting."""
         from .arch import detect_arch
-        from .ratios import inex_selection
+        from .engine.ratios import inex_selection
         ck = self.cache.get(self.dirs.resolve("ckpt", recipe.model_a))
         return inex_selection(recipe, ck.tensors, detect_arch(ck.tensors, ck.name))
 

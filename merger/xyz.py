@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from .blocks import block_ids, expand_blocks
-from .calcmodes import get_calcmode
+from .engine.calcmodes import get_calcmode
 from .errors import MergeError
 from .presets import is_number, parse_vector
 from .recipe import MODES_WITH_BETA, Recipe

@@ -12,7 +12,7 @@ from .errors import MergeError
 from .presets import is_number
 from .pipeline.generate import GenParams
 from .pipeline.pnginfo import save_png
-from .ratios import RatioPlan, parse_elemental
+from .engine.ratios import RatioPlan, parse_elemental
 from .recipe import Recipe
 from .xyz import Axis, Cell, check_axes_matter, grid_image, parse_axis, plan_cells
 

@@ -3,7 +3,7 @@ recall a cell, manage the reservation queue, the LoRA tab's defaults. Real app, 
 import json
 from pathlib import Path
 
-from merger.calcmodes import calcmode_names, get_calcmode
+from merger.engine.calcmodes import calcmode_names, get_calcmode
 from merger.files.checkpoint_io import read_safetensors_header
 from merger.pipeline.pnginfo import read_png_info
 from merger.recipe import Recipe

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from merger.calcmodes.slerp import slerp_tensors
+from merger.engine.calcmodes.slerp import slerp_tensors
 from merger.engine import merge
 from merger.recipe import Recipe
 from tests.conftest import tiny

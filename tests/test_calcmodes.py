@@ -7,11 +7,11 @@ import pytest
 import scipy.ndimage
 import torch
 
-from merger.calcmodes import REGISTRY, calcmode_names, get_calcmode
+from merger.engine.calcmodes import REGISTRY, calcmode_names, get_calcmode
 from merger.files.checkpoint_io import Checkpoint
 from merger.engine import merge
 from merger.errors import MergeError
-from merger.modes import add_difference, sum_twice, triple_sum, weight_sum
+from merger.engine.modes import add_difference, sum_twice, triple_sum, weight_sum
 from merger.recipe import MODES, Recipe
 
 KEYS = {  # real LDM names from different blocks; shapes small

@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from merger.adjust import ADJUST_KEYS
+from merger.engine.adjust import ADJUST_KEYS
 from merger.blocks import block_ids, block_of
 from merger.engine import iter_merge, merge, plan_merge
 from merger.errors import MergeError, MergeStopped

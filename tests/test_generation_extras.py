@@ -11,7 +11,7 @@ from merger.errors import MergeError
 from merger.files.saving import model_label
 from merger.pipeline.generate import GenParams, infotext
 from merger.pipeline.pnginfo import parse_infotext, recipe_from_label, settings_from_png
-from merger.ratios import inex_selection
+from merger.engine.ratios import inex_selection
 from merger.recipe import Recipe
 from tests.conftest import tiny
 

@@ -407,7 +407,7 @@ def test_workstation_extract(ws):
 def test_extract_from_two_loras_and_metadata_modes(ws, base, tmp_path):
     from lora_ops.extract import extract_from_loras
     from lora_ops.merge_loras import merged_metadata
-    from merger.calcmodes.extract import extract_features
+    from merger.engine.calcmodes.extract import extract_features
     b = _lf(tmp_path, "b.safetensors", demo_lora(base, seed=1))
     c = _lf(tmp_path, "c.safetensors", demo_lora(base, seed=2))
     name = next(iter(b.modules))

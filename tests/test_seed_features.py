@@ -200,7 +200,7 @@ def test_sdxl_fine_block_names_as_supermerger():
 
 
 def test_sdxl_include_exclude_takes_fine_names():
-    from merger.ratios import inex_selection, split_inex
+    from merger.engine.ratios import inex_selection, split_inex
     from tests.conftest import tiny
     xl = tiny("sdxl", 1).tensors
     blocks, elems = split_inex("CLIPL TIME IN41", "sdxl")

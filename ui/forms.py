@@ -5,7 +5,7 @@ from merger.blocks import BLOCKS_SD, BLOCKS_XL, BLOCKS_XL_EXT
 from merger.errors import MergeError
 from merger.pipeline.generate import GenParams
 from merger.presets import parse_vector
-from merger.ratios import split_inex
+from merger.engine.ratios import split_inex
 from merger.recipe import MODE_LABELS, Recipe
 from merger.files.saving import SaveOptions
 

@@ -6,7 +6,7 @@ import gradio as gr
 
 from merger.arch import detect_arch_of_file
 from merger.blocks import BLOCKS_SD, BLOCKS_XL_EXT
-from merger.calcmodes import calcmode_names, get_calcmode
+from merger.engine.calcmodes import calcmode_names, get_calcmode
 from merger.files.saving import model_label
 from merger.pipeline.generate import HIRES_UPSCALERS, SAMPLERS
 from merger.pipeline.pnginfo import settings_from_png

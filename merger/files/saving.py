@@ -261,7 +261,7 @@ def save_merge(plan, path: str | os.PathLike, options: SaveOptions,
     """Merge ``plan`` (see :mod:`merger.engine`) straight into a file. ``post(key, tensor)``
     may change tensors on the way (LoRAs merged on top)."""
     from ..engine import iter_merge
-    from ..tensor_ops import ReusableBuffer
+    from ..engine.tensor_ops import ReusableBuffer
     # a streamed safetensors write consumes each tensor at once: compute into one reused buffer
     alloc = ReusableBuffer() if options.fmt == "safetensors" else None
     items = iter_merge(plan, progress=progress, should_stop=should_stop, alloc=alloc)

@@ -93,7 +93,7 @@ def recipe_from_label(label: str, checkpoints: list[str]):
     """A recipe from a merge description as SuperMerger writes it into A1111's ``Model:`` field
     (``A x 0.7 + B x 0.3``, ``A + (B - C) x alpha (1 0.5 ...)_cosineA ID 12``...), with model
     names matched to ``checkpoints`` by their stem. Returns (Recipe or None, notes)."""
-    from ..calcmodes import calcmode_names
+    from ..engine.calcmodes import calcmode_names
     from ..recipe import Recipe
     text = re.sub(r"\s+ID \d+\s*$", "", label.strip())
     calcmode = "normal"

@@ -27,7 +27,7 @@ from ..errors import MergeError
 from .keymap import Target, component_of, targets_for
 from ..ldm_layout import sized_layout, sized_params
 from .pipeline_config import pipeline_folder
-from ..tensor_ops import ReusableBuffer
+from ..engine.tensor_ops import ReusableBuffer
 from .weight_storage import store_low_precision
 
 

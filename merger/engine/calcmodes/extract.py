@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from ..errors import MergeError
+from ...errors import MergeError
 from . import calcmode
 
 

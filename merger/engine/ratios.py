@@ -5,10 +5,10 @@ import re
 from dataclasses import dataclass
 
 from .adjust import ADJUST_KEYS
-from .blocks import BLOCKS_XL_EXT, block_ids, block_of, expand_blocks, xl_extended_index, xl_fine_block
-from .errors import MergeError
-from .presets import parse_vector
-from .recipe import Recipe
+from ..blocks import BLOCKS_XL_EXT, block_ids, block_of, expand_blocks, xl_extended_index, xl_fine_block
+from ..errors import MergeError
+from ..presets import parse_vector
+from ..recipe import Recipe
 
 INEX_SPECIAL = ("VAE", "Adjust")
 

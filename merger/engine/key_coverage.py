@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .errors import MergeError
+from ..errors import MergeError
 
 COMPONENTS = (("U-Net", "model.diffusion_model."), ("VAE", "first_stage_model."),
               ("text encoder", "cond_stage_model."), ("text encoder 1", "conditioner.embedders.0."),

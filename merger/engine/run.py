@@ -1,7 +1,6 @@
-"""The merge loop: plan which keys merge with which ratios, then stream merged tensors.
+"""The merge loop: stream the merged tensors of a plan (:mod:`.plan`).
 
-``plan_merge`` checks everything that can be checked before any arithmetic (architectures,
-shapes, MBW lengths, elemental syntax). ``iter_merge`` then yields ``(key, tensor)`` in output
+``iter_merge`` yields ``(key, tensor)`` in output
 order, computing each merged tensor straight into a caller-supplied buffer when there is one
 (the resident pipeline's parameter, a reusable arena) and never copying kept tensors of A.
 """
@@ -12,120 +11,20 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .adjust import adjust_factors, apply_adjust
-from .arch import check_same_arch, detect_arch
+from ..errors import MergeError, MergeStopped
+from ..files.checkpoint_io import Checkpoint
+from ..recipe import Recipe
+from .adjust import apply_adjust
 from .calcmodes import CalcContext, get_calcmode
-from .files.checkpoint_io import Checkpoint
-from .key_coverage import check_coverage
-from .errors import MergeError, MergeStopped
-from .ratios import RatioPlan
-from .recipe import Recipe
+from .plan import KeyJob, MergePlan, plan_merge
 from .tensor_ops import CHUNK, chunked, same_dtype
 
-POSITION_IDS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 Progress = Callable[[int, int, str], None]
 OutFor = Callable[[str, torch.Tensor], "torch.Tensor | None"]
-
-
-@dataclass
-class KeyJob:
-    key: str
-    source: str = "a"                     # "a": A's tensor (maybe merged), "b": B-only key
-    ratios: tuple[float, float] | None = None   # None: keep A (or B for source "b")
-    channels: int | None = None           # inpainting: merge only [:, :channels]
-    adjust: float | list | None = None
-
-
-@dataclass
-class MergePlan:
-    recipe: Recipe
-    arch: str
-    a: Checkpoint
-    b: Checkpoint | None
-    c: Checkpoint | None
-    jobs: list[KeyJob] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)   # which model provided what (key_coverage)
-
-    @property
-    def merged_keys(self) -> list[str]:
-        return [j.key for j in self.jobs if j.ratios is not None]
-
-    def output_spec(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        """key -> (shape, dtype) of the merged state dict, known before merging."""
-        spec = {}
-        for j in self.jobs:
-            t = (self.b if j.source == "b" else self.a).tensors[j.key]
-            spec[j.key] = (tuple(t.shape), t.dtype)
-        return spec
-
-
-def _is_candidate(key: str, t: torch.Tensor) -> bool:
-    """SuperMerger merges keys whose name contains "model" and "weight" or "bias"."""
-    return "model" in key and ("weight" in key or "bias" in key) and t.is_floating_point()
-
-
-def _inpaint_channels(key: str, shapes: dict[str, torch.Size]) -> int | None:
-    """None when all shapes agree; the common channel count when A is an inpainting /
-    instruct-pix2pix model (8 or 9 input channels) merged with 4-channel models."""
-    a = shapes["A"]
-    if all(s == a for s in shapes.values()):
-        return None
-    chans = {n: s[1] if len(s) > 1 else None for n, s in shapes.items()}
-    same_rest = all(len(s) == len(a) and s[:1] + s[2:] == a[:1] + a[2:] for s in shapes.values())
-    if same_rest and len(a) == 4:
-        low = min(chans.values())
-        if chans["A"] == max(chans.values()) and low == 4:
-            return low
-        if chans["A"] == 4:
-            other = next(n for n, c in chans.items() if c != 4)
-            kind = "instruct-pix2pix" if chans[other] == 8 else "inpainting"
-            raise MergeError(f"model {other} is an {kind} model: when merging it with a normal "
-                             f"model, it must be model A")
-    desc = ", ".join(f"{n} {list(s)}" for n, s in shapes.items())
-    raise MergeError(f"shape mismatch for {key}: {desc}")
-
-
-def plan_merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None,
-               c: Checkpoint | None = None, arch: str | None = None) -> MergePlan:
-    """Check everything and resolve every key's ratios. ``arch`` skips detection (for partial
-    state dicts such as one component of a model)."""
-    recipe.check()
-    cm = get_calcmode(recipe.calcmode)
-    needed = {"A": a}
-    if cm.needs_b:
-        needed["B"] = b
-    if recipe.uses_c():
-        needed["C"] = c
-    for n, ck in needed.items():
-        if ck is None:
-            raise MergeError(f"model {n} is not loaded")
-    present = {n: ck for n, ck in (("A", a), ("B", b), ("C", c)) if ck is not None}
-    arch = arch or check_same_arch({ck.name: detect_arch(ck.tensors, ck.name) for ck in present.values()})
-    notes = check_coverage(needed)
-    ratios = RatioPlan(recipe, arch)
-    adjust = adjust_factors(recipe.adjust, arch)
-    plan = MergePlan(recipe, arch, a, b, c, notes=notes)
-    for key, t in a.tensors.items():
-        job = KeyJob(key)
-        plan.jobs.append(job)
-        if not _is_candidate(key, t) or (cm.skip_key and cm.skip_key(key)):
-            continue
-        if any(key not in ck.tensors for ck in needed.values()):
-            continue
-        job.ratios = ratios.ratios(key)
-        if job.ratios is None:
-            continue
-        job.channels = _inpaint_channels(key, {n: ck.tensors[key].shape for n, ck in needed.items()})
-        job.adjust = adjust.get(key)
-    if b is not None:
-        for key in b.tensors:
-            if key not in a.tensors and "model" in key and key not in POSITION_IDS:
-                plan.jobs.append(KeyJob(key, source="b"))
-    return plan
 
 
 def check_inputs(plan: MergePlan) -> None:

@@ -13,7 +13,7 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import MergeError
+from ...errors import MergeError
 
 ALL_MODES = ("weight_sum", "add_difference", "triple_sum", "sum_twice")
 
