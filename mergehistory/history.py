@@ -174,8 +174,11 @@ class MergeHistory:
         r = recipe
         values = {
             "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "model_a": r.model_a, "hash_a": r.hash_a, "model_b": r.model_b, "hash_b": r.hash_b,
-            "model_c": r.model_c, "hash_c": r.hash_c, "mode": r.mode, "calcmode": r.calcmode,
+            "model_a": r.model_a, "hash_a": r.hash_a,
+            # a method's models share the B column (its base is A); the recipe column has them apart
+            "model_b": " + ".join(r.models) if r.method else r.model_b,
+            "hash_b": " + ".join(r.model_hashes) if r.method else r.hash_b,
+            "model_c": r.model_c, "hash_c": r.hash_c, "mode": r.method or r.mode, "calcmode": r.calcmode,
             "alpha": f"{r.alpha:g}", "beta": f"{r.beta:g}", "mbw_alpha": _vec(r.mbw_alpha),
             "mbw_beta": _vec(r.mbw_beta), "elemental": r.elemental,
             "include_exclude": "" if r.inex == "off" else f"{r.inex}: {' '.join(r.inex_blocks + r.inex_elements)}",

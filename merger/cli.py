@@ -11,6 +11,7 @@ from .engine.calcmodes import calcmode_names
 from .files.checkpoint_io import load_checkpoint, short_hash
 from .elements import list_elements
 from .engine import plan_merge
+from .engine.methods import MAX_MODELS, SIGNS, STOCKS, method_names
 from .errors import MergeError, run_cli
 from .presets import parse_vector
 from .recipe import MODES, Recipe
@@ -48,11 +49,23 @@ def join_negative_values(argv: list[str]) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m merger", description="Merge SD checkpoints.")
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("merge", help="merge two or three checkpoints into a file")
-    m.add_argument("--model-a", required=True)
+    m = sub.add_parser("merge", help="merge checkpoints into a file (a mode over A/B/C, or a method over a "
+                                      "base and N models)")
+    m.add_argument("--model-a", "--base", dest="model_a", metavar="MODEL",
+                   help="model A; with --method, the base whose task vectors the models define")
     m.add_argument("--model-b")
     m.add_argument("--model-c")
-    m.add_argument("--mode", required=True, choices=MODES)
+    m.add_argument("--mode", choices=MODES, help="merge mode (needed unless --method is given)")
+    m.add_argument("--method", choices=method_names(), help="N-model method over --base and --models")
+    m.add_argument("--models", nargs="+", metavar="MODEL", default=[], help=f"2-{MAX_MODELS} models for --method")
+    m.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per --models entry")
+    m.add_argument("--density", type=float, help="TIES: fraction of each task vector kept (method default)")
+    m.add_argument("--drop", type=float, help="DARE/DELLA: drop probability p (method default)")
+    m.add_argument("--sign", choices=SIGNS, default="sum",
+                   help="TIES sign election: sum of values (paper, default) or count of signs (sd-mecha)")
+    m.add_argument("--della-eps", type=float, default=0.1, help="DELLA: spread of the keep probabilities")
+    m.add_argument("--stock", choices=STOCKS, default="tensor",
+                   help="model_stock cosine: whole tensor (paper, default) or per row (sd-mecha)")
     m.add_argument("--calcmode", default="normal", choices=calcmode_names() + ["smoothAdd MT"])
     m.add_argument("--alpha", type=float, default=0.5)
     m.add_argument("--beta", type=float, default=0.25)
@@ -71,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vae", help="VAE file to bake in")
     m.add_argument("--reset-clip-ids", action="store_true")
     m.add_argument("--no-metadata", action="store_true", help="do not write the recipe into the file")
-    m.add_argument("--seed", type=int, default=-1)
+    m.add_argument("--seed", type=int, default=-1, help="seed of the random methods (dare_*, della); "
+                                                          "default: a new one, recorded in the history")
     m.add_argument("--history", help="merge history CSV to append to (default: the app's)")
     m.add_argument("--no-history", action="store_true")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -90,12 +104,18 @@ def _recipe_from_args(args, arch: str) -> Recipe:
         if args.exclude else ("off", "")
     blocks, elements = split_inex(text or "", arch)
     names = {s: getattr(args, f"model_{s}") for s in "abc"}
-    return Recipe(
+    method = {}
+    if args.method:
+        method = dict(method=args.method, models=[Path(m).name for m in args.models],
+                      model_hashes=[short_hash(m) for m in args.models], weights=args.weights,
+                      density=args.density, drop=args.drop, sign=args.sign, della_eps=args.della_eps,
+                      stock=args.stock)
+    return Recipe(**method,
         model_a=Path(names["a"]).name, model_b=Path(names["b"]).name if names["b"] else "",
         model_c=Path(names["c"]).name if names["c"] else "",
         hash_a=short_hash(names["a"]), hash_b=short_hash(names["b"]) if names["b"] else "",
         hash_c=short_hash(names["c"]) if names["c"] else "",
-        mode=args.mode, calcmode="smoothAddMT" if args.calcmode == "smoothAdd MT" else args.calcmode,
+        mode=args.mode or "weight_sum", calcmode="smoothAddMT" if args.calcmode == "smoothAdd MT" else args.calcmode,
         alpha=args.alpha, beta=args.beta, gamma=args.gamma, seed=args.seed,
         mbw_alpha=parse_vector(args.mbw_alpha, arch, "MBW alpha") if args.mbw_alpha else None,
         mbw_beta=parse_vector(args.mbw_beta, arch, "MBW beta") if args.mbw_beta else None,
@@ -103,10 +123,27 @@ def _recipe_from_args(args, arch: str) -> Recipe:
         adjust=_floats(args.adjust, 8, "--adjust") if args.adjust else None)
 
 
+def _check_args(args) -> None:
+    """What argparse cannot say: the options a mode or a method needs."""
+    if not args.model_a:
+        raise MergeError("--model-a (or --base with --method) is required")
+    if args.method:
+        if args.model_b or args.model_c or args.mode:
+            raise MergeError("--method merges --base with --models; --mode/--model-b/--model-c do not apply")
+    else:
+        if not args.mode:
+            raise MergeError("--mode is required (or --method with --base and --models)")
+        extra = [o for o in ("models", "weights", "density", "drop") if getattr(args, o)]
+        if extra:
+            raise MergeError(f"--{extra[0]} needs --method")
+
+
 def run_merge(args) -> Path | None:
     from .arch import detect_arch
     from tqdm import tqdm
+    _check_args(args)
     paths = {s: getattr(args, f"model_{s}") for s in "abc" if getattr(args, f"model_{s}")}
+    paths.update({f"m{i}": m for i, m in enumerate(args.models if args.method else [], 1)})
     loaded = {s: load_checkpoint(p) for s, p in paths.items()}
     arch = detect_arch(loaded["a"].tensors, loaded["a"].name)
     recipe = _recipe_from_args(args, arch)
@@ -118,7 +155,8 @@ def run_merge(args) -> Path | None:
         if kept:
             print("\n".join(kept))
         return None
-    plan = plan_merge(recipe, loaded["a"], loaded.get("b"), loaded.get("c"))
+    plan = plan_merge(recipe, loaded["a"], loaded.get("b"), loaded.get("c"),
+                      models=[loaded[s] for s, _, _ in recipe.slots() if s.startswith("m")])
     options = SaveOptions(fmt="ckpt" if args.output.lower().endswith((".ckpt", ".pt")) else "safetensors",
                           fp16=args.fp16, prune=args.prune, overwrite=args.overwrite, vae=args.vae,
                           reset_clip_ids=args.reset_clip_ids, save_metadata=not args.no_metadata)

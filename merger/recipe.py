@@ -42,14 +42,68 @@ class Recipe:
     gamma: float = 1.0
     seed: int = -1
     loras: str = ""                 # LoRAs merged on top: "name:ratio[:blocks], ..."
+    # N-model methods (merger.engine.methods): model_a is the BASE, ``models`` the fine-tunes
+    method: str = ""                # "" = the merge mode above; else ties, dare_linear, ...
+    models: list[str] = field(default_factory=list)
+    model_hashes: list[str] = field(default_factory=list)
+    weights: list[float] | None = None
+    density: float | None = None    # None: the method's default (filled in on creation)
+    drop: float | None = None
+    sign: str = "sum"               # TIES sign election: "sum" (paper) or "count" (sd-mecha)
+    della_eps: float = 0.1
+    stock: str = "tensor"           # model_stock cosine: "tensor" (paper) or "row" (sd-mecha)
     version: int = FORMAT_VERSION
 
+    def __post_init__(self):
+        """A method recipe gets concrete values for everything that changes its result: the
+        method's default density/drop and, for random methods, a seed (so the row repeats)."""
+        if self.method:
+            from .engine.methods import REGISTRY
+            m = REGISTRY.get(self.method)
+            if m is not None:
+                for name, value in m.defaults.items():
+                    if getattr(self, name) is None:
+                        setattr(self, name, value)
+                if m.random and self.seed == -1:
+                    import secrets
+                    self.seed = secrets.randbelow(2**31)
+
     def uses_c(self) -> bool:
-        return self.mode in MODES_WITH_C
+        return not self.method and self.mode in MODES_WITH_C
+
+    def uses_b(self) -> bool:
+        from .engine.calcmodes import get_calcmode
+        return not self.method and get_calcmode(self.calcmode).needs_b
 
     def uses_beta(self) -> bool:
+        """Whether β (or the MBW β vector) matters: the modes and calcmodes that use it, and
+        methods with a second parameter (density or drop), which β's vector sets per block."""
         from .engine.calcmodes import get_calcmode
+        if self.method:
+            from .engine.methods import get_method
+            return get_method(self.method).second is not None
         return self.mode in MODES_WITH_BETA or get_calcmode(self.calcmode).uses_beta
+
+    def second_value(self) -> float:
+        """The scalar β of this recipe: β for the modes, the density or drop of a method."""
+        if self.method:
+            from .engine.methods import get_method
+            second = get_method(self.method).second
+            return getattr(self, second) if second else 0.0
+        return self.beta
+
+    def slots(self) -> list[tuple[str, str, str]]:
+        """(slot, file name, recorded hash) of each model this recipe reads: ``a`` (the BASE of
+        a method), ``b`` and ``c`` where the mode uses them, ``m1``… for a method's models."""
+        out = [("a", self.model_a, self.hash_a)]
+        if self.uses_b() or (not self.method and self.model_b):
+            out.append(("b", self.model_b, self.hash_b))
+        if self.uses_c():
+            out.append(("c", self.model_c, self.hash_c))
+        if self.method:
+            hashes = self.model_hashes + [""] * (len(self.models) - len(self.model_hashes))
+            out += [(f"m{i}", n, h) for i, (n, h) in enumerate(zip(self.models, hashes), 1)]
+        return [(s, n, h) for s, n, h in out if n]
 
     def to_line(self) -> str:
         """One line of JSON (no newlines), stable key order."""
@@ -79,12 +133,15 @@ class Recipe:
         if self.mode not in MODES:
             raise MergeError(f"unknown merge mode {self.mode!r}; choose one of {', '.join(MODES)}")
         cm = get_calcmode(self.calcmode)
+        if self.method:
+            from .engine.methods import check_method_recipe
+            check_method_recipe(self)
         if self.mode not in cm.modes:
             raise MergeError(f"calcmode {cm.name!r} works only with "
                              f"{' / '.join(MODE_LABELS[m] for m in cm.modes)}, not {MODE_LABELS[self.mode]}")
         if not self.model_a:
             raise MergeError("model A is not selected")
-        if cm.needs_b and not self.model_b:
+        if self.uses_b() and not self.model_b:
             raise MergeError("model B is not selected")
         if self.uses_c() and not self.model_c:
             raise MergeError(f"{MODE_LABELS[self.mode]} needs model C")
@@ -102,5 +159,5 @@ class Recipe:
                              f"got {len(self.adjust)}")
         if self.inex not in INEX:
             raise MergeError(f"include/exclude must be one of {', '.join(INEX)}")
-        if cm.check:
+        if cm.check and not self.method:
             cm.check(self)

@@ -89,30 +89,33 @@ class Workstation:
     def should_stop(self) -> bool:
         return self.stop_event.is_set()
 
-    def recipe(self, model_a: str, model_b: str = "", model_c: str = "", **settings) -> Recipe:
-        """A recipe naming models by file name with their short hashes."""
+    def recipe(self, model_a: str, model_b: str = "", model_c: str = "", models=(), **settings) -> Recipe:
+        """A recipe naming models by file name with their short hashes (``models``: a method's
+        M1…Mn, with ``model_a`` its base)."""
         if not model_a:
             raise MergeError("model A is not selected")
         paths = {s: self.dirs.resolve("ckpt", n) for s, n in (("a", model_a), ("b", model_b), ("c", model_c)) if n}
         return Recipe(model_a=model_a, model_b=model_b or "", model_c=model_c or "",
                       hash_a=short_hash(paths["a"]), hash_b=short_hash(paths["b"]) if "b" in paths else "",
-                      hash_c=short_hash(paths["c"]) if "c" in paths else "", **settings)
+                      hash_c=short_hash(paths["c"]) if "c" in paths else "", models=list(models),
+                      model_hashes=[short_hash(self.dirs.resolve("ckpt", n)) for n in models], **settings)
 
     def _load(self, recipe: Recipe):
-        from .engine.calcmodes import get_calcmode
-        needed = {"a": recipe.model_a}
-        if get_calcmode(recipe.calcmode).needs_b or recipe.model_b:
-            needed["b"] = recipe.model_b
-        if recipe.uses_c():
-            needed["c"] = recipe.model_c
-        paths = {s: self.dirs.resolve("ckpt", n) for s, n in needed.items() if n}
-        for s, n in needed.items():
-            h = getattr(recipe, f"hash_{s}")
-            if n and h and short_hash(paths[s]) != h:
+        """(slot -> Checkpoint, slot -> path) of every model the recipe reads, refusing files
+        whose hash differs from the one recorded."""
+        slots = recipe.slots()
+        paths = {s: self.dirs.resolve("ckpt", n) for s, n, _ in slots}
+        for s, n, h in slots:
+            if h and short_hash(paths[s]) != h:
                 raise MergeError(f"{n} has changed since this merge was recorded "
                                  f"(hash {short_hash(paths[s])}, recorded {h})")
         pinned = tuple(paths.values())
         return {s: self.cache.get(p, pinned=pinned) for s, p in paths.items()}, paths
+
+    @staticmethod
+    def _plan(recipe: Recipe, models: dict):
+        return plan_merge(recipe, models["a"], models.get("b"), models.get("c"),
+                          models=[ck for s, ck in models.items() if s.startswith("m")])
 
     # ------------------------------------------------------------------ actions
     def merge(self, recipe: Recipe, progress=None, source: str = "ui", interruptible: bool = True) -> Outcome:
@@ -126,7 +129,7 @@ class Workstation:
         models, _ = self._load(recipe)
         t.load = time.perf_counter() - t0
         t0 = time.perf_counter()
-        plan = plan_merge(recipe, models["a"], models.get("b"), models.get("c"))
+        plan = self._plan(recipe, models)
         applier = self.lora_applier(recipe.loras, models["a"].tensors, plan.arch) if recipe.loras else None
         self.pipeline.swap(plan, progress=progress, should_stop=self.should_stop if interruptible else None,
                            label=model_label(recipe))
@@ -274,7 +277,7 @@ class Workstation:
         t0 = time.perf_counter()
         path = self.dirs.new_file("ckpt", name or auto_filename(recipe, options), _ext(options))
         models, paths = self._load(recipe)
-        plan = plan_merge(recipe, models["a"], models.get("b"), models.get("c"))
+        plan = self._plan(recipe, models)
         post = None
         if recipe.loras:
             applier = self.lora_applier(recipe.loras, models["a"].tensors, plan.arch)

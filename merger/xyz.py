@@ -11,12 +11,14 @@ from dataclasses import dataclass, field, replace
 
 from .blocks import block_ids, expand_blocks
 from .engine.calcmodes import get_calcmode
+from .engine.methods import get_method
 from .errors import MergeError
 from .presets import is_number, parse_vector
 from .recipe import MODES_WITH_BETA, Recipe
 
 AXIS_TYPES = ["none", "alpha", "beta", "alpha and beta", "mbw", "seed", "model_A", "model_B", "model_C",
-              "pinpoint blocks", "calcmode", "prompt", "random", "elemental", "adjust", "lora"]
+              "pinpoint blocks", "calcmode", "prompt", "random", "elemental", "adjust", "lora",
+              "method", "density", "drop"]
 
 
 @dataclass
@@ -51,6 +53,17 @@ def parse_axis(kind: str, text: str, name: str, arch: str, mode: str, models: li
     if kind in ("alpha", "beta"):
         vals = _floats(text, name)
         return Axis(kind, vals, [f"{kind} {v:g}" for v in vals])
+    if kind in ("density", "drop"):
+        vals = _floats(text, name)
+        bad = [v for v in vals if not 0 <= v <= 1]
+        if bad:
+            raise MergeError(f"{name} axis: {kind} must be between 0 and 1, got {bad[0]:g}")
+        return Axis(kind, vals, [f"{kind} {v:g}" for v in vals])
+    if kind == "method":
+        vals = [x.strip() for x in text.split(",") if x.strip()]
+        for v in vals:
+            get_method(v)
+        return Axis(kind, vals, vals)
     if kind == "alpha and beta":
         vals = []
         for item in (x.strip() for x in text.split(",")):
@@ -165,6 +178,12 @@ def apply_value(kind: str, value, recipe: Recipe, gen, pin_value=None):
         r.adjust = value
     elif kind == "lora":
         r.loras = value
+    elif kind == "method":
+        r.method = value
+    elif kind in ("density", "drop"):
+        setattr(r, kind, value)
+    if kind == "method":
+        r.__post_init__()      # the new method's defaults where the recipe has none
     return r, g
 
 
@@ -188,6 +207,12 @@ def plan_cells(recipe: Recipe, gen, x: Axis, y: Axis, z: Axis, arch: str) -> lis
         partners = [m for m, a in axes.items() if m != n and a.type in ("alpha", "beta")]
         if not partners:
             raise MergeError(f"{n} axis: pinpoint blocks needs an alpha or beta axis opposite it")
+    if any(a.type == "method" for a in axes.values()):
+        if not recipe.models:
+            raise MergeError("a method axis needs the method's models: choose a method and its models first")
+        if recipe.seed == -1:   # every cell of a random method uses one seed, so cells compare
+            import secrets
+            recipe = replace(recipe, seed=secrets.randbelow(2**31))
     seeds = {}
     for n, a in axes.items():   # seed -1: one fixed random seed per value along the opposite axis
         if a.type == "seed" and -1 in a.values:
@@ -298,6 +323,15 @@ def effective(recipe: Recipe, gen) -> tuple:
     from dataclasses import asdict
     cm = get_calcmode(recipe.calcmode)
     uses_beta = recipe.uses_beta()
+    if recipe.method:
+        m = get_method(recipe.method)
+        reads = [f for f in m.reads if not (f == m.second and recipe.mbw_beta is not None)]
+        return ("method", m.name, recipe.model_a, tuple(recipe.models), tuple(recipe.weights or ()),
+                None if recipe.mbw_alpha is not None else recipe.alpha, tuple(recipe.mbw_alpha or ()),
+                tuple(recipe.mbw_beta or ()) if uses_beta else (), tuple(getattr(recipe, f) for f in reads),
+                recipe.seed if m.random else None, recipe.elemental, recipe.inex, tuple(recipe.inex_blocks),
+                tuple(recipe.inex_elements), tuple(recipe.adjust or ()), recipe.loras,
+                tuple(sorted(asdict(gen).items())))
     return (recipe.mode, cm.name, recipe.model_a, recipe.model_b if cm.needs_b else "",
             recipe.model_c if recipe.uses_c() else "",
             None if recipe.mbw_alpha is not None else recipe.alpha,
@@ -310,6 +344,13 @@ def effective(recipe: Recipe, gen) -> tuple:
 
 def _why_no_effect(kind: str, recipe: Recipe) -> str:
     cm = get_calcmode(recipe.calcmode)
+    if kind in ("density", "drop"):
+        if not recipe.method:
+            return f"{kind} belongs to the merge methods, and no method is chosen"
+        m = get_method(recipe.method)
+        if kind not in m.reads:
+            return f"method {m.name} does not use {kind}"
+        return f"an MBW beta vector is set, and it replaces {kind} in every block"
     if kind in ("alpha", "alpha and beta") and recipe.mbw_alpha is not None:
         return "an MBW alpha vector is set, and it replaces alpha in every block"
     if kind == "beta" and not recipe.uses_beta():

@@ -91,7 +91,9 @@ def prepare(ws, spec: PlotSpec) -> Prepared:
             if c.roll is not None:
                 rolled = roll(dice, arch, keys, dice_seed + c.roll)
                 labels[c.roll] = roll_label(c.roll, rolled)
-                c.recipe = replace(c.recipe, mbw_alpha=rolled.mbw_alpha, seed=rolled.seed,
+                # a method's seed (dropout masks) stays: the rolls then differ only in their ratios
+                c.recipe = replace(c.recipe, mbw_alpha=rolled.mbw_alpha,
+                                   seed=c.recipe.seed if c.recipe.method else rolled.seed,
                                    mbw_beta=rolled.mbw_beta if rolled.mbw_beta is not None else c.recipe.mbw_beta,
                                    elemental="\n".join(x for x in (c.recipe.elemental, rolled.elemental) if x))
         for ax in axes.values():          # each roll labelled with what was rolled

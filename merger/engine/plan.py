@@ -13,6 +13,7 @@ from ..recipe import Recipe
 from .adjust import adjust_factors
 from .calcmodes import get_calcmode
 from .key_coverage import check_coverage
+from .methods import get_method
 from .ratios import RatioPlan
 
 POSITION_IDS = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
@@ -36,6 +37,11 @@ class MergePlan:
     c: Checkpoint | None
     jobs: list[KeyJob] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)   # which model provided what (key_coverage)
+    models: list[Checkpoint] = field(default_factory=list)   # a method's M1…Mn (A is the base)
+
+    def source(self, job: KeyJob) -> Checkpoint:
+        """The checkpoint whose tensor a job starts from (its shape and dtype are the output's)."""
+        return self.b if job.source == "b" else self.models[0] if job.source == "m1" else self.a
 
     @property
     def merged_keys(self) -> list[str]:
@@ -45,7 +51,7 @@ class MergePlan:
         """key -> (shape, dtype) of the merged state dict, known before merging."""
         spec = {}
         for j in self.jobs:
-            t = (self.b if j.source == "b" else self.a).tensors[j.key]
+            t = self.source(j).tensors[j.key]
             spec[j.key] = (tuple(t.shape), t.dtype)
         return spec
 
@@ -76,26 +82,41 @@ def _inpaint_channels(key: str, shapes: dict[str, torch.Size]) -> int | None:
     raise MergeError(f"shape mismatch for {key}: {desc}")
 
 
-def plan_merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None,
-               c: Checkpoint | None = None, arch: str | None = None) -> MergePlan:
-    """Check everything and resolve every key's ratios. ``arch`` skips detection (for partial
-    state dicts such as one component of a model)."""
-    recipe.check()
-    cm = get_calcmode(recipe.calcmode)
-    needed = {"A": a}
-    if cm.needs_b:
-        needed["B"] = b
-    if recipe.uses_c():
-        needed["C"] = c
+def _needed(recipe: Recipe, a, b, c, models) -> dict[str, Checkpoint]:
+    """Slot name -> checkpoint of every model the recipe reads (refusing missing ones)."""
+    if recipe.method:
+        if len(models) != len(recipe.models):
+            raise MergeError(f"{recipe.method} needs {len(recipe.models)} models loaded, got {len(models)}")
+        needed = {"A": a, **{f"M{i}": m for i, m in enumerate(models, 1)}}
+    else:
+        needed = {"A": a}
+        if recipe.uses_b():
+            needed["B"] = b
+        if recipe.uses_c():
+            needed["C"] = c
     for n, ck in needed.items():
         if ck is None:
             raise MergeError(f"model {n} is not loaded")
-    present = {n: ck for n, ck in (("A", a), ("B", b), ("C", c)) if ck is not None}
+    return needed
+
+
+def plan_merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None,
+               c: Checkpoint | None = None, arch: str | None = None,
+               models: list[Checkpoint] | tuple = ()) -> MergePlan:
+    """Check everything and resolve every key's ratios. ``models`` are a method recipe's
+    M1…Mn (``a`` is its base). ``arch`` skips detection (for partial state dicts such as one
+    component of a model)."""
+    recipe.check()
+    cm = get_calcmode(recipe.calcmode)
+    needed = _needed(recipe, a, b, c, models)
+    present = dict(needed) if recipe.method else {n: ck for n, ck in (("A", a), ("B", b), ("C", c)) if ck is not None}
     arch = arch or check_same_arch({ck.name: detect_arch(ck.tensors, ck.name) for ck in present.values()})
     notes = check_coverage(needed)
     ratios = RatioPlan(recipe, arch)
     adjust = adjust_factors(recipe.adjust, arch)
-    plan = MergePlan(recipe, arch, a, b, c, notes=notes)
+    plan = MergePlan(recipe, arch, a, None if recipe.method else b, None if recipe.method else c,
+                     notes=notes, models=list(models) if recipe.method else [])
+    second = get_method(recipe.method).second if recipe.method else None
     for key, t in a.tensors.items():
         job = KeyJob(key)
         plan.jobs.append(job)
@@ -106,10 +127,14 @@ def plan_merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None,
         job.ratios = ratios.ratios(key)
         if job.ratios is None:
             continue
+        if second and not 0 <= job.ratios[1] <= 1:
+            raise MergeError(f"{second} must be between 0 and 1; the β value {job.ratios[1]:g} for {key} "
+                             f"(block {ratios.block(key)}) is not")
         job.channels = _inpaint_channels(key, {n: ck.tensors[key].shape for n, ck in needed.items()})
         job.adjust = adjust.get(key)
-    if b is not None:
-        for key in b.tensors:
+    extra, slot = (plan.models[0], "m1") if plan.models else (plan.b, "b")
+    if extra is not None:
+        for key in extra.tensors:
             if key not in a.tensors and "model" in key and key not in POSITION_IDS:
-                plan.jobs.append(KeyJob(key, source="b"))
+                plan.jobs.append(KeyJob(key, source=slot))
     return plan

@@ -115,13 +115,16 @@ class RatioPlan:
         j = xl_extended_index(key)
         return vector[j] if j is not None else vector[0]
 
+    def block(self, key: str) -> str | None:
+        return block_of(key, self.arch)
+
     def ratios(self, key: str) -> tuple[float, float] | None:
         block = block_of(key, self.arch)
         if block is None or self.excluded(block, key):
             return None
         i = self.ids.index(block)
         alpha = self._pick(self.alphas, i, key) if self.alphas else self.recipe.alpha
-        beta = self._pick(self.betas, i, key) if self.betas else self.recipe.beta
+        beta = self._pick(self.betas, i, key) if self.betas else self.recipe.second_value()
         for rule in self.rules:
             if rule.matches(block, key):
                 alpha = rule.ratio

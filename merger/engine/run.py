@@ -20,6 +20,7 @@ from ..files.checkpoint_io import Checkpoint
 from ..recipe import Recipe
 from .adjust import apply_adjust
 from .calcmodes import CalcContext, get_calcmode
+from .methods import get_method, method_args, with_second
 from .plan import KeyJob, MergePlan, plan_merge
 from .tensor_ops import CHUNK, chunked, same_dtype
 
@@ -48,6 +49,9 @@ class _Runner:
         self.plan, self.device = plan, device
         self.cm = get_calcmode(plan.recipe.calcmode)
         self.ctx = CalcContext(gamma=plan.recipe.gamma)
+        self.method = get_method(plan.recipe.method) if plan.recipe.method else None
+        self.method_args = method_args(plan.recipe) if self.method else None
+        self.parallel = self.cm.parallel or self.method is not None
         self.check_finite = check_finite and not (self._check_inputs() and self._cannot_overflow())
 
     def _inputs(self):
@@ -55,6 +59,8 @@ class _Runner:
         for n, ck in (("A", self.plan.a), ("B", self.plan.b), ("C", self.plan.c)):
             if ck is not None and (n != "C" or r.uses_c()):
                 yield n, ck
+        for i, ck in enumerate(self.plan.models, 1):
+            yield f"M{i}", ck
 
     def _check_inputs(self) -> bool:
         """NaN/Inf in a tensor that will be merged is a clear error before anything is written."""
@@ -69,7 +75,7 @@ class _Runner:
     def _cannot_overflow(self) -> bool:
         """True when the result provably stays finite, so it need not be scanned: the normal
         formulas with |α|, |β| ≤ 1 give |result| ≤ 5·max|input|, checked against the dtype's range."""
-        if self.cm.name != "normal" or self.plan.recipe.adjust:
+        if self.cm.name != "normal" or self.plan.recipe.adjust or self.method:
             return False
         ratios = [abs(x) for j in self.plan.jobs if j.ratios is not None for x in j.ratios]
         if any(x > 1 for x in ratios):
@@ -80,6 +86,8 @@ class _Runner:
         return 5 * top < limit
 
     def compute(self, job: KeyJob, out: torch.Tensor | None) -> torch.Tensor:
+        if self.method is not None:
+            return self._finish(job, self._compute_method(job, out))
         p, r = self.plan, self.plan.recipe
         a = self._fetch(p.a.tensors[job.key])
         b = same_dtype(self._fetch(p.b.tensors[job.key]), a) if p.b is not None and job.key in p.b.tensors else None
@@ -99,12 +107,43 @@ class _Runner:
             res = out if out is not None else torch.empty_like(a)
             res.copy_(a)
             res[:, :n] = merged
+        return self._finish(job, res)
+
+    def _finish(self, job: KeyJob, res: torch.Tensor) -> torch.Tensor:
+        """Adjust, A's dtype, and the overflow check common to every merged key."""
         if job.adjust is not None:
             res = apply_adjust(res, job.adjust)
-        if res.dtype != a.dtype:
-            res = res.to(a.dtype)
+        dtype = self.plan.a.tensors[job.key].dtype
+        if res.dtype != dtype:
+            res = res.to(dtype)
         if self.check_finite and _nonfinite(res):
             self._overflow(job.key)
+        return res
+
+    def _compute_method(self, job: KeyJob, out: torch.Tensor | None) -> torch.Tensor:
+        """BASE + λ·method(τ₁…τₙ) for one key, τᵢ = Mᵢ − BASE stacked in float32 (the per-key
+        scratch: n × the key's size; nothing else of the N models is held). An inpainting base
+        merges its first ``channels`` input channels and keeps the rest."""
+        p = self.plan
+        base = self._fetch(p.a.tensors[job.key])
+        part = (lambda x: x) if job.channels is None else (lambda x: x[:, :job.channels])  # noqa: E731
+        b = part(base)
+        taus = torch.empty((len(p.models),) + tuple(b.shape), dtype=torch.float32, device=b.device)
+        for i, ck in enumerate(p.models):
+            taus[i].copy_(part(self._fetch(ck.tensors[job.key])))
+            taus[i].sub_(b)
+        lam, second = job.ratios
+        args = with_second(self.method, self.method_args, second)
+        gen = None
+        if self.method.random:
+            gen = torch.Generator(device=b.device).manual_seed(p.recipe.seed)
+        delta = self.method.fn(taus, args, gen)
+        delta = delta.mul_(lam).add_(b) if delta.dtype == torch.float32 else delta.float().mul_(lam).add_(b)
+        if job.channels is None:
+            return delta              # rounded to the base's dtype by _finish, as every merge
+        res = out if out is not None and out.dtype == base.dtype else torch.empty_like(base)
+        res.copy_(base)
+        res[:, :job.channels] = delta
         return res
 
     def _chunked_into(self, job, a, b, c, out, ctx) -> torch.Tensor:
@@ -154,7 +193,7 @@ def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Prog
             progress(0, len(plan.jobs), "computing similarities")
         runner.ctx.stats = cm.prepare(plan.a.tensors, plan.b.tensors)
     total = len(plan.jobs)
-    pool = ThreadPoolExecutor(os.cpu_count() or 2) if cm.parallel else None
+    pool = ThreadPoolExecutor(os.cpu_count() or 2) if runner.parallel else None
     pending: dict[int, object] = {}
     try:
         for i, job in enumerate(plan.jobs):
@@ -165,8 +204,7 @@ def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Prog
                     jk = plan.jobs[k]
                     if k not in pending and jk.ratios is not None:
                         pending[k] = pool.submit(runner.compute, jk, None)
-            src = plan.b if job.source == "b" else plan.a
-            like = runner._fetch(src.tensors[job.key])
+            like = runner._fetch(plan.source(job).tensors[job.key])
             out = out_for(job.key, like) if out_for is not None else None
             if job.ratios is None:
                 value = like
@@ -204,8 +242,9 @@ class MergeResult:
 
 def merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None, c: Checkpoint | None = None,
           **options) -> MergeResult:
-    """Merge into a new state dict (kept keys share A's tensors). Options as :func:`iter_merge`."""
+    """Merge into a new state dict (kept keys share A's tensors). Options as :func:`iter_merge`,
+    plus ``arch`` and ``models`` (a method's M1…Mn) as :func:`plan_merge`."""
     t0 = time.perf_counter()
-    plan = plan_merge(recipe, a, b, c, arch=options.pop("arch", None))
+    plan = plan_merge(recipe, a, b, c, arch=options.pop("arch", None), models=options.pop("models", ()))
     tensors = dict(iter_merge(plan, **options))
     return MergeResult(tensors, plan, time.perf_counter() - t0)

@@ -278,7 +278,10 @@ def model_label(recipe: Recipe) -> str:
     a, b, c = (Path(n).stem if n else "" for n in (recipe.model_a, recipe.model_b, recipe.model_c))
     al, be, r = recipe.alpha, recipe.beta, lambda x: str(round(x, 3))
     mbw = recipe.mbw_alpha is not None
-    if recipe.mode == "add_difference":
+    if recipe.method:
+        s = f"{a} + {recipe.method}({', '.join(Path(n).stem for n in recipe.models)}) x " + ("alpha" if mbw else r(al))
+        s += "".join(f"_{tag}{r(v)}" for tag, v in (("k", recipe.density), ("p", recipe.drop)) if v is not None)
+    elif recipe.mode == "add_difference":
         s = f"{a} + ({b} - {c}) x " + ("alpha" if mbw else r(al))
     elif recipe.mode == "triple_sum":
         s = (f"{a} x (1-alpha-beta) + {b} x alpha + {c} x beta" if mbw
@@ -292,7 +295,7 @@ def model_label(recipe: Recipe) -> str:
         s = f"{a} x (1-alpha) + {b} x alpha" if mbw else f"{a} x {r(1 - al)} + {b} x {r(al)}"
     if mbw:
         s += " (" + ",".join(r(v) for v in recipe.mbw_alpha) + ")"
-        if recipe.mbw_beta is not None and recipe.mode in MODES_WITH_C:
+        if recipe.mbw_beta is not None and (recipe.mode in MODES_WITH_C or recipe.method):
             s += "_(" + ",".join(r(v) for v in recipe.mbw_beta) + ")"
     if recipe.calcmode != "normal":
         s += "_" + recipe.calcmode

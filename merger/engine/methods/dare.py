@@ -1,0 +1,66 @@
+"""dare_linear and dare_ties: DARE (Yu et al. 2023, arXiv 2311.03099) drop-and-rescale."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import MethodArgs, method
+from .ties import disjoint_mean, trim_
+
+
+def drop_(taus: torch.Tensor, p: float, generator: torch.Generator, della_eps: float = 0.0) -> torch.Tensor:
+    """Zero each element of each τᵢ with probability p, in place (not yet rescaled).
+
+    As sd-mecha ``find_della_dropout``: the keep mask is ``bernoulli(clamp(1 − p + δ, 0, 1))``
+    drawn from ``generator`` model after model over each τᵢ's shape, so one seed gives sd-mecha's
+    masks. δ = 0 for DARE; for DELLA (``della_eps`` > 0) δ = ε·(rank/N − (N+1)/(2N)) with rank the
+    1-based position of |τ| in ascending order (ties by position), so larger magnitudes are kept
+    more often."""
+    for t in taus:
+        keep = torch.ones_like(t) - p
+        if della_eps:
+            mag = t.abs().reshape(-1)
+            ne = mag.numel()
+            rank = torch.empty(ne, dtype=torch.int64, device=t.device)
+            rank[torch.argsort(mag, stable=True)] = torch.arange(1, ne + 1, device=t.device)
+            delta = ((rank / ne - (ne + 1) / (ne * 2)) * della_eps).reshape(t.shape)
+            keep = keep + delta.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        t.mul_(torch.bernoulli(keep.clamp_(0, 1), generator=generator))
+    return taus
+
+
+def dropped_ties(taus: torch.Tensor, args: MethodArgs, generator, della_eps: float) -> torch.Tensor:
+    """Drop (DARE or DELLA), TIES-combine with density k, rescale by 1/(1 − p): sd-mecha
+    ``ties_sum_with_dropout`` with ``apply_stock=True`` (plain TIES; see README on that flag).
+    p ≈ 1 gives 0 (the base), as sd-mecha."""
+    p = args.drop
+    if math.isclose(p, 1.0):
+        return torch.zeros(taus.shape[1:], dtype=torch.float32, device=taus.device)
+    drop_(taus, p, generator, della_eps)
+    trim_(taus, args.density)
+    return disjoint_mean(taus, args.weight_tensor(taus.shape[0]), args.sign).div_(1.0 - p)
+
+
+@method("dare_linear", second="drop", random=True, defaults={"drop": 0.9}, reads=("drop",),
+        reference="Yu et al. 2023, 'Language Models are Super Mario' (DARE), arXiv 2311.03099",
+        formula="BASE + λ·Σᵢ wᵢ·(mᵢ⊙τᵢ)/(1−p), mᵢ ~ Bernoulli(1−p)")
+def dare_linear(taus: torch.Tensor, args: MethodArgs, generator) -> torch.Tensor:
+    """Drop with probability p, rescale by 1/(1 − p), weighted sum (task arithmetic)."""
+    p = args.drop
+    if math.isclose(p, 1.0):
+        return torch.zeros(taus.shape[1:], dtype=torch.float32, device=taus.device)
+    drop_(taus, p, generator)
+    w = args.weight_tensor(taus.shape[0]).to(taus.device)
+    return torch.tensordot(w, taus, dims=1).div_(1.0 - p)
+
+
+@method("dare_ties", second="drop", random=True, defaults={"drop": 0.9, "density": 1.0},
+        reads=("drop", "density", "sign"),
+        reference="Yu et al. 2023, arXiv 2311.03099 with TIES (arXiv 2306.01708); sd-mecha "
+                  "merge_methods/ties.py ties_sum_with_dropout (della_eps = 0)",
+        formula="BASE + λ·disjoint_mean(elect(trim_k(m⊙τ)))/(1−p)")
+def dare_ties(taus: torch.Tensor, args: MethodArgs, generator) -> torch.Tensor:
+    """DARE's drop, then TIES's trim (density, default 1 = none), sign election and disjoint
+    mean, then the 1/(1 − p) rescale."""
+    return dropped_ties(taus, args, generator, 0.0)
