@@ -3,6 +3,7 @@
     python bench/merge_bench.py            # SD1.5 shapes (1.07 B params), fp16
     python bench/merge_bench.py --xl       # SDXL shapes (3.47 B params), weight sum only
     python bench/merge_bench.py --no-mecha # skip the sd-mecha comparison
+    python bench/merge_bench.py --ties     # only the TIES row (base + 4 models, from files)
 
 Models are random values with the real key names and shapes, held in RAM. Printed: the time of
 weight sum and add difference (fresh output tensors, and into preallocated buffers as the
@@ -11,6 +12,11 @@ over flat buffers as large as the whole model), their ratios, peak RSS of each p
 sd-mecha's weighted sum of the same two models saved as files (with ours from the same files).
 SDXL is benchmarked one component at a time (U-Net, text encoders, VAE) so three full copies
 never need to be in RAM together on a 24 GiB machine.
+
+The TIES row merges a base and four fine-tunes (density 0.2, sign by count as sd-mecha's
+``ties_sum``) from .safetensors files, against the bandwidth bound for the bytes read and written
+(five models in, one out, at the ``torch.add`` bandwidth of the same run) and against sd-mecha's
+``ties_sum`` over the same files.
 """
 from __future__ import annotations
 
@@ -134,25 +140,6 @@ def bench_mecha(layout: dict, repeat: int) -> None:
         print("\nsd-mecha not installed (pip install sd-mecha): comparison skipped")
         return
 
-    class Silent:
-        def __init__(self, *a, **k):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-        def update(self, *a, **k):
-            pass
-
-        def set_postfix(self, *a, **k):
-            pass
-
-        def close(self):
-            pass
-
     import safetensors.torch as st
     recipe = Recipe("a", "b", alpha=0.3)
     with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as d:
@@ -192,13 +179,87 @@ def bench_mecha(layout: dict, repeat: int) -> None:
               f"in RAM {t_m / results['ours, inputs in RAM']:.0f}x")
 
 
+class Silent:
+    """A do-nothing tqdm for sd-mecha."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+    def update(self, *a, **k):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+def bench_ties(layout: dict, repeat: int, with_mecha: bool) -> None:
+    import safetensors.torch as st
+    numel = sum(math.prod(s) for s in layout.values())
+    gbytes = numel * 2 / 1e9
+    names = ["base", "m1", "m2", "m3", "m4"]
+    pre, _ = bound(numel, 2, repeat)
+    bw = 3 * gbytes / pre
+    ties_bound = 6 * gbytes / bw
+    print(f"\nTIES, base + 4 models (density 0.2, sign by count), SD1.5 fp16 files: {6 * gbytes:.1f} GB read "
+          f"and written; bound at {bw:.1f} GB/s (torch.add, flat buffers) = {ties_bound:.2f} s")
+    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as d:
+        paths = []
+        for seed, name in enumerate(names, 1):
+            ck = build(layout, seed, name)
+            paths.append(Path(d) / f"{name}.safetensors")
+            st.save_file(ck.tensors, str(paths[-1]))
+            del ck
+            gc.collect()
+        recipe = Recipe("base.safetensors", method="ties", models=[f"{n}.safetensors" for n in names[1:]],
+                        alpha=1.0, density=0.2, sign="count")
+
+        def ours():
+            cks = [load_checkpoint(p) for p in paths]
+            return merge(recipe, cks[0], models=cks[1:])
+        reset_peak()
+        t_ours = best(ours, repeat)
+        print(f"  {'ours, load (mmap) + merge from the files':42} {t_ours:7.2f} s  {t_ours / ties_bound:5.1f}x bound  "
+              f"peak RSS {peak_gib():.1f} GiB")
+        if not with_mecha:
+            return
+        import sd_mecha
+        from sd_mecha.extensions.builtin.merge_methods import linear
+
+        def mecha():
+            models = [sd_mecha.model(str(p), "sd1-ldm") for p in paths]
+            deltas = [sd_mecha.subtract(m, models[0]) for m in models[1:]]
+            # linear.add_difference: sd-mecha 1.1.8's add_difference_ties wrapper fails on a delta node
+            r = linear.add_difference(models[0], sd_mecha.ties_sum(*deltas, k=0.2), alpha=1.0)
+            out: dict = {}
+            sd_mecha.merge(r, output=out, tqdm=Silent, merge_device="cpu", output_device="cpu")
+            return out
+        reset_peak()
+        t_m = best(mecha, 1)
+        print(f"  {'sd-mecha ties_sum, from the same files':42} {t_m:7.2f} s  {t_m / ties_bound:5.1f}x bound  "
+              f"peak RSS {peak_gib():.1f} GiB")
+        print(f"  ours is {t_m / t_ours:.1f}x faster than sd-mecha {getattr(sd_mecha, '__version__', '')}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--xl", action="store_true")
     ap.add_argument("--no-mecha", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--ties", action="store_true", help="only the TIES row")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.ties:
+        bench_ties(checkpoint_layout("sd1"), min(args.repeat, 2), not args.no_mecha)
+        return
     if args.xl:
         full = checkpoint_layout("sdxl")
         parts = {"U-Net": "model.diffusion_model.", "text encoders": "conditioner.", "VAE": "first_stage_model."}
@@ -216,6 +277,7 @@ def main() -> None:
     bench_layout(layout, ["weight_sum", "add_difference"], args.repeat, "SD1.5")
     if not args.no_mecha:
         bench_mecha(layout, args.repeat)
+    bench_ties(layout, min(args.repeat, 2), not args.no_mecha)
     print(f"\npeak RSS of the whole run: {peak_gib():.1f} GiB")
 
 

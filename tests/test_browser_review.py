@@ -350,3 +350,43 @@ def test_hires_img2img_merge_id_png_recall_inex_print_and_attn2(page, app, tmp_p
     msg = click_and_wait(page, "#analysis_go", ("blocks", "Error"), sel="#analysis_status textarea")
     assert msg == "cosine (attn2 per block): 16 blocks", msg
     page.get_by_role("tab", name="Merge").click()
+
+
+def test_method_panel_merges_loads_and_hides(page, app):
+    """Issue 13 in the browser: choose a method and its models, merge, see the row; Load settings
+    shows a method recipe's panel and a mode recipe hides it again."""
+    page.get_by_role("tab", name="Merge").click()
+    page.fill("#load_id textarea", "-1")
+    assert not page.is_visible("#method_models")
+    pick(page, "#method", "ties")
+    page.wait_for_selector("#method_models", state="visible")
+    assert "TIES" in page.inner_text("#method_help") and not page.is_visible("#beta")
+    for name in (B, C):
+        page.click("#method_models input")
+        page.locator("ul[role=listbox] li", has_text=name).first.click()
+    box = page.locator("#method_density input[type=number]").first
+    box.fill("0.4")
+    box.press("Enter")
+    msg = click_and_wait(page, "#merge", ("merged", "Error"))
+    assert msg.startswith("merged #") and "ties(demo-sd1-tiny-B, demo-sd1-tiny-C)" in msg and "k0.4" in msg, msg
+    page.locator("#method_box").screenshot(path=str(DOCS / "method-panel.png"))      # shown in the README
+    hist = MergeHistory(app["data"] / "mergehistory.csv")
+    r = hist.recipe(-1)
+    assert (r.method, r.models, r.density, r.model_b) == ("ties", [B, C], 0.4, "")
+    dare = Recipe(A, method="dare_ties", models=[C, B], drop=0.3, seed=9, alpha=0.7)
+    ids = [hist.append(dare, source="test"), hist.append(Recipe(A, B, alpha=0.35), source="test")]
+    page.fill("#load_id textarea", str(ids[0]))
+    click_and_wait(page, "#load_settings", ("loaded settings", "Error"))
+    page.wait_for_function("document.querySelector('#method input').value === 'dare_ties'")
+    assert page.is_visible("#method_models") and not page.is_visible("#beta")
+    assert _value(page, "#method_drop input") == "0.3" and _value(page, "#method_seed input") == "9"
+    assert page.locator("#method_models").inner_text().index("tiny-C") < \
+        page.locator("#method_models").inner_text().index("tiny-B")          # M1, M2 in order
+    page.fill("#load_id textarea", str(ids[1]))
+    click_and_wait(page, "#load_settings", ("loaded settings", "Error"))
+    page.wait_for_selector("#method_models", state="hidden")
+    assert _value(page, "#method input") == "(none: merge mode)"
+    msg = click_and_wait(page, "#merge", ("merged", "Error"))
+    assert msg.startswith("merged #") and "x 0.35" in msg, msg
+    log = (app["data"].parent / "app.log").read_text()
+    assert "Traceback" not in log

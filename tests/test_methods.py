@@ -12,7 +12,7 @@ from sd_mecha.extensions.builtin.merge_methods import ties as mecha
 
 from merger.engine import merge
 from merger.engine.methods import REGISTRY, MethodArgs, get_method
-from merger.engine.methods.ties import kth_smallest, trim_
+from merger.engine.methods.ties import kth_smallest, thresholds
 from merger.engine.methods.geometric_median import weiszfeld
 from merger.engine.methods.model_stock import stock_t
 from merger.errors import MergeError
@@ -88,8 +88,8 @@ def test_ties_equals_paper_weighted(sign):
 
 def test_ties_keeps_every_tie_at_the_threshold():
     t = torch.tensor([[0.125, 0.5, 0.5, 0.5, -0.25, 0.0, 0.75, 0.5]])
-    trimmed = trim_(t.clone(), 0.5)          # 4th smallest |x| is 0.5: all four 0.5s stay
-    assert trimmed.tolist() == [[0.0, 0.5, 0.5, 0.5, 0.0, 0.0, 0.75, 0.5]]
+    assert thresholds(t, 0.5).item() == 0.5          # 4th smallest |x| is 0.5: all four 0.5s stay
+    assert run("ties", t, density=0.5).tolist() == [0.0, 0.5, 0.5, 0.5, 0.0, 0.0, 0.75, 0.5]
     np.testing.assert_allclose(run("ties", t, density=0.5).numpy(), ties_paper(t.numpy(), 0.5), atol=1e-7)
 
 

@@ -16,7 +16,9 @@ INEX_CHOICES = [("Off", "off"), ("Include", "include"), ("Exclude", "exclude")]
 ADJUST_LABELS = ["IN", "OUT", "OUT2", "CONT", "BRI", "COL1", "COL2", "COL3"]
 # merge-tab widgets, in the order of build_recipe's / gen_params' arguments
 RECIPE_KEYS = ["arch", "a", "b", "c", "mode", "calcmode", "alpha", "beta", "gamma", "use_mbw", "mbw_a", "mbw_b",
-               "elemental", "inex", "inex_text", "adjust", "loras"]
+               "elemental", "inex", "inex_text", "adjust", "loras", "method", "models", "weights", "density", "drop",
+               "method_seed", "sign", "della_eps", "stock"]
+NO_METHOD = "(none: merge mode)"
 GEN_KEYS = ["prompt", "negative", "steps", "cfg", "seed", "width", "height", "batch_count", "batch_size",
             "clip_skip", "sampler", "hires", "hires_scale", "hires_upscaler", "hires_steps", "denoise"]
 
@@ -85,16 +87,45 @@ def adjust_values(text: str) -> list[float]:
     return out + [0.0] * (8 - len(out))
 
 
+def method_help(method: str) -> str:
+    """One line on a method: its formula, what β sets per block, its reference."""
+    if not method:
+        return ""
+    from merger.engine.methods import get_method
+    m = get_method(method)
+    second = f"; an MBW β vector sets {m.second} per block" if m.second else ""
+    defaults = ", ".join(f"{k} {v:g}" for k, v in m.defaults.items())
+    return (f"**{m.name}**: {m.formula} (τᵢ = Mᵢ − A; α is λ{second})"
+            + (f". Defaults: {defaults}" if defaults else "") + f". _{m.reference}_")
+
+
+def method_settings(method, models, weights, density, drop, seed, sign, della_eps, stock) -> dict:
+    """Recipe fields of the Method panel ({} without a method): blank density/drop mean the
+    method's default, blank weights all 1, seed -1 a new seed (recorded in the history)."""
+    if not method:
+        return {}
+    w = [number(x, "weight") for x in str(weights or "").replace(",", " ").split()] or None
+    return dict(method=method, models=list(models or []), weights=w,
+                density=None if density in (None, "") else number(density, "density"),
+                drop=None if drop in (None, "") else number(drop, "drop"),
+                seed=number(-1 if seed in (None, "") else seed, "seed", whole=True), sign=sign or "sum",
+                della_eps=number(della_eps, "della ε"), stock=stock or "tensor")
+
+
 def build_recipe(ws, arch: str, a, b, c, mode, calcmode, alpha, beta, gamma, use_mbw, mbw_a, mbw_b,
-                 elemental, inex, inex_text, adjust, loras="", seed=-1) -> Recipe:
+                 elemental, inex, inex_text, adjust, loras="", method="", models=(), weights="", density=None,
+                 drop=None, method_seed=-1, sign="sum", della_eps=0.1, stock="tensor") -> Recipe:
     blocks, elements = split_inex(inex_text or "", arch)
     adj = adjust_values(adjust) if adjust else None
-    return ws.recipe(a or "", b or "", c or "", mode=mode, calcmode=calcmode, alpha=number(alpha, "alpha"),
+    extra = method_settings(method, models, weights, density, drop, method_seed, sign, della_eps, stock)
+    if extra:
+        b = c = ""                     # a method merges A (its base) with its own list of models
+    return ws.recipe(a or "", b or "", c or "", **extra, mode=mode, calcmode=calcmode, alpha=number(alpha, "alpha"),
                      beta=number(beta, "beta"), gamma=number(gamma, "gamma"), mbw_alpha=parse_vector(mbw_a, arch, "MBW alpha") if use_mbw else None,
                      mbw_beta=parse_vector(mbw_b, arch, "MBW beta") if use_mbw and mbw_b else None,
                      elemental=elemental or "", inex=inex, inex_blocks=blocks if inex != "off" else [],
                      inex_elements=elements if inex != "off" else [], adjust=adj if adj and any(adj) else None,
-                     loras=(loras or "").strip(), seed=number(seed, "seed", whole=True))
+                     loras=(loras or "").strip())
 
 
 def recipe_to_widgets(r: Recipe) -> dict:
@@ -107,6 +138,9 @@ def recipe_to_widgets(r: Recipe) -> dict:
         "mbw_b": ",".join(f"{v:g}" for v in r.mbw_beta) if r.mbw_beta else "",
         "elemental": r.elemental, "inex": r.inex, "inex_text": " ".join(r.inex_blocks + r.inex_elements),
         "adjust": adjust_text(r.adjust) if r.adjust else "0,0,0,0,0,0,0,0", "loras": r.loras,
+        "method": r.method, "models": list(r.models), "weights": " ".join(f"{w:g}" for w in r.weights or []),
+        "density": r.density, "drop": r.drop, "method_seed": r.seed if r.method else -1, "sign": r.sign,
+        "della_eps": r.della_eps, "stock": r.stock,
     }
 
 

@@ -7,6 +7,7 @@ import gradio as gr
 from merger.arch import detect_arch_of_file
 from merger.blocks import BLOCKS_SD, BLOCKS_XL_EXT
 from merger.engine.calcmodes import calcmode_names, get_calcmode
+from merger.engine.methods import MAX_MODELS, method_names
 from merger.files.saving import model_label
 from merger.pipeline.generate import HIRES_UPSCALERS, SAMPLERS
 from merger.pipeline.pnginfo import settings_from_png
@@ -45,6 +46,25 @@ def build(ws):
             with gr.Row():
                 c["mode"] = gr.Radio(forms.MODE_CHOICES, value="weight_sum", label="Merge mode", elem_id="mode")
                 c["calcmode"] = gr.Dropdown(calcmode_names("weight_sum"), value="normal", label="Calcmode", elem_id="calcmode")
+                c["method"] = gr.Dropdown([(forms.NO_METHOD, "")] + method_names(), value="", label="Method",
+                                          elem_id="method", info="N-model methods: model A is the base")
+            with gr.Group(visible=False, elem_id="method_box") as c["method_box"]:
+                c["method_help"] = gr.Markdown("", elem_id="method_help")
+                with gr.Row():
+                    c["models"] = gr.Dropdown(ckpts, value=[], multiselect=True, filterable=True, elem_id="method_models",
+                                              label=f"Models M1…Mn (1 to {MAX_MODELS}; their differences from model A "
+                                                    f"are merged)", scale=3)
+                    c["weights"] = gr.Textbox(label="weights (one per model; blank = all 1)", elem_id="method_weights",
+                                              scale=1)
+                with gr.Row():
+                    c["density"] = gr.Number(None, label="density k (blank: default)", elem_id="method_density")
+                    c["drop"] = gr.Number(None, label="drop p (blank: default)", elem_id="method_drop")
+                    c["method_seed"] = gr.Number(-1, precision=0, label="seed (-1: new)", elem_id="method_seed")
+                    c["sign"] = gr.Radio([("sum (paper)", "sum"), ("count (sd-mecha)", "count")], value="sum",
+                                         label="TIES sign election", elem_id="method_sign")
+                    c["della_eps"] = gr.Number(0.1, label="DELLA ε", elem_id="method_della_eps")
+                    c["stock"] = gr.Radio([("tensor (paper)", "tensor"), ("row (sd-mecha)", "row")], value="tensor",
+                                          label="Model Stock cosine", elem_id="method_stock")
             with gr.Row():
                 # the number box is what is merged (any finite value, never clamped); the slider drags it
                 for key, value, label, shown in (("alpha", 0.5, "alpha (α)", True), ("beta", 0.25, "beta (β)", False)):
@@ -179,6 +199,15 @@ def _wire(ws, c):
     # chained .change from one load could otherwise land after the next one
     for ev in (c["mode"].input, c["calcmode"].input):
         ev(modes_changed, [c["mode"], c["calcmode"]], [c["calcmode"], c["beta_box"], c["gamma"]])
+
+    def method_changed(method, mode, calcmode):
+        """The Method panel for a method (β's box is replaced by its density/drop there; an MBW β
+        vector still sets that parameter per block); the mode's widgets without one."""
+        if not method:
+            return gr.update(visible=False), "", modes_changed(mode, calcmode)[1]
+        return gr.update(visible=True), forms.method_help(method), gr.update(visible=False)
+    c["method"].input(method_changed, [c["method"], c["mode"], c["calcmode"]],
+                      [c["method_box"], c["method_help"], c["beta_box"]])
     for key in ("alpha", "beta"):      # in the browser: slider -> box as dragged; box -> slider (clamped)
         c[f"{key}_slider"].release(None, c[f"{key}_slider"], c[key], js="(v) => v")
         c[key].change(None, c[key], c[f"{key}_slider"],
@@ -293,7 +322,8 @@ def _wire(ws, c):
     c["clear_cache"].click(lambda: ws.clear_cache(), None, c["status"])
 
     widget_keys = forms.RECIPE_KEYS[1:]      # everything but the detected architecture
-    recipe_outputs = [c[k] for k in widget_keys] + [c["arch"]] + c["sliders"] + c["adjust_sliders"] + [c["beta_box"]]
+    recipe_outputs = ([c[k] for k in widget_keys] + [c["arch"]] + c["sliders"] + c["adjust_sliders"]
+                      + [c["beta_box"], c["method_box"], c["method_help"]])
 
     def recipe_updates(recipe) -> list:
         """Every merge widget from a recipe, consistently: the calcmode with its mode's choices,
@@ -301,11 +331,14 @@ def _wire(ws, c):
         values = forms.recipe_to_widgets(recipe)
         values["calcmode"] = gr.update(choices=calcmode_names(recipe.mode), value=recipe.calcmode)
         values["gamma"] = gr.update(value=recipe.gamma, visible=recipe.calcmode == "extract")
+        values["method"] = recipe.method
         arch = forms.recipe_arch(recipe, model_a_arch(recipe.model_a))
         sliders = forms.text_to_sliders(values["mbw_a"], arch) if values["mbw_a"] else [0.5] * 26
         return ([values[k] for k in widget_keys] + [arch]
                 + [gr.update(value=v, visible=s) for v, s in zip(sliders, forms.visible_blocks(arch))]
-                + forms.adjust_values(values["adjust"]) + [gr.update(visible=recipe.uses_beta())])
+                + forms.adjust_values(values["adjust"])
+                + [gr.update(visible=recipe.uses_beta() and not recipe.method),
+                   gr.update(visible=bool(recipe.method)), forms.method_help(recipe.method)])
 
     @safe(1 + len(recipe_outputs))
     def load_settings(ref):

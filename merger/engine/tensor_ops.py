@@ -5,6 +5,7 @@ of A, B (and C) is read once and the result written once, whatever the number of
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -38,7 +39,6 @@ def same_dtype(x: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None
     return x if x is None or x.dtype == ref.dtype else x.to(ref.dtype)
 
 
-
 class ReusableBuffer:
     """``alloc(shape, dtype)`` that hands out views of one growing flat buffer per dtype, for
     consumers that use each tensor before asking for the next (streaming a merge to a file).
@@ -55,3 +55,25 @@ class ReusableBuffer:
         if buf is None or buf.numel() < n:
             buf = self.bufs[dtype] = torch.empty(n, dtype=dtype, device=self.device)
         return buf[:n].view(shape)
+
+
+_local = threading.local()
+
+
+def scratch(tag: str, numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A flat buffer of ``numel`` elements, reused by later calls with the same tag in the same
+    thread (so parallel keys never share one). Per-key scratch of the N-model methods: fresh
+    memory costs a page fault per 4 KiB, e.g. ``abs`` of 15M floats takes 15 ms into a new
+    tensor and 4 ms into a reused one. :func:`release_scratch` frees the calling thread's."""
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+    key = (tag, dtype, torch.device(device))
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = bufs[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def release_scratch() -> None:
+    _local.bufs = {}

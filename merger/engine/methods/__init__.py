@@ -4,7 +4,7 @@ registered with :func:`method`, and imported automatically.
 A recipe with a ``method`` names a BASE (``model_a``) and models M1…Mn (``models``). For each
 merged key the engine stacks the task vectors τᵢ = Mᵢ − BASE in float32 into one tensor of shape
 ``(n, *shape)`` and calls ``fn(taus, args, generator)``, which returns merge(τ₁…τₙ) in float32
-(it may overwrite ``taus``). The result is BASE + λ·merge(τ), with λ the key's α (scalar, MBW
+as a new tensor (it may overwrite ``taus``, a reused per-thread buffer). The result is BASE + λ·merge(τ), with λ the key's α (scalar, MBW
 vector or elemental) and the method's second parameter (density or drop) the key's β.
 """
 from __future__ import annotations

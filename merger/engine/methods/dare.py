@@ -5,8 +5,9 @@ import math
 
 import torch
 
+from ..tensor_ops import scratch
 from . import MethodArgs, method
-from .ties import disjoint_mean, trim_
+from .ties import disjoint_mean, thresholds
 
 
 def drop_(taus: torch.Tensor, p: float, generator: torch.Generator, della_eps: float = 0.0) -> torch.Tensor:
@@ -18,7 +19,8 @@ def drop_(taus: torch.Tensor, p: float, generator: torch.Generator, della_eps: f
     1-based position of |τ| in ascending order (ties by position), so larger magnitudes are kept
     more often."""
     for t in taus:
-        keep = torch.ones_like(t) - p
+        n = t.numel()
+        keep = scratch("drop_keep", n, torch.float32, t.device).view(t.shape).fill_(1.0).sub_(p)
         if della_eps:
             mag = t.abs().reshape(-1)
             ne = mag.numel()
@@ -26,7 +28,9 @@ def drop_(taus: torch.Tensor, p: float, generator: torch.Generator, della_eps: f
             rank[torch.argsort(mag, stable=True)] = torch.arange(1, ne + 1, device=t.device)
             delta = ((rank / ne - (ne + 1) / (ne * 2)) * della_eps).reshape(t.shape)
             keep = keep + delta.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        t.mul_(torch.bernoulli(keep.clamp_(0, 1), generator=generator))
+        mask = torch.bernoulli(keep.clamp_(0, 1), generator=generator,
+                               out=scratch("drop_mask", n, torch.float32, t.device).view(t.shape))
+        t.mul_(mask)
     return taus
 
 
@@ -38,8 +42,8 @@ def dropped_ties(taus: torch.Tensor, args: MethodArgs, generator, della_eps: flo
     if math.isclose(p, 1.0):
         return torch.zeros(taus.shape[1:], dtype=torch.float32, device=taus.device)
     drop_(taus, p, generator, della_eps)
-    trim_(taus, args.density)
-    return disjoint_mean(taus, args.weight_tensor(taus.shape[0]), args.sign).div_(1.0 - p)
+    trim = thresholds(taus, args.density)
+    return disjoint_mean(taus, args.weight_tensor(taus.shape[0]), args.sign, trim).div_(1.0 - p)
 
 
 @method("dare_linear", second="drop", random=True, defaults={"drop": 0.9}, reads=("drop",),
