@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import MethodArgs, method
-from .dare import dropped_ties
+from .dropout import dropped_ties
 
 
 @method("della", second="drop", random=True, defaults={"drop": 0.9, "density": 1.0},

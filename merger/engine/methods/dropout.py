@@ -1,4 +1,4 @@
-"""dare_linear and dare_ties: DARE (Yu et al. 2023, arXiv 2311.03099) drop-and-rescale."""
+"""Dropout shared by the DARE and DELLA methods: seeded masks, then TIES and the rescale."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import torch
 
 from ..tensor_ops import scratch
-from . import MethodArgs, method
+from . import MethodArgs
 from .ties import disjoint_mean, thresholds
 
 
@@ -44,27 +44,3 @@ def dropped_ties(taus: torch.Tensor, args: MethodArgs, generator, della_eps: flo
     drop_(taus, p, generator, della_eps)
     trim = thresholds(taus, args.density)
     return disjoint_mean(taus, args.weight_tensor(taus.shape[0]), args.sign, trim).div_(1.0 - p)
-
-
-@method("dare_linear", second="drop", random=True, defaults={"drop": 0.9}, reads=("drop",),
-        reference="Yu et al. 2023, 'Language Models are Super Mario' (DARE), arXiv 2311.03099",
-        formula="BASE + λ·Σᵢ wᵢ·(mᵢ⊙τᵢ)/(1−p), mᵢ ~ Bernoulli(1−p)")
-def dare_linear(taus: torch.Tensor, args: MethodArgs, generator) -> torch.Tensor:
-    """Drop with probability p, rescale by 1/(1 − p), weighted sum (task arithmetic)."""
-    p = args.drop
-    if math.isclose(p, 1.0):
-        return torch.zeros(taus.shape[1:], dtype=torch.float32, device=taus.device)
-    drop_(taus, p, generator)
-    w = args.weight_tensor(taus.shape[0]).to(taus.device)
-    return torch.tensordot(w, taus, dims=1).div_(1.0 - p)
-
-
-@method("dare_ties", second="drop", random=True, defaults={"drop": 0.9, "density": 1.0},
-        reads=("drop", "density", "sign"),
-        reference="Yu et al. 2023, arXiv 2311.03099 with TIES (arXiv 2306.01708); sd-mecha "
-                  "merge_methods/ties.py ties_sum_with_dropout (della_eps = 0)",
-        formula="BASE + λ·disjoint_mean(elect(trim_k(m⊙τ)))/(1−p)")
-def dare_ties(taus: torch.Tensor, args: MethodArgs, generator) -> torch.Tensor:
-    """DARE's drop, then TIES's trim (density, default 1 = none), sign election and disjoint
-    mean, then the 1/(1 − p) rescale."""
-    return dropped_ties(taus, args, generator, 0.0)
