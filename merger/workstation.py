@@ -131,12 +131,12 @@ class Workstation:
         t0 = time.perf_counter()
         plan = self._plan(recipe, models)
         applier = self.lora_applier(recipe.loras, models["a"].tensors, plan.arch) if recipe.loras else None
-        self.pipeline.swap(plan, progress=progress, should_stop=self.should_stop if interruptible else None,
-                           label=model_label(recipe))
+        stats = self.pipeline.swap(plan, progress=progress, should_stop=self.should_stop if interruptible else None,
+                                   label=model_label(recipe))
         if applier is not None:
             self.pipeline.add_deltas(applier)
         t.merge = time.perf_counter() - t0
-        notes = list(plan.notes)
+        notes = list(plan.notes) + stats.notes
         self.history_id = self.record(recipe, notes, source=source, seconds=t.load + t.merge)
         head = f"merged #{self.history_id}" if self.history_id is not None else "merged"
         return Outcome("; ".join([f"{head}: {model_label(recipe)}"] + notes), t, self.history_id, notes=notes)

@@ -11,11 +11,15 @@ A checkpoint is made of components (U-Net, text encoder(s), VAE). Two rules:
   integer in another.
 
 Keys that real files carry or omit freely (CLIP ``position_ids``, OpenCLIP ``logit_scale``) are
-not counted.
+not counted, and neither are the **optional parts** of :func:`optional_part` (after sd-mecha's
+``sdxl-sgm`` config): text-encoder layers a pipeline does not use, which some exports drop. A
+model lacking one merges with the others' (noted); :mod:`merger.pipeline.resident` then decides
+what generation can do without.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 
 from ..errors import MergeError
 
@@ -23,6 +27,41 @@ COMPONENTS = (("U-Net", "model.diffusion_model."), ("VAE", "first_stage_model.")
               ("text encoder", "cond_stage_model."), ("text encoder 1", "conditioner.embedders.0."),
               ("text encoder 2", "conditioner.embedders.1."))
 OPTIONAL_SUFFIXES = ("position_ids", "logit_scale")
+UNUSED, SKIPPABLE, NEEDED = "unused", "skippable", "needed"   # what generation does without a part
+
+# (arch, pattern with a "last layer" placeholder {L}/{G}, use, description)
+_OPTIONAL = (
+    ("sdxl", r"conditioner\.embedders\.0\.transformer\.text_model\.(encoder\.layers\.{L}\.|final_layer_norm\.)",
+     UNUSED, "CLIP-L's last layer and final norm (SDXL does not use them)"),
+    ("sdxl", r"conditioner\.embedders\.1\.model\.transformer\.resblocks\.{G}\.",
+     SKIPPABLE, "CLIP-G's last block (it only feeds the pooled embedding)"),
+    ("sdxl", r"conditioner\.embedders\.1\.model\.(ln_final\.|text_projection)",
+     NEEDED, "CLIP-G's final norm and projection (the pooled embedding)"),
+    ("sd2", r"cond_stage_model\.model\.transformer\.resblocks\.{G}\.",
+     UNUSED, "OpenCLIP's last block (SD 2.x does not use it)"),
+    ("sd2", r"cond_stage_model\.model\.text_projection",
+     UNUSED, "OpenCLIP's text projection (SD 2.x does not use it)"),
+)
+
+
+def last_layers(keys: Iterable[str]) -> dict[str, int]:
+    """The last CLIP-L encoder layer ("L") and OpenCLIP block ("G") index among ``keys``."""
+    out = {"L": -1, "G": -1}
+    for k in keys:
+        if m := re.search(r"(?:embedders\.0\.transformer|cond_stage_model\.transformer)\.text_model\.encoder\.layers\.(\d+)\.", k):
+            out["L"] = max(out["L"], int(m[1]))
+        elif m := re.search(r"\.transformer\.resblocks\.(\d+)\.", k):
+            out["G"] = max(out["G"], int(m[1]))
+    return out
+
+
+def optional_part(key: str, arch: str, last: Mapping[str, int]) -> tuple[str, str] | None:
+    """(use, description) when ``key`` belongs to a part files may omit, else None. ``last``:
+    :func:`last_layers` of the keys in play (tiny test models have fewer layers than real ones)."""
+    for a, pattern, use, desc in _OPTIONAL:
+        if a == arch and re.match(pattern.format(L=last["L"], G=last["G"]), key):
+            return use, desc
+    return None
 
 
 def component_of(key: str) -> str | None:
@@ -37,20 +76,27 @@ def _listing(keys: list[str], n: int = 2) -> str:
     return head + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def check_coverage(models: Mapping[str, object]) -> list[str]:
-    """``models``: slot ("A", "B", "C") -> Checkpoint, model A first. Raises on a partial
-    component or a float/integer clash; returns notes for whole components that some model
-    lacks (empty when every model has every component)."""
+def check_coverage(models: Mapping[str, object], arch: str | None = None) -> list[str]:
+    """``models``: slot ("A", "B", "C", "M1"…) -> Checkpoint, model A first. Raises on a partial
+    component or a float/integer clash; returns notes for whole components, and optional parts,
+    that some model lacks (empty when every model has everything)."""
+    slots = list(models)
+    last = last_layers(k for ck in models.values() for k in ck.tensors)
+    optional: dict[str, tuple[str, str]] = {}
     by_model: dict[str, dict[str, set[str]]] = {}
     for slot, ck in models.items():
         parts: dict[str, set[str]] = {}
         for key in ck.tensors:
             comp = component_of(key)
-            if comp and not key.endswith(OPTIONAL_SUFFIXES):
+            if not comp or key.endswith(OPTIONAL_SUFFIXES):
+                continue
+            opt = optional_part(key, arch, last) if arch else None
+            if opt:
+                optional[key] = opt
+            else:
                 parts.setdefault(comp, set()).add(key)
         by_model[slot] = parts
     notes = []
-    slots = list(models)
     for comp, _ in COMPONENTS:
         have = [s for s in slots if comp in by_model[s]]
         if not have:
@@ -65,10 +111,7 @@ def check_coverage(models: Mapping[str, object]) -> list[str]:
                                  f"of the architecture")
         lacking = [s for s in slots if s not in have]
         if lacking:   # the engine keeps A's tensor where a model lacks it, else takes B's
-            source = "A" if "A" in have else have[0]
-            names = ", ".join(f"model {s} ({models[s].name})" for s in lacking)
-            notes.append(f"{names} {'has' if len(lacking) == 1 else 'have'} no {comp}: "
-                         f"model {source}'s {comp} is used as it is (not merged)")
+            notes.append(_lack_note(models, lacking, have, comp, f"{comp} is used as it is"))
         for key in sorted(union):
             kinds = {s: models[s].tensors[key].is_floating_point() for s in have if key in models[s].tensors}
             if len(set(kinds.values())) > 1:
@@ -76,4 +119,21 @@ def check_coverage(models: Mapping[str, object]) -> list[str]:
                 i = next(s for s, v in kinds.items() if not v)
                 raise MergeError(f"model {i} ({models[i].name}) has {key} as {models[i].tensors[key].dtype}, "
                                  f"model {f} as {models[f].tensors[key].dtype}: the file is corrupt")
+    for desc in dict.fromkeys(d for _, d in optional.values()):
+        keys = [k for k, (_, d) in optional.items() if d == desc]
+        have = [s for s in slots if any(k in models[s].tensors for k in keys)]
+        lacking = [s for s in slots if s not in have]
+        partial = [s for s in have if not all(k in models[s].tensors for k in keys)]
+        if partial:
+            s = partial[0]
+            gone = sorted(k for k in keys if k not in models[s].tensors)
+            raise MergeError(f"model {s} ({models[s].name}) has only part of {desc}: it lacks {_listing(gone)}")
+        if lacking:
+            notes.append(_lack_note(models, lacking, have, desc, "are used as they are"))
     return notes
+
+
+def _lack_note(models, lacking: list[str], have: list[str], what: str, used: str) -> str:
+    source = "A" if "A" in have else have[0]
+    names = ", ".join(f"model {s} ({models[s].name})" for s in lacking)
+    return f"{names} {'has' if len(lacking) == 1 else 'have'} no {what}: model {source}'s {used} (not merged)"

@@ -24,7 +24,7 @@ from ..arch import ARCH_NAMES, detect_arch
 from ..files.checkpoint_io import Checkpoint
 from ..engine import MergePlan, check_inputs, iter_merge
 from ..errors import MergeError
-from .keymap import Target, component_of, targets_for
+from .keymap import VAE as VAE_PREFIX, Target, component_of, targets_for
 from ..ldm_layout import sized_layout, sized_params
 from .pipeline_config import pipeline_folder
 from ..engine.tensor_ops import ReusableBuffer
@@ -160,6 +160,7 @@ class SwapStats:
     in_place: int = 0
     copied: int = 0
     unused: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)     # optional parts no model had (see write)
 
 
 class ResidentPipeline:
@@ -180,6 +181,8 @@ class ResidentPipeline:
         self.folder = None
         self.targets: dict[str, list[tuple[Target, torch.Tensor]]] = {}
         self.extras: dict[str, torch.Tensor] = {}   # LDM keys the pipeline has no parameter for
+        self.present: set[str] = set()               # LDM keys the current weights came from
+        self.vae_missing = False                      # the weights came without a VAE
         self.state = "empty"                          # empty | ok | incomplete
         self._last: tuple | None = None               # (signature, per-key ratios) of the last swap
         self._pred_source: tuple | None = None        # model A the prediction type was detected on
@@ -260,6 +263,7 @@ class ResidentPipeline:
     def write(self, items: Iterable[tuple[str, torch.Tensor]], out_for=None, partial: bool = False) -> SwapStats:
         stats = SwapStats()
         covered = set()
+        present = set()
         for key, value in items:
             stats.keys += 1
             hit = self._targets(key)
@@ -268,6 +272,7 @@ class ResidentPipeline:
                     self.extras[key] = value.detach().to("cpu", copy=True)
                 stats.unused.append(key)
                 continue
+            present.add(key)
             for target, param in hit:
                 covered.add(id(param))
                 if out_for is not None and param.data.data_ptr() == value.data_ptr():
@@ -279,11 +284,48 @@ class ResidentPipeline:
                                      f"{target.component}.{target.param} {list(param.shape)}")
                 param.data.copy_(src.reshape(param.shape))
                 stats.copied += 1
-        missing = [] if partial else [n for n in self._all_params() if id(n[1]) not in covered]
-        if missing:
-            raise MergeError(f"the checkpoint has no weights for {len(missing)} pipeline parameters "
-                             f"(e.g. {missing[0][0]}): it is incomplete")
+        if not partial:
+            self.vae_missing = False
+            self._fill_missing(covered, stats)
+            self.present = present
         return stats
+
+    def _fill_missing(self, covered: set, stats: SwapStats) -> None:
+        """Pipeline parameters no key fed. Parts of the text encoders that files may omit
+        (:func:`~merger.engine.key_coverage.optional_part`) are zeroed: a part generation does
+        not use stays unused, and a zeroed transformer block is the identity (its residual
+        passes through), which is what skipping it means. Anything else is refused by name."""
+        from ..engine.key_coverage import NEEDED, SKIPPABLE, last_layers, optional_part
+        missing_ids = {id(p) for _, p in self._all_params()} - covered
+        if not missing_ids:
+            return
+        layout = self.layout()
+        last = last_layers(layout)
+        keys, blocking = {}, []
+        for key in layout:
+            params = [p for _, p in self._targets(key) if id(p) in missing_ids]
+            if not params:
+                continue
+            opt = optional_part(key, self.spec.arch, last)
+            if opt is None or opt[0] == NEEDED:
+                blocking.append((key, opt))
+            else:
+                keys[key] = (params, opt)
+        vae = [k for k, _ in blocking if k.startswith(VAE_PREFIX)]
+        if vae and len(vae) == sum(k.startswith(VAE_PREFIX) for k in layout):
+            blocking = [b for b in blocking if not b[0].startswith(VAE_PREFIX)]   # no VAE at all: see check_ready
+            self.vae_missing = True
+            stats.notes.append("no model has a VAE: generation uses the VAE chosen in the VAE list")
+        if blocking:
+            what = next((o[1] for _, o in blocking if o), None)
+            raise MergeError(f"the checkpoint has no weights for {len(blocking)} tensor(s) generation needs "
+                             f"({', '.join(k for k, _ in blocking[:3])}{' …' if len(blocking) > 3 else ''})"
+                             + (f": {what}" if what else ": it is incomplete"))
+        for params, _ in keys.values():
+            for p in params:
+                p.data.zero_()
+        for desc in dict.fromkeys(o[1] for _, o in keys.values() if o[0] == SKIPPABLE):
+            stats.notes.append(f"no model has {desc}: generation skips it")
 
     def _all_params(self):
         for n, m in self.modules.items():
@@ -408,7 +450,7 @@ class ResidentPipeline:
             stored = self.spec.stored
             out: dict[str, torch.Tensor] = {}
             for key, hit in self.targets.items():
-                if not hit:
+                if not hit or key not in self.present:    # parts the weights did not come with
                     continue
                 parts = []
                 for target, param in hit:
@@ -428,3 +470,6 @@ class ResidentPipeline:
     def check_ready(self) -> None:
         if self.state != "ok":
             raise MergeError(f"the loaded model is incomplete: {self.problem}. Merge again before generating")
+        if self.vae_missing and not self.vae_name:
+            raise MergeError("the model has no VAE (none of the merged files has one): choose a VAE in the VAE list "
+                             "to generate")
