@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--include", metavar="TEXT", help="only these blocks / key substrings are merged")
     g.add_argument("--exclude", metavar="TEXT", help="these blocks / key substrings keep model A")
     m.add_argument("--adjust", metavar="V", help="8 values: IN,OUT,OUT2,CONT,BRI,COL1,COL2,COL3")
+    m.add_argument("--ema", action="store_true",
+                   help="merge each model's EMA U-Net (model_ema.*, training checkpoints) instead of its U-Net")
     m.add_argument("--output", required=True, help="file path, or a folder for an automatic name")
     m.add_argument("--fp16", action="store_true")
     m.add_argument("--prune", action="store_true")
@@ -119,7 +121,7 @@ def _recipe_from_args(args, arch: str) -> Recipe:
         alpha=args.alpha, beta=args.beta, gamma=args.gamma, seed=args.seed,
         mbw_alpha=parse_vector(args.mbw_alpha, arch, "MBW alpha") if args.mbw_alpha else None,
         mbw_beta=parse_vector(args.mbw_beta, arch, "MBW beta") if args.mbw_beta else None,
-        elemental=args.elemental, inex=inex, inex_blocks=blocks, inex_elements=elements,
+        elemental=args.elemental, ema=args.ema, inex=inex, inex_blocks=blocks, inex_elements=elements,
         adjust=_floats(args.adjust, 8, "--adjust") if args.adjust else None)
 
 

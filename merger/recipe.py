@@ -42,6 +42,7 @@ class Recipe:
     gamma: float = 1.0
     seed: int = -1
     loras: str = ""                 # LoRAs merged on top: "name:ratio[:blocks], ..."
+    ema: bool = False               # merge each model's EMA U-Net (model_ema.*) instead of its U-Net
     # N-model methods (merger.engine.methods): model_a is the BASE, ``models`` the fine-tunes
     method: str = ""                # "" = the merge mode above; else ties, dare_linear, ...
     models: list[str] = field(default_factory=list)

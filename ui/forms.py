@@ -17,7 +17,7 @@ ADJUST_LABELS = ["IN", "OUT", "OUT2", "CONT", "BRI", "COL1", "COL2", "COL3"]
 # merge-tab widgets, in the order of build_recipe's / gen_params' arguments
 RECIPE_KEYS = ["arch", "a", "b", "c", "mode", "calcmode", "alpha", "beta", "gamma", "use_mbw", "mbw_a", "mbw_b",
                "elemental", "inex", "inex_text", "adjust", "loras", "method", "models", "weights", "density", "drop",
-               "method_seed", "sign", "della_eps", "stock"]
+               "method_seed", "sign", "della_eps", "stock", "ema"]
 NO_METHOD = "(none: merge mode)"
 GEN_KEYS = ["prompt", "negative", "steps", "cfg", "seed", "width", "height", "batch_count", "batch_size",
             "clip_skip", "sampler", "hires", "hires_scale", "hires_upscaler", "hires_steps", "denoise"]
@@ -114,7 +114,7 @@ def method_settings(method, models, weights, density, drop, seed, sign, della_ep
 
 def build_recipe(ws, arch: str, a, b, c, mode, calcmode, alpha, beta, gamma, use_mbw, mbw_a, mbw_b,
                  elemental, inex, inex_text, adjust, loras="", method="", models=(), weights="", density=None,
-                 drop=None, method_seed=-1, sign="sum", della_eps=0.1, stock="tensor") -> Recipe:
+                 drop=None, method_seed=-1, sign="sum", della_eps=0.1, stock="tensor", ema=False) -> Recipe:
     blocks, elements = split_inex(inex_text or "", arch)
     adj = adjust_values(adjust) if adjust else None
     extra = method_settings(method, models, weights, density, drop, method_seed, sign, della_eps, stock)
@@ -125,7 +125,7 @@ def build_recipe(ws, arch: str, a, b, c, mode, calcmode, alpha, beta, gamma, use
                      mbw_beta=parse_vector(mbw_b, arch, "MBW beta") if use_mbw and mbw_b else None,
                      elemental=elemental or "", inex=inex, inex_blocks=blocks if inex != "off" else [],
                      inex_elements=elements if inex != "off" else [], adjust=adj if adj and any(adj) else None,
-                     loras=(loras or "").strip())
+                     loras=(loras or "").strip(), ema=bool(ema))
 
 
 def recipe_to_widgets(r: Recipe) -> dict:
@@ -140,7 +140,7 @@ def recipe_to_widgets(r: Recipe) -> dict:
         "adjust": adjust_text(r.adjust) if r.adjust else "0,0,0,0,0,0,0,0", "loras": r.loras,
         "method": r.method, "models": list(r.models), "weights": " ".join(f"{w:g}" for w in r.weights or []),
         "density": r.density, "drop": r.drop, "method_seed": r.seed if r.method else -1, "sign": r.sign,
-        "della_eps": r.della_eps, "stock": r.stock,
+        "della_eps": r.della_eps, "stock": r.stock, "ema": r.ema,
     }
 
 

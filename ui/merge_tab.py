@@ -107,6 +107,8 @@ def build(ws):
                 c["inex_keys"] = gr.Textbox(label="Include / exclude: keys kept as model A's", lines=6, max_lines=20,
                                             interactive=False, elem_id="inex_keys")
                 c["loras"] = gr.Textbox(label="LoRAs merged on top: name:ratio[:blocks], ...", elem_id="merge_loras")
+                c["ema"] = gr.Checkbox(label="merge each model's EMA U-Net (model_ema.*, training checkpoints) "
+                                             "instead of its U-Net", value=False, elem_id="merge_ema")
                 c["adjust"] = gr.Textbox(label="Adjust: IN, OUT, OUT2, CONT, BRI, COL1, COL2, COL3",
                                          value="0,0,0,0,0,0,0,0", elem_id="adjust")
                 with gr.Row():

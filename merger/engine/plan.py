@@ -57,8 +57,11 @@ class MergePlan:
 
 
 def _is_candidate(key: str, t: torch.Tensor) -> bool:
-    """SuperMerger merges keys whose name contains "model" and "weight" or "bias"."""
-    return "model" in key and ("weight" in key or "bias" in key) and t.is_floating_point()
+    """SuperMerger merges keys whose name contains "model" and "weight" or "bias"; EMA copies
+    (``model_ema.*``) stay model A's, as A1111 ignores them (``Recipe.ema`` merges them instead
+    of the U-Net, see :meth:`Checkpoint.ema_view`)."""
+    return ("model" in key and ("weight" in key or "bias" in key) and t.is_floating_point()
+            and not key.startswith("model_ema."))
 
 
 def _inpaint_channels(key: str, shapes: dict[str, torch.Size]) -> int | None:
@@ -108,6 +111,9 @@ def plan_merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None,
     component of a model)."""
     recipe.check()
     cm = get_calcmode(recipe.calcmode)
+    if recipe.ema:
+        a, b, c = (None if ck is None else ck.ema_view() for ck in (a, b, c))
+        models = [ck.ema_view() for ck in models]
     needed = _needed(recipe, a, b, c, models)
     present = dict(needed) if recipe.method else {n: ck for n, ck in (("A", a), ("B", b), ("C", c)) if ck is not None}
     arch = arch or check_same_arch({ck.name: detect_arch(ck.tensors, ck.name) for ck in present.values()})

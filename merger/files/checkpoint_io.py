@@ -35,6 +35,9 @@ _ITEMSIZE = {d: torch.empty((), dtype=d).element_size() for d in ST_DTYPES.value
 CHECKPOINT_EXTS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
+EMA_COUNTERS = ("model_ema.decay", "model_ema.num_updates")
+
+
 @dataclass
 class Checkpoint:
     """A loaded state dict plus where it came from."""
@@ -49,6 +52,29 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def ema_view(self) -> "Checkpoint":
+        """The same model with its EMA U-Net (``model_ema.*``, training checkpoints) as its U-Net.
+
+        An EMA key is the U-Net key without ``model.`` and without dots
+        (``model.diffusion_model.out.2.bias`` -> ``model_ema.diffusion_modelout2bias``, as
+        ``LitEma`` names its buffers). Tensors are shared, not copied; the EMA keys themselves are
+        dropped from the view. A model without EMA weights for its whole U-Net is refused."""
+        cached = getattr(self, "_ema", None)
+        if cached is not None:
+            return cached
+        unet = [k for k in self.tensors if k.startswith("model.diffusion_model.")]
+        ema = {k: "model_ema." + k[len("model."):].replace(".", "") for k in unet}
+        lacking = [k for k, e in ema.items() if e not in self.tensors]
+        if lacking:
+            has = any(k.startswith("model_ema.") and k not in EMA_COUNTERS for k in self.tensors)
+            raise MergeError(f"{self.name} has no EMA weights" if not has else
+                             f"{self.name} has EMA weights for only part of its U-Net (none for {lacking[0]})")
+        tensors = {k: v for k, v in self.tensors.items() if not k.startswith("model_ema.")}
+        tensors.update({k: self.tensors[e] for k, e in ema.items()})
+        view = Checkpoint(self.path, tensors, self.metadata)
+        self._ema = view
+        return view
 
     def value_stats(self) -> tuple[frozenset[str], float]:
         """(keys holding NaN/Inf, largest finite |value|) over the float tensors; computed once
