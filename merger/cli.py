@@ -15,6 +15,7 @@ from .engine.methods import MAX_MODELS, SIGNS, STOCKS, method_names
 from .errors import MergeError, run_cli
 from .presets import parse_vector
 from .recipe import MODES, Recipe
+from .files.diffusers_format import is_diffusers_folder
 from .files.saving import SaveOptions, auto_filename, save_merge
 
 
@@ -80,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--ema", action="store_true",
                    help="merge each model's EMA U-Net (model_ema.*, training checkpoints) instead of its U-Net")
     m.add_argument("--output", required=True, help="file path, or a folder for an automatic name")
+    m.add_argument("--save-format", choices=("file", "diffusers"), default="file",
+                   help="file: one .safetensors/.ckpt (by --output's extension); diffusers: a diffusers model "
+                        "folder (model_index.json, unet/, vae/, text_encoder/ ...)")
     m.add_argument("--fp16", action="store_true")
     m.add_argument("--prune", action="store_true")
     m.add_argument("--overwrite", action="store_true")
@@ -163,8 +167,10 @@ def run_merge(args) -> Path | None:
                           fp16=args.fp16, prune=args.prune, overwrite=args.overwrite, vae=args.vae,
                           reset_clip_ids=args.reset_clip_ids, save_metadata=not args.no_metadata)
     out = Path(args.output)
-    if out.is_dir():
+    if out.is_dir() and not is_diffusers_folder(out):
         out = out / auto_filename(recipe, options)
+        if args.save_format == "diffusers":
+            out = out.with_name(out.name.rsplit(".safetensors", 1)[0].rsplit(".ckpt", 1)[0])
     bar = None if args.quiet else tqdm(total=len(plan.jobs), unit="key", desc="merging", file=sys.stderr)
 
     def progress(done, total, key):
@@ -172,7 +178,10 @@ def run_merge(args) -> Path | None:
             bar.update(done - bar.n)
     t0 = time.perf_counter()
     try:
-        saved = save_merge(plan, out, options, paths=paths, progress=progress)
+        if args.save_format == "diffusers":
+            saved = save_merge_diffusers(plan, out, options, progress)
+        else:
+            saved = save_merge(plan, out, options, paths=paths, progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -187,6 +196,22 @@ def run_merge(args) -> Path | None:
             print(f"warning: {saved} was saved, but its history row could not be written "
                   f"({getattr(e, 'strerror', None) or e})", file=sys.stderr)
     return saved
+
+
+def save_merge_diffusers(plan, out: Path, options: SaveOptions, progress) -> Path:
+    """The merge as a diffusers folder (the VAE and fp16 options apply as for a file; a
+    diffusers folder has no EMA or schedule buffers to prune)."""
+    from .engine import iter_merge
+    from .files.diffusers_format import save_diffusers
+    from .files.saving import load_vae
+    if out.exists() and not options.overwrite:
+        raise MergeError(f"{out} already exists (use --overwrite to replace it)")
+    tensors = dict(iter_merge(plan, progress=progress))
+    if options.vae:
+        tensors.update(load_vae(options.vae))
+    if options.fp16:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    return save_diffusers(out, tensors, overwrite=options.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

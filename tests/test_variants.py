@@ -181,3 +181,34 @@ def test_variant_in_an_xyz_plot(ws):
                      "Y": ("none", ""), "Z": ("none", "")})
     res = run(ws, prepare(ws, spec))
     assert res.cells_done == 2
+
+
+def test_mixed_precisions_merge_in_model_a_dtype_without_loss(ws):
+    """fp32 A, fp16 B, bf16 C: B and C are widened exactly to A's fp32 (as SuperMerger converts
+    them to A's dtype); the result is A's dtype and equals the fp32 arithmetic."""
+    a = VARIANTS["sd1-fp32"].tensors
+    b = CANON["sd1"][1]
+    c = {k: v.bfloat16() if v.is_floating_point() else v for k, v in random_checkpoint("sd1", seed=5).items()}
+    st.save_file(c, str(ws.dirs.ckpt / "sd1-C-bf16.safetensors"))
+    r = ws.recipe("sd1-fp32.safetensors", "sd1-B.safetensors", "sd1-C-bf16.safetensors", mode="add_difference",
+                  alpha=0.7)
+    got = st.load_file(str(ws.save_recipe(r, "mixed.safetensors").path))
+    k = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    assert got[k].dtype == torch.float32
+    assert torch.equal(got[k], a[k] + (b[k].float() - c[k].float()) * 0.7)
+
+
+def test_cli_ema_option(ws, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    out = tmp_path / "ema.safetensors"
+    f = ws.dirs.ckpt / "sd1-with-ema.safetensors"
+    r = subprocess.run([sys.executable, "-m", "merger", "merge", "--model-a", str(f), "--model-b", str(f),
+                        "--mode", "weight_sum", "--ema", "--output", str(out), "--no-history", "--quiet"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = st.load_file(str(out))
+    assert torch.equal(got["model.diffusion_model.out.2.bias"],
+                       VARIANTS["sd1-with-ema"].tensors["model_ema.diffusion_modelout2bias"])

@@ -257,15 +257,21 @@ def a1111_key_names(tensors: dict) -> dict:
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Load any supported checkpoint file (keys named as A1111 names them, see
     :func:`a1111_key_names`); every failure is a :class:`MergeError`."""
+    from .diffusers_format import is_diffusers_folder, load_diffusers, looks_like_diffusers_unet
     path = Path(path)
     if path.is_dir():
-        raise MergeError(f"{path.name} is a folder, not a model file")
+        if is_diffusers_folder(path):
+            return load_diffusers(path)
+        raise MergeError(f"{path.name} is a folder, not a model file (a diffusers model folder has "
+                         f"model_index.json and unet/)")
     if not path.is_file():
         raise MergeError(f"file not found: {path}")
     if path.suffix.lower() not in CHECKPOINT_EXTS:
         raise MergeError(f"{path.name}: unsupported file type (use .safetensors or .ckpt)")
     try:
         ck = load_safetensors(path) if path.suffix.lower() == ".safetensors" else load_pickle_checkpoint(path)
+        if looks_like_diffusers_unet(ck.tensors):        # a lone diffusers U-Net file
+            return load_diffusers(path)
         ck.tensors = a1111_key_names(ck.tensors)
         return ck
     except OSError as e:
@@ -300,6 +306,9 @@ class HashCache:
 
     def sha256(self, path: str | os.PathLike) -> str:
         p = Path(path).resolve()
+        if p.is_dir():                 # a diffusers folder: over its components' files
+            from .diffusers_format import folder_sha256
+            return folder_sha256(p, self.sha256)
         st = p.stat()
         data = self._load()
         entry = data.get(str(p))

@@ -20,6 +20,9 @@ class ModelCache:
 
     @staticmethod
     def _stamp(path: Path) -> tuple[int, int]:
+        if path.is_dir():
+            from .diffusers_format import folder_stamp
+            return folder_stamp(path)
         st = path.stat()
         return st.st_size, st.st_mtime_ns
 
@@ -28,7 +31,7 @@ class ModelCache:
         path = Path(path).resolve()
         with self._lock:
             hit = self._items.get(path)
-            if hit and path.is_file() and hit[0] == self._stamp(path):
+            if hit and path.exists() and hit[0] == self._stamp(path):
                 self._items.move_to_end(path)
                 return hit[1]
         ck = load_checkpoint(path)

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint_io import CHECKPOINT_EXTS
-from .names import check_save_name, resolve_in
+from .diffusers_format import is_diffusers_folder
+from .names import check_save_name, relative_parts, resolve_in
 
 
 @dataclass
@@ -25,14 +26,24 @@ class ModelDirs:
             d.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
-    def _list(folder: Path) -> list[str]:
+    def _list(folder: Path, with_folders: bool = False) -> list[str]:
+        """Model files under ``folder``; with ``with_folders``, diffusers model folders too (as
+        one entry each, not their component files)."""
         if not folder.is_dir():
             return []
-        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                      if p.is_file() and p.suffix.lower() in CHECKPOINT_EXTS and not p.name.startswith("."))
+        out, skip = [], []
+        for p in sorted(folder.rglob("*")):
+            if p.name.startswith(".") or any(s in p.parents for s in skip):
+                continue
+            if with_folders and is_diffusers_folder(p):
+                out.append(str(p.relative_to(folder)))
+                skip.append(p)
+            elif p.is_file() and p.suffix.lower() in CHECKPOINT_EXTS:
+                out.append(str(p.relative_to(folder)))
+        return sorted(out)
 
     def checkpoints(self) -> list[str]:
-        return self._list(self.ckpt)
+        return self._list(self.ckpt, with_folders=True)
 
     def loras(self) -> list[str]:
         return self._list(self.lora)
@@ -48,6 +59,11 @@ class ModelDirs:
         omit its extension). Nothing outside the folder is reachable: see :mod:`.names`."""
         what = {"ckpt": "model", "lora": "LoRA", "vae": "VAE"}[kind]
         suffixes = ("",) + CHECKPOINT_EXTS[:3] if kind == "lora" else ("",)
+        if kind == "ckpt":             # a diffusers model folder is a model too
+            parts = relative_parts(name)
+            cand = self.ckpt.joinpath(*parts) if parts else None
+            if cand is not None and is_diffusers_folder(cand):
+                return cand
         return resolve_in(self.folder(kind), name, what, suffixes)
 
     def new_file(self, kind: str, name: str, ext: str) -> Path:
