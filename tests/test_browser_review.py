@@ -361,6 +361,8 @@ def test_method_panel_merges_loads_and_hides(page, app):
     pick(page, "#method", "ties")
     page.wait_for_selector("#method_models", state="visible")
     assert "TIES" in page.inner_text("#method_help") and not page.is_visible("#beta")
+    page.wait_for_function("document.querySelector('#method_density input').value === '0.2'")   # its default
+    assert not page.is_visible("#method_drop") and not page.is_visible("#method_stock")     # not read by TIES
     for name in (B, C):
         page.click("#method_models input")
         page.locator("ul[role=listbox] li", has_text=name).first.click()
@@ -369,7 +371,7 @@ def test_method_panel_merges_loads_and_hides(page, app):
     box.press("Enter")
     msg = click_and_wait(page, "#merge", ("merged", "Error"))
     assert msg.startswith("merged #") and "ties(demo-sd1-tiny-B, demo-sd1-tiny-C)" in msg and "k0.4" in msg, msg
-    page.locator("#method_box").screenshot(path=str(DOCS / "method-panel.png"))      # shown in the README
+    page.locator("#method_box").first.screenshot(path=str(DOCS / "method-panel.png"))   # shown in the README
     hist = MergeHistory(app["data"] / "mergehistory.csv")
     r = hist.recipe(-1)
     assert (r.method, r.models, r.density, r.model_b) == ("ties", [B, C], 0.4, "")

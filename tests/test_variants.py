@@ -39,10 +39,17 @@ def ws(tmp_path_factory):
 
 
 def canonical_merge(v, role: str, alpha: float = 0.4) -> dict[str, torch.Tensor]:
-    """The merge of the canonical files with the variant's dtype and what it lacks: a key the
-    variant lacks comes from the other model unmerged."""
+    """The merge of the canonical files with the variant's dtype and what it lacks. As A or B
+    (weight sum with the other canonical model) a key the variant lacks comes from the other
+    model unmerged; as C (add difference B + α(A − variant)) it stays model A's (here B)."""
     a, b = CANON[v.arch]
     cast = {k: t.to(v.dtype) if t.is_floating_point() else t for k, t in a.items()}
+    if role == "C":
+        want = merge(Recipe("b", "a", "c", mode="add_difference", alpha=alpha), Checkpoint(_p("b"), b),
+                     Checkpoint(_p("a"), a), Checkpoint(_p("c"), cast)).tensors
+        for k in v.lacks:
+            want[k] = b[k]
+        return want
     A, B = (cast, b) if role == "A" else (a, cast)
     want = merge(Recipe("a", "b", alpha=alpha), Checkpoint(_p("a"), A), Checkpoint(_p("b"), B)).tensors
     other = b if role == "A" else a
@@ -68,12 +75,12 @@ def check_file(path, want):
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-@pytest.mark.parametrize("role", ["A", "B"])
+@pytest.mark.parametrize("role", ["A", "B", "C"])
 def test_variant_merges_saves_and_equals_the_canonical_merge(ws, name, role):
     v = VARIANTS[name]
-    other = f"{v.arch}-B.safetensors" if role == "A" else f"{v.arch}-A.safetensors"
-    names = (f"{name}.safetensors", other) if role == "A" else (other, f"{name}.safetensors")
-    recipe = ws.recipe(*names, alpha=0.4)
+    a, b, var = f"{v.arch}-A.safetensors", f"{v.arch}-B.safetensors", f"{name}.safetensors"
+    names = {"A": (var, b), "B": (a, var), "C": (b, a, var)}[role]
+    recipe = ws.recipe(*names, alpha=0.4, mode="add_difference" if role == "C" else "weight_sum")
     saved = ws.save_recipe(recipe, f"{name}-as-{role}.safetensors")
     check_file(saved.path, canonical_merge(v, role))
 

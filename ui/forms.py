@@ -87,6 +87,20 @@ def adjust_values(text: str) -> list[float]:
     return out + [0.0] * (8 - len(out))
 
 
+METHOD_FIELDS = ("weights", "density", "drop", "method_seed", "sign", "della_eps", "stock")
+
+
+def method_fields(method: str) -> dict[str, bool]:
+    """Which Method-panel fields the method reads (the others are hidden)."""
+    if not method:
+        return dict.fromkeys(METHOD_FIELDS, False)
+    from merger.engine.methods import get_method
+    m = get_method(method)
+    return {"weights": m.uses_weights, "density": "density" in m.reads, "drop": "drop" in m.reads,
+            "method_seed": m.random, "sign": "sign" in m.reads, "della_eps": "della_eps" in m.reads,
+            "stock": "stock" in m.reads}
+
+
 def method_help(method: str) -> str:
     """One line on a method: its formula, what β sets per block, its reference."""
     if not method:

@@ -7,7 +7,7 @@ import gradio as gr
 from merger.arch import detect_arch_of_file
 from merger.blocks import BLOCKS_SD, BLOCKS_XL_EXT
 from merger.engine.calcmodes import calcmode_names, get_calcmode
-from merger.engine.methods import MAX_MODELS, method_names
+from merger.engine.methods import MAX_MODELS, get_method, method_names
 from merger.files.saving import model_label
 from merger.pipeline.generate import HIRES_UPSCALERS, SAMPLERS
 from merger.pipeline.pnginfo import settings_from_png
@@ -202,14 +202,20 @@ def _wire(ws, c):
     for ev in (c["mode"].input, c["calcmode"].input):
         ev(modes_changed, [c["mode"], c["calcmode"]], [c["calcmode"], c["beta_box"], c["gamma"]])
 
+    method_outputs = [c["method_box"], c["method_help"], c["beta_box"]] + [c[f] for f in forms.METHOD_FIELDS]
+
     def method_changed(method, mode, calcmode):
-        """The Method panel for a method (β's box is replaced by its density/drop there; an MBW β
-        vector still sets that parameter per block); the mode's widgets without one."""
+        """The Method panel for a method, showing the fields it reads with its defaults (β's box is
+        replaced by its density/drop there; an MBW β vector still sets that parameter per block);
+        the mode's widgets without one."""
+        shown = forms.method_fields(method)
+        defaults = get_method(method).defaults if method else {}
+        fields = [gr.update(visible=shown[f], **({"value": defaults[f]} if f in defaults else {}))
+                  for f in forms.METHOD_FIELDS]
         if not method:
-            return gr.update(visible=False), "", modes_changed(mode, calcmode)[1]
-        return gr.update(visible=True), forms.method_help(method), gr.update(visible=False)
-    c["method"].input(method_changed, [c["method"], c["mode"], c["calcmode"]],
-                      [c["method_box"], c["method_help"], c["beta_box"]])
+            return [gr.update(visible=False), "", modes_changed(mode, calcmode)[1]] + fields
+        return [gr.update(visible=True), forms.method_help(method), gr.update(visible=False)] + fields
+    c["method"].input(method_changed, [c["method"], c["mode"], c["calcmode"]], method_outputs)
     for key in ("alpha", "beta"):      # in the browser: slider -> box as dragged; box -> slider (clamped)
         c[f"{key}_slider"].release(None, c[f"{key}_slider"], c[key], js="(v) => v")
         c[key].change(None, c[key], c[f"{key}_slider"],
@@ -334,6 +340,9 @@ def _wire(ws, c):
         values["calcmode"] = gr.update(choices=calcmode_names(recipe.mode), value=recipe.calcmode)
         values["gamma"] = gr.update(value=recipe.gamma, visible=recipe.calcmode == "extract")
         values["method"] = recipe.method
+        shown = forms.method_fields(recipe.method)
+        for f in forms.METHOD_FIELDS:
+            values[f] = gr.update(value=values[f], visible=shown[f])
         arch = forms.recipe_arch(recipe, model_a_arch(recipe.model_a))
         sliders = forms.text_to_sliders(values["mbw_a"], arch) if values["mbw_a"] else [0.5] * 26
         return ([values[k] for k in widget_keys] + [arch]

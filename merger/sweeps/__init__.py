@@ -1,0 +1,1 @@
+"""Runs of many merges: XYZ plots, dice rolls, reservations and guided search."""

@@ -1,0 +1,184 @@
+"""Guided merge search (issue 14): it finds a hidden target, learns from preferences, resumes
+from its SQLite study, records every trial, and refuses bad settings before any trial."""
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import replace
+
+import pytest
+import torch
+
+from merger.errors import MergeError
+from merger.pipeline.generate import GenParams
+from merger.sweeps.objectives import LooksLike, pixel_distance
+from merger.sweeps.search import Search, SearchSpace, SearchSpec, recipe_for
+
+A, B, C = "demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors", "demo-sd1-tiny-C.safetensors"
+GEN = GenParams(prompt="a cat", steps=2, width=64, height=64, seed=1)
+SEARCHED = ["IN04", "IN05", "M00", "OUT03", "OUT04", "OUT05"]   # blocks of the tiny model that matter
+
+
+def target_images(ws, alpha: dict[str, float], seeds=(1, 2)):
+    r = ws.recipe(A, B, mbw_alpha=[alpha.get(b, 0.5) for b in _ids()])
+    ws.merge(r)
+    return [ws.generate(replace(GEN, seed=s), save=False).result.images[0].image for s in seeds]
+
+
+def _ids():
+    from merger.blocks import block_ids
+    return block_ids("sd1")
+
+
+def spec(ws, refs, sampler="tpe", seed=0, trials=24, study="", **kw) -> SearchSpec:
+    return SearchSpec(ws.recipe(A, B, mbw_alpha=[0.5] * 26), SearchSpace(blocks=SEARCHED), GEN, prompts=["a cat"],
+                      seeds=[1, 2], objective=kw.pop("objective", "like"), sampler=sampler, trials=trials,
+                      seed=seed, references=refs, study=study or f"{sampler}-{seed}", **kw)
+
+
+def test_known_answer_search_beats_random_search(demo_ws, tmp_path):
+    """A hidden target merge (a random α per searched block); the objective is the similarity of
+    the candidate's images to the target's. TPE must come close to the target and beat random
+    search with the same budget (median over 5 seeds)."""
+    ws = demo_ws
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    rng = random.Random(7)
+    hidden = {b: round(rng.uniform(0, 1), 3) for b in SEARCHED}
+    refs = target_images(ws, hidden)
+    start = 1 - pixel_distance(target_images(ws, {})[0], refs[0])
+    best = {"tpe": [], "random": []}
+    for seed in range(5):
+        for sampler in best:
+            s = Search(ws, spec(ws, refs, sampler, seed), storage)
+            s.run()
+            best[sampler].append(s.best().score)
+    tpe, rnd = statistics.median(best["tpe"]), statistics.median(best["random"])
+    assert tpe > rnd, (best, start)
+    assert tpe > start and 1 - tpe < 0.5 * (1 - start), (tpe, start)        # half the distance gone at least
+
+
+def test_every_trial_is_a_history_row_and_recalls_its_merge(demo_ws, tmp_path):
+    ws = demo_ws
+    refs = target_images(ws, {"M00": 0.9})
+    s = Search(ws, spec(ws, refs, trials=3), f"sqlite:///{tmp_path / 's.db'}")
+    trials = s.run()
+    assert [t.merge_id for t in trials] == [ws.history.get(-3)["id"], ws.history.get(-2)["id"],
+                                             ws.history.get(-1)["id"]] or all(t.merge_id for t in trials)
+    rows = [ws.history.get(t.merge_id) for t in trials]
+    assert all(r["source"] == "search" for r in rows)
+    for t in trials:
+        assert ws.history.recipe(t.merge_id).mbw_alpha == t.recipe.mbw_alpha
+    b = s.best()
+    assert b.score == max(t.score for t in trials) and b.merge_id in [t.merge_id for t in trials]
+
+
+def test_resumes_after_a_kill_without_losing_finished_trials(demo_ws, tmp_path):
+    ws = demo_ws
+    refs = target_images(ws, {"M00": 0.2})
+    storage = f"sqlite:///{tmp_path / 'resume.db'}"
+    s = Search(ws, spec(ws, refs, trials=5, study="resume"), storage)
+    s.run(3)
+    s.study.ask()                        # a trial in flight when the process was killed
+    again = Search(ws, spec(ws, refs, trials=5, study="resume"), storage)
+    import optuna
+    states = [t.state for t in again.study.get_trials(deepcopy=False)]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 3 and states.count(optuna.trial.TrialState.FAIL) == 1
+    again.run()
+    assert len(again.finished()) == 5
+    assert len(again.importances()) == len(SEARCHED) or again.importances() == {}
+
+
+def test_preferences_steer_toward_what_the_user_likes(demo_ws, tmp_path):
+    """A scripted user who always picks the candidate whose images are closest to a hidden target:
+    the favourite's distance to the target shrinks over the rounds."""
+    ws = demo_ws
+    hidden = {b: v for b, v in zip(SEARCHED, (0.9, 0.1, 0.8, 0.2, 0.9, 0.1))}
+    refs = target_images(ws, hidden)
+    look = LooksLike(refs)
+    s = Search(ws, spec(ws, [], objective="eye", batch=4, study="eye", seed=3), f"sqlite:///{tmp_path / 'eye.db'}")
+    favourite = []
+    for _ in range(6):
+        batch = s.candidates()
+        assert 2 <= len(batch) <= 4
+        scores = {t.number: look(t.images, ["a cat"] * 2) for t in batch}
+        best = max(scores, key=scores.get)
+        favourite.append(scores[best])
+        s.prefer(best)
+    assert favourite[-1] > favourite[0], favourite
+    assert s.best().number == best
+
+
+@pytest.mark.parametrize("space,recipe,msg", [
+    (SearchSpace(blocks=[], global_alpha=False), {}, "nothing to search"),
+    (SearchSpace(blocks=["IN01"], block_alpha=False, block_beta=True), {}, "does not use β"),
+    (SearchSpace(blocks=["IN01"], alpha=(1.0, 0.5)), {}, "low < high"),
+    (SearchSpace(density=(0.1, 1.5)), {"method": "ties", "models": [B, C]}, "within 0 … 1"),
+    (SearchSpace(drop=(0.1, 0.5)), {"method": "ties", "models": [B, C]}, "does not use drop"),
+    (SearchSpace(calcmodes=["normal", "trainDifference"]), {}, "does not work with weight_sum"),
+    (SearchSpace(blocks=["IN99"]), {}, "IN99"),
+])
+def test_bad_settings_are_refused_before_any_trial(demo_ws, tmp_path, space, recipe, msg):
+    ws = demo_ws
+    r = ws.recipe(A, "" if recipe.get("method") else B, **recipe)
+    sp = SearchSpec(r, space, GEN, references=[], objective="like")
+    sp.references = [target_images(ws, {})[0]]
+    n = len(ws.history)
+    with pytest.raises(MergeError, match=msg):
+        Search(ws, sp, f"sqlite:///{tmp_path / 'bad.db'}")
+    assert len(ws.history) == n
+
+
+def test_a_study_of_other_models_is_not_resumed(demo_ws, tmp_path):
+    ws = demo_ws
+    refs = [target_images(ws, {})[0]]
+    storage = f"sqlite:///{tmp_path / 'x.db'}"
+    Search(ws, spec(ws, refs, trials=1, study="same"), storage).run()
+    other = spec(ws, refs, trials=1, study="same")
+    other.recipe = ws.recipe(A, C)
+    with pytest.raises(MergeError, match="was made for other models or search settings"):
+        Search(ws, other, storage)
+    assert len(Search(ws, spec(ws, refs, trials=1, study="same"), storage).finished()) == 1
+
+
+def test_scorer_needs_its_files_and_scores_with_local_clip(demo_ws, tmp_path):
+    """CLIP score + aesthetic head from local files (a tiny random CLIP here: the plumbing, not
+    the judgement); missing files are clear errors, nothing is downloaded."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from merger.pipeline.pipeline_config import write_tokenizer
+    ws = demo_ws
+    with pytest.raises(MergeError, match="needs a CLIP model folder"):
+        Search(ws, spec(ws, [], objective="scorer"), f"sqlite:///{tmp_path / 'sc.db'}")
+    with pytest.raises(MergeError, match="no CLIP model in"):
+        Search(ws, spec(ws, [], objective="scorer", clip_dir=str(tmp_path / "nope")), f"sqlite:///{tmp_path / 'sc.db'}")
+    clip = tmp_path / "clip"
+    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      max_position_embeddings=77),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(clip)
+    write_tokenizer(clip, "<|endoftext|>")
+    head = tmp_path / "aesthetic.pth"
+    sizes = [(1024, 16), (128, 1024), (64, 128), (16, 64), (1, 16)]
+    torch.save({f"layers.{i}.{p}": torch.randn(o, n) if p == "weight" else torch.randn(o)
+                for i, (o, n) in zip((0, 2, 4, 6, 7), sizes) for p in ("weight", "bias")}, head)
+    s = Search(ws, spec(ws, [], objective="scorer", clip_dir=str(clip), aesthetic=str(head), trials=2, study="sc"),
+               f"sqlite:///{tmp_path / 'sc.db'}")
+    trials = s.run()
+    assert len(trials) == 2 and all(isinstance(t.score, float) and t.score == t.score for t in trials)
+    bad = tmp_path / "bad.pth"
+    torch.save({"layers.0.weight": torch.randn(3, 3)}, bad)
+    with pytest.raises(MergeError, match="is not the LAION aesthetic head"):
+        Search(ws, spec(ws, [], objective="scorer", clip_dir=str(clip), aesthetic=str(bad), study="sc2"),
+               f"sqlite:///{tmp_path / 'sc.db'}")
+
+
+def test_recipe_for_keeps_unsearched_blocks(demo_ws):
+    base = demo_ws.recipe(A, B, mbw_alpha=[0.25] * 26)
+    r = recipe_for({"alpha IN04": 0.9, "alpha M00": 0.1}, base, "sd1")
+    ids = _ids()
+    assert r.mbw_alpha[ids.index("IN04")] == 0.9 and r.mbw_alpha[ids.index("M00")] == 0.1
+    assert r.mbw_alpha[ids.index("OUT11")] == 0.25
+    r2 = recipe_for({"alpha": 0.7}, base, "sd1")
+    assert r2.alpha == 0.7 and r2.mbw_alpha is None
