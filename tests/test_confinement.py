@@ -81,7 +81,7 @@ def test_lora_names_resolve_only_inside_the_lora_folder_and_cannot_probe(demo_ws
 
 def test_lora_tags_slots_and_the_xyz_lora_axis_are_confined(demo_ws, tmp_path):
     from merger.pipeline.generate import GenParams
-    from merger.xyz_run import PlotSpec, prepare, run
+    from merger.sweeps.xyz_run import PlotSpec, prepare, run
     ws = demo_ws
     outside = _outside_lora(tmp_path)
     ws.merge(ws.recipe("demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors", alpha=0.5))

@@ -6,13 +6,13 @@ import pytest
 import safetensors.torch as st
 import torch
 
-from merger.dice import DiceSettings
+from merger.sweeps.dice import DiceSettings
 from merger.engine import merge
 from merger.errors import MergeError
 from merger.files.checkpoint_io import load_checkpoint
 from merger.pipeline.generate import GenParams
 from merger.recipe import Recipe
-from merger.xyz_run import PlotSpec, prepare, run
+from merger.sweeps.xyz_run import PlotSpec, prepare, run
 from mergehistory import MergeHistory
 from tests.conftest import ROOT
 

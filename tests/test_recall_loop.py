@@ -5,8 +5,8 @@ from PIL import ImageFont
 
 from merger.errors import MergeError
 from merger.pipeline.generate import GenParams
-from merger.xyz import Axis, grid_image, wrap_label
-from merger.xyz_run import PlotSpec, prepare
+from merger.sweeps.xyz import Axis, grid_image, wrap_label
+from merger.sweeps.xyz_run import PlotSpec, prepare
 
 A, B, C = "demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors", "demo-sd1-tiny-C.safetensors"
 GEN = GenParams(prompt="cat", steps=1, width=64, height=64, seed=3)
@@ -43,7 +43,7 @@ def test_axes_that_matter_are_accepted(demo_ws, x, y, recipe):
 
 
 def test_dice_cells_are_labelled_with_what_was_rolled(demo_ws):
-    from merger.dice import DiceSettings
+    from merger.sweeps.dice import DiceSettings
     spec = _spec(demo_ws, ("random", "2"))
     spec.dice = DiceSettings(template_alpha="ALL_R", seed=11)
     prep = prepare(demo_ws, spec)

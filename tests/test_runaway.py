@@ -10,7 +10,7 @@ import pytest
 from merger.errors import MergeError
 from merger.files.saving import SaveOptions, clean_stale_temps, save_tensors
 from merger.pipeline.generate import GenParams
-from merger.xyz_run import PlotSpec, estimate, prepare, run
+from merger.sweeps.xyz_run import PlotSpec, estimate, prepare, run
 from ui import forms
 
 A, B = "demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors"

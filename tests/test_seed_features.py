@@ -53,7 +53,7 @@ def test_generation_runs_every_combination_and_records_the_chosen_text(demo_ws):
     again = [im.infotext.splitlines()[0] for im in ws.generate(p, save=False).result.images]
     assert again == prompts                                                     # prompt + seed: reproducible
     # the XYZ prompt axis and dice runs go through the same generation
-    from merger.xyz_run import PlotSpec, prepare, run
+    from merger.sweeps.xyz_run import PlotSpec, prepare, run
     spec = PlotSpec(ws.recipe("demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors"), GEN,
                     {"X": ("prompt", "a {cat|dog}\na {e$$red|blue} fox"), "Y": ("none", ""), "Z": ("none", "")})
     res = run(ws, prepare(ws, spec))
@@ -128,8 +128,8 @@ def test_dylora_from_the_lora_folder(demo_ws, tmp_path):
 
 
 def test_lora_axis_labels_carry_metadata_legends(demo_ws, tmp_path):
-    from merger.xyz import grid_image
-    from merger.xyz_run import PlotSpec, prepare
+    from merger.sweeps.xyz import grid_image
+    from merger.sweeps.xyz_run import PlotSpec, prepare
     ws = demo_ws
     spec = PlotSpec(ws.recipe("demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors"), GEN,
                     {"X": ("lora", "demo-sd1-tiny-lora:0.5\ndemo-sd1-tiny-lora:1"), "Y": ("none", ""),
@@ -235,7 +235,7 @@ def test_a_110_value_extended_sdxl_vector_merges_each_sub_block():
         torch.testing.assert_close(res[key], torch.lerp(t, B.tensors[key], ratio), rtol=0, atol=1e-6)
         checked += 1
     assert checked > 500
-    from merger.xyz import pin
+    from merger.sweeps.xyz import pin
     with pytest.raises(MergeError, match="pinpoint blocks works on 20-block MBW vectors"):
         pin(Recipe("a", "b", mbw_alpha=vec), ["IN01"], "alpha", 0.5, "sdxl")
     from merger.presets import parse_vector

@@ -182,7 +182,7 @@ def test_ema_weights_merged_instead_when_asked(ws):
 
 
 def test_variant_in_an_xyz_plot(ws):
-    from merger.xyz_run import PlotSpec, prepare, run
+    from merger.sweeps.xyz_run import PlotSpec, prepare, run
     spec = PlotSpec(ws.recipe("sd1-A.safetensors", "sd1-B.safetensors"), GEN,
                     {"X": ("model_A", "sd1-old-text-encoder-layout.safetensors, sd1-no-vae.safetensors"),
                      "Y": ("none", ""), "Z": ("none", "")})

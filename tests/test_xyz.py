@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from merger.demo import ensure_demo_models
-from merger.dice import DiceSettings, roll
+from merger.sweeps.dice import DiceSettings, roll
 from merger.engine import plan_merge
 from merger.errors import MergeError
 from merger.pipeline.generate import GenParams
@@ -14,11 +14,11 @@ from merger.files.model_dirs import ModelDirs
 from merger.pipeline.resident import ResidentPipeline
 from merger.pipeline.pnginfo import read_png_info
 from merger.recipe import Recipe
-from merger.reservations import ReservationQueue
+from merger.sweeps.reservations import ReservationQueue
 from merger.synthetic import random_checkpoint
 from merger.workstation import Workstation
-from merger.xyz import parse_axis, plan_cells
-from merger.xyz_run import PlotSpec, prepare, run
+from merger.sweeps.xyz import parse_axis, plan_cells
+from merger.sweeps.xyz_run import PlotSpec, prepare, run
 from tests.conftest import tiny
 
 A, B = "demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from merger.reservations import ReservationQueue
+from merger.sweeps.reservations import ReservationQueue
 
 from . import lora_tab, merge_tab, other_tabs, xyz_tab
 

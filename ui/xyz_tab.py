@@ -8,11 +8,11 @@ import traceback
 import gradio as gr
 import pandas as pd
 
-from merger.dice import DiceSettings
+from merger.sweeps.dice import DiceSettings
 from merger.errors import MergeError
 from merger.presets import presets
-from merger.xyz import AXIS_TYPES
-from merger.xyz_run import PlotSpec, estimate, iter_run, prepare
+from merger.sweeps.xyz import AXIS_TYPES
+from merger.sweeps.xyz_run import PlotSpec, estimate, iter_run, prepare
 
 from . import forms
 from .common import progress_cb, safe, selected_id

@@ -14,8 +14,8 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import MergeError, MergeStopped
-from .files.paths import data_dir
+from ..errors import MergeError, MergeStopped
+from ..files.paths import data_dir
 from .xyz_run import PlotSpec, prepare, run
 
 

@@ -5,15 +5,15 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .arch import detect_arch_of_file
-from .files.checkpoint_io import short_hash
+from ..arch import detect_arch_of_file
+from ..files.checkpoint_io import short_hash
 from .dice import DiceSettings, elist_csv, new_seed, roll
-from .errors import MergeError
-from .presets import is_number
-from .pipeline.generate import GenParams
-from .pipeline.pnginfo import save_png
-from .engine.ratios import RatioPlan, parse_elemental
-from .recipe import Recipe
+from ..errors import MergeError
+from ..presets import is_number
+from ..pipeline.generate import GenParams
+from ..pipeline.pnginfo import save_png
+from ..engine.ratios import RatioPlan, parse_elemental
+from ..recipe import Recipe
 from .xyz import Axis, Cell, check_axes_matter, grid_image, parse_axis, plan_cells
 
 

@@ -9,12 +9,12 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 
-from .blocks import block_ids, expand_blocks
-from .engine.calcmodes import get_calcmode
-from .engine.methods import get_method
-from .errors import MergeError
-from .presets import is_number, parse_vector
-from .recipe import MODES_WITH_BETA, Recipe
+from ..blocks import block_ids, expand_blocks
+from ..engine.calcmodes import get_calcmode
+from ..engine.methods import get_method
+from ..errors import MergeError
+from ..presets import is_number, parse_vector
+from ..recipe import MODES_WITH_BETA, Recipe
 
 AXIS_TYPES = ["none", "alpha", "beta", "alpha and beta", "mbw", "seed", "model_A", "model_B", "model_C",
               "pinpoint blocks", "calcmode", "prompt", "random", "elemental", "adjust", "lora",
@@ -110,7 +110,7 @@ def parse_axis(kind: str, text: str, name: str, arch: str, mode: str, models: li
                 raise MergeError(f"{name} axis: calcmode {v!r} does not work with {mode}")
         return Axis(kind, vals, vals)
     if kind == "prompt":     # labels: the prompt without its --w/--h/--s... options (those are in the PNG info)
-        from .pipeline.prompt import parse_prompt_options
+        from ..pipeline.prompt import parse_prompt_options
         vals = [ln.strip() for ln in text.splitlines() if ln.strip()]
         return Axis(kind, vals, [parse_prompt_options(v).prompt.strip()[:200] for v in vals])
     if kind == "random":

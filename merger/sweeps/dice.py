@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .blocks import BLOCKS_SD, BLOCKS_XL, block_ids, block_of, sd_vector_to_xl
-from .errors import MergeError
-from .presets import presets
+from ..blocks import BLOCKS_SD, BLOCKS_XL, block_ids, block_of, sd_vector_to_xl
+from ..errors import MergeError
+from ..presets import presets
 
 RANDOM_LETTERS = ("R", "U", "X")
 
