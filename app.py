@@ -30,6 +30,9 @@ def parse_args(argv=None):
     p.add_argument("--share", action="store_true", help="create a public Gradio link")
     p.add_argument("--auth", metavar="USER:PASS",
                    help="require this login (use it with --share or a --host other than 127.0.0.1)")
+    p.add_argument("--clip-dir", help="a local CLIP model folder for the Search tab's scorer (e.g. a copy of "
+                                      "openai/clip-vit-large-patch14); nothing is downloaded")
+    p.add_argument("--aesthetic-head", help="the LAION aesthetic predictor's MLP weights for the scorer")
     p.add_argument("--max-cells", type=int, default=500,
                    help="XYZ plots with more cells need 'allow large plots' ticked (default 500)")
     p.add_argument("--cache-gb", type=float, default=12.0, help="RAM budget of the model cache")
@@ -54,6 +57,7 @@ def make_workstation(args):
     dirs.create()
     ws = Workstation(dirs, cache_bytes=int(args.cache_gb * 2**30), device=args.device,
                      storage="compute" if args.fp32_weights else "model", max_cells=args.max_cells)
+    ws.scorer_files = {k: v for k, v in (("clip", args.clip_dir), ("aesthetic", args.aesthetic_head)) if v}
     from merger.files.paths import data_dir
     from merger.files.saving import clean_stale_temps
     removed = clean_stale_temps([dirs.ckpt, dirs.lora, dirs.vae, data_dir()], STARTED)

@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--print-keys", action="store_true",
                    help="list the keys --include/--exclude keeps as model A's and the count merged, then stop "
                         "(nothing is written)")
+    from .sweeps.search_cli import add_parser as add_search
+    add_search(sub)
     e = sub.add_parser("elements", help="list a checkpoint's tensors with block, shape and dtype")
     e.add_argument("model")
     e.add_argument("--filter", default="")
@@ -218,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(join_negative_values(sys.argv[1:] if argv is None else list(argv)))
 
     def command():
-        if args.command == "merge":
+        if args.command == "search":
+            from .sweeps.search_cli import run_search
+            run_search(args)
+        elif args.command == "merge":
             saved = run_merge(args)
             if saved is not None:
                 print(saved)

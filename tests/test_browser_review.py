@@ -392,3 +392,30 @@ def test_method_panel_merges_loads_and_hides(page, app):
     assert msg.startswith("merged #") and "x 0.35" in msg, msg
     log = (app["data"].parent / "app.log").read_text()
     assert "Traceback" not in log
+
+
+def test_search_tab_one_preference_round(page, app):
+    """Issue 14 in the browser: an eye search shows a batch of candidates, a pick brings the next
+    batch (with the picked one kept)."""
+    page.get_by_role("tab", name="Search").click()
+    page.fill("#search_blocks textarea", "BASE OUT11")
+    box = page.locator("#search_batch input[type=number]").first
+    box.fill("3")
+    box.press("Enter")
+    page.fill("#search_study textarea", "browser-eye")
+    msg = click_and_wait(page, "#search_start", ("round 1", "Error"), sel="#search_status textarea")
+    assert "round 1" in msg and "pick the best of 3" in msg, msg
+    page.wait_for_function("document.querySelectorAll('#search_gallery img').length >= 3")
+    labels = page.locator("#search_pick label").all_inner_texts()
+    assert len(labels) == 3, labels
+    picked = labels[1].strip()
+    page.locator("#search_pick label", has_text=picked).click()
+    msg = click_and_wait(page, "#search_prefer", ("round 2", "Error"), sel="#search_status textarea")
+    assert f"{picked} preferred" in msg, msg
+    page.wait_for_function("([p]) => [...document.querySelectorAll('#search_pick label')].some("
+                           "l => l.innerText.trim() === p)", arg=[picked])
+    assert len(page.locator("#search_pick label").all_inner_texts()) == 3
+    page.screenshot(path=str(DOCS / "search-tab.png"), full_page=True)   # shown in the README
+    rows = MergeHistory(app["data"] / "mergehistory.csv")
+    assert sum(1 for i in range(1, len(rows) + 1) if rows.get(i)["source"] == "search") == 5   # 3 + 2 rendered
+    page.get_by_role("tab", name="Merge").click()

@@ -194,3 +194,27 @@ def test_recipe_for_keeps_unsearched_blocks(ws):
     assert r.mbw_alpha[ids.index("OUT11")] == 0.25
     r2 = recipe_for({"alpha": 0.7}, base, "sd1")
     assert r2.alpha == 0.7 and r2.mbw_alpha is None
+
+
+def test_cli_search_runs_resumes_and_refuses_an_empty_space(ws, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    ref = tmp_path / "ref.png"
+    target_images(ws, {"OUT11": 0.9})[0].save(ref)
+    base = [sys.executable, "-m", "merger", "search", "--models-dir", str(ws.dirs.ckpt.parent), "--model-a", A,
+            "--model-b", B, "--objective", "like", "--reference", str(ref), "--steps", "2", "--size", "64",
+            "--study", "cli", "--quiet"]
+    r = subprocess.run(base + ["--blocks", "BASE OUT11", "--trials", "3"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "best: trial" in r.stdout and "alpha OUT11 =" in r.stdout and "0 trial(s) already done" in r.stderr
+    r2 = subprocess.run(base + ["--blocks", "BASE OUT11", "--trials", "5"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+    assert r2.returncode == 0 and "3 trial(s) already done" in r2.stderr, r2.stderr
+    from mergehistory import MergeHistory
+    rows = [MergeHistory().get(i) for i in range(1, len(MergeHistory()) + 1)]
+    assert sum(row["source"] == "search" for row in rows) >= 5
+    bad = subprocess.run(base + ["--trials", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error:") and "nothing to search" in bad.stderr

@@ -5,7 +5,7 @@ import gradio as gr
 
 from merger.sweeps.reservations import ReservationQueue
 
-from . import lora_tab, merge_tab, other_tabs, xyz_tab
+from . import lora_tab, merge_tab, other_tabs, search_tab, xyz_tab
 
 
 # Grids are shown whole: each thumbnail is as tall as the gallery allows and the image is scaled
@@ -26,6 +26,8 @@ def build_ui(ws, queue: ReservationQueue | None = None) -> gr.Blocks:
         with gr.Tab("Merge", elem_id="tab_merge"):
             mc = merge_tab.build(ws)
             xyz_tab.build_plot_panel(ws, mc, queue)
+        with gr.Tab("Search", elem_id="tab_search"):
+            search_tab.build(ws, mc)
         with gr.Tab("LoRA", elem_id="tab_lora") as tl:
             lc = lora_tab.build(ws, mc, {"inputs": mc["gen_inputs"], "outputs": mc["gen_outputs"]}, mc["run_gen"])
         # files may have changed since the page was built: the list and the metadata are read again

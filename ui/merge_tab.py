@@ -356,6 +356,7 @@ def _wire(ws, c):
         row = ws.history.get(ref)
         return (f"loaded settings of merge #{row['id']}: {row['label']}", *recipe_updates(ws.history.recipe(ref)))
     c["load_btn"].click(load_settings, c["load_id"], [c["status"]] + recipe_outputs)
+    c["load_settings"], c["recipe_outputs"] = load_settings, recipe_outputs    # for the Search tab
 
     @safe(2)
     def inex_print(*args):
