@@ -419,3 +419,24 @@ def test_search_tab_one_preference_round(page, app):
     rows = MergeHistory(app["data"] / "mergehistory.csv")
     assert sum(1 for i in range(1, len(rows) + 1) if rows.get(i)["source"] == "search") == 5   # 3 + 2 rendered
     page.get_by_role("tab", name="Merge").click()
+
+
+def test_search_tab_look_like_run_shows_best_trials_and_plot(page, app, tmp_path):
+    from PIL import Image
+    ref = tmp_path / "ref.png"
+    Image.new("RGB", (64, 64), (200, 80, 40)).save(ref)
+    page.get_by_role("tab", name="Search").click()
+    page.locator("#search_objective label", has_text="look like these images").click()
+    page.locator("#search_references input[type=file]").set_input_files(str(ref))
+    page.fill("#search_study textarea", "browser-like")
+    box = page.locator("#search_trials input[type=number]").first
+    box.fill("3")
+    box.press("Enter")
+    msg = click_and_wait(page, "#search_start", ("trials", "Error"), sel="#search_status textarea")
+    assert "3 trials (3 now)" in msg and "best trial" in msg, msg
+    page.wait_for_function("document.querySelectorAll('#search_gallery img').length === 3")
+    assert "score" in page.inner_text("#search_gallery")
+    assert page.input_value("#search_best_id textarea").isdigit()
+    msg = click_and_wait(page, "#search_to_merge", ("Merge tab", "Error"), sel="#search_status textarea")
+    page.get_by_role("tab", name="Merge").click()
+    page.wait_for_function("document.querySelector('#status textarea').value.startsWith('loaded settings of merge #')")

@@ -218,3 +218,46 @@ def test_cli_search_runs_resumes_and_refuses_an_empty_space(ws, tmp_path):
     assert sum(row["source"] == "search" for row in rows) >= 5
     bad = subprocess.run(base + ["--trials", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error:") and "nothing to search" in bad.stderr
+
+
+def test_kill_9_mid_search_loses_no_finished_trial(ws, tmp_path):
+    """A real ``kill -9`` of a CLI search: its SQLite study keeps every finished trial, and the
+    search resumes from them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+
+    from tests.conftest import ROOT
+    ref = tmp_path / "ref.png"
+    target_images(ws, {"OUT11": 0.1})[0].save(ref)
+    proc = subprocess.Popen([sys.executable, "-m", "merger", "search", "--models-dir", str(ws.dirs.ckpt.parent),
+                             "--model-a", A, "--model-b", B, "--blocks", "BASE OUT11", "--objective", "like",
+                             "--reference", str(ref), "--steps", "2", "--size", "64", "--trials", "200",
+                             "--study", "killed", "--quiet"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    from merger.sweeps.search import storage_url
+    deadline = time.time() + 120
+    done = 0
+    while time.time() < deadline and done < 3:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="killed", storage=storage_url())
+            done = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+        except KeyError:
+            pass
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert done >= 3
+    from PIL import Image
+    sp = spec(ws, [Image.open(ref)], trials=200, study="killed")   # what the CLI run searched
+    sp.space, sp.recipe, sp.prompts = SearchSpace(blocks=["BASE", "OUT11"]), ws.recipe(A, B), ["a photo of a cat"]
+    s = Search(ws, sp)
+    kept = len(s.finished())
+    assert kept >= done
+    assert not s.study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    s.run(2)
+    assert len(s.finished()) == kept + 2

@@ -11,6 +11,7 @@ from merger.sweeps.search import SAMPLERS, Search, SearchSpace, SearchSpec
 from . import forms
 from .common import progress_cb, safe
 
+TOP = 4                    # best trials of a run shown together
 OBJECTIVES = [("your eye: pick the best of each batch", "eye"), ("look like these images", "like"),
               ("scorer: CLIP score + aesthetic (files given at launch)", "scorer")]
 
@@ -62,7 +63,7 @@ def build(ws, mc):
         c["start"] = gr.Button("Start / resume", variant="primary", elem_id="search_start")
         c["stop"] = gr.Button("Stop after this trial", variant="stop", elem_id="search_stop")
     c["status"] = gr.Textbox(label="Search status", interactive=False, elem_id="search_status")
-    c["gallery"] = gr.Gallery(label="Candidates (eye) / the best trial", columns=4, height=420, object_fit="contain",
+    c["gallery"] = gr.Gallery(label=f"Candidates (eye) / the {TOP} best trials of this run", columns=4, height=420, object_fit="contain",
                               elem_id="search_gallery", format="png")
     with gr.Row():
         c["pick"] = gr.Radio([], label="the best of this batch (trial)", elem_id="search_pick", scale=3)
@@ -82,7 +83,7 @@ def build(ws, mc):
 
 
 def _wire(ws, mc, c):
-    state: dict = {"search": None, "best": None}
+    state: dict = {"search": None}
     n_rec, n_gen = len(forms.RECIPE_KEYS), len(forms.GEN_KEYS)
     keys = ["blocks", "which", "alpha_range", "beta_range", "density_range", "drop_range", "calcmodes", "objective",
             "sampler", "references", "prompts", "seeds", "trials", "batch", "study"]
@@ -117,8 +118,9 @@ def _wire(ws, mc, c):
             rows += [{"trial": n, "score": s, "series": "trial"}, {"trial": n, "score": best, "series": "best so far"}]
         return pd.DataFrame(rows or {"trial": [], "score": [], "series": []})
 
-    def show(trials) -> list:
-        return [(t.images[i], f"trial {t.number} · merge #{t.merge_id}") for t in trials for i in range(len(t.images))]
+    def show(trials, scores: bool = False) -> list:
+        return [(t.images[i], f"trial {t.number} · merge #{t.merge_id}" + (f" · score {t.score:.4f}" if scores else ""))
+                for t in trials for i in range(len(t.images))]
 
     def batch_outputs(search, batch, round_msg):
         choices = [(f"trial {t.number}", t.number) for t in batch]
@@ -132,25 +134,27 @@ def _wire(ws, mc, c):
         spec = spec_of(values)
         ws.stop_event.clear()
         search = Search(ws, spec)
-        state["search"], state["best"] = search, None
+        state["search"] = search
         if spec.objective == "eye":
             batch = search.candidates(progress=progress_cb(progress, "rendering candidates"))
             return batch_outputs(search, batch, f"study {spec.study_name()}: round {_round(search)} — pick the best "
                                  f"of {len(batch)} candidates")
         done_before = len(search.finished())
 
+        top: list = []          # the best trials of this run, with their images
+
         def tick(i, n, t):
             progress(i / max(n, 1), desc=f"trial {t.number}: score {t.score:.4f}")
-            if state["best"] is None or t.score > state["best"].score:
-                state["best"] = t
+            top.append(t)
+            top.sort(key=lambda x: -x.score)
+            del top[TOP:]
         search.run(progress=tick, should_stop=ws.should_stop)
         best = search.best()
-        shown = state["best"] if state["best"] is not None and best and state["best"].number == best.number else None
         imp = search.importances()
         msg = (f"study {spec.study_name()}: {len(search.finished())} trials ({len(search.finished()) - done_before} now)"
                + (f"; best trial {best.number}, score {best.score:.4f}, merge #{best.merge_id}" if best else "")
                + ("; stopped" if ws.should_stop() else ""))
-        return (msg, show([shown]) if shown else [], gr.update(choices=[], value=None), plot_df(search),
+        return (msg, show(top, scores=True), gr.update(choices=[], value=None), plot_df(search),
                 "\n".join(f"{k}: {v:.3f}" for k, v in imp.items()) or "(after a few trials)",
                 str(best.merge_id) if best and best.merge_id is not None else "")
     c["start"].click(start, inputs, outs)
