@@ -152,36 +152,26 @@ class Cell:
     roll: int | None = None
 
 
+# axis types that set one field of the recipe or of the generation settings
+RECIPE_FIELDS = {"alpha": "alpha", "beta": "beta", "calcmode": "calcmode", "elemental": "elemental",
+                 "adjust": "adjust", "lora": "loras", "method": "method", "density": "density", "drop": "drop"}
+GEN_FIELDS = {"seed": "seed", "prompt": "prompt"}
+
+
 def apply_value(kind: str, value, recipe: Recipe, gen, pin_value=None):
     """A copy of (recipe, gen) with one axis value applied."""
     r, g = replace(recipe), replace(gen)
-    if kind == "alpha":
-        r.alpha = value
-    elif kind == "beta":
-        r.beta = value
+    if kind in RECIPE_FIELDS:
+        setattr(r, RECIPE_FIELDS[kind], value)
+    elif kind in GEN_FIELDS:
+        setattr(g, GEN_FIELDS[kind], value)
     elif kind == "alpha and beta":
         r.alpha, r.beta = value
     elif kind == "mbw":
         r.mbw_alpha, r.mbw_beta = value[0], value[1] if value[1] is not None else r.mbw_beta
-    elif kind == "seed":
-        g.seed = value
     elif kind.startswith("model_"):
         setattr(r, f"model_{kind[-1].lower()}", value)
         setattr(r, f"hash_{kind[-1].lower()}", "")
-    elif kind == "calcmode":
-        r.calcmode = value
-    elif kind == "prompt":
-        g.prompt = value
-    elif kind == "elemental":
-        r.elemental = value
-    elif kind == "adjust":
-        r.adjust = value
-    elif kind == "lora":
-        r.loras = value
-    elif kind == "method":
-        r.method = value
-    elif kind in ("density", "drop"):
-        setattr(r, kind, value)
     if kind == "method":
         r.__post_init__()      # the new method's defaults where the recipe has none
     return r, g
