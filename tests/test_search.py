@@ -261,3 +261,14 @@ def test_kill_9_mid_search_loses_no_finished_trial(ws, tmp_path):
     assert not s.study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
     s.run(2)
     assert len(s.finished()) == kept + 2
+
+
+def test_a_ranking_records_every_ordered_pair(ws, tmp_path):
+    s = Search(ws, spec(ws, [], objective="eye", batch=4, study="rank"), f"sqlite:///{tmp_path / 'rank.db'}")
+    n = [t.number for t in s.candidates()]
+    s.prefer(n[2], [n[2], n[0], n[3]])
+    pairs = {(b.number, w.number) for b, w in s.study.get_preferences(deepcopy=False)}
+    assert pairs == {(n[2], n[0]), (n[2], n[3]), (n[2], n[1]), (n[0], n[3]), (n[0], n[1]), (n[3], n[1])}
+    assert [t.number for t in s._active()] == [n[2]]
+    with pytest.raises(MergeError, match="is not in the current batch"):
+        s.prefer(n[2], [n[0]])

@@ -67,6 +67,8 @@ def build(ws, mc):
                               elem_id="search_gallery", format="png")
     with gr.Row():
         c["pick"] = gr.Radio([], label="the best of this batch (trial)", elem_id="search_pick", scale=3)
+        c["ranking"] = gr.Textbox(label="optional: rank the others too (trial numbers, best first)",
+                                  elem_id="search_ranking", scale=2)
         c["prefer"] = gr.Button("This one is best → next batch", elem_id="search_prefer", scale=1)
     with gr.Row():
         c["plot"] = gr.LinePlot(pd.DataFrame({"trial": [], "score": [], "series": []}), x="trial", y="score",
@@ -160,20 +162,21 @@ def _wire(ws, mc, c):
     c["start"].click(start, inputs, outs)
 
     @safe(len(outs))
-    def prefer(best, progress=gr.Progress()):
+    def prefer(best, ranking, progress=gr.Progress()):
         search = state["search"]
         if search is None or search.objective is not None:
             raise MergeError("start a search with the 'your eye' objective first")
         if best is None:
             raise MergeError("choose the best candidate first")
-        search.prefer(int(best))
+        order = [int(forms.number(x, "ranking", whole=True)) for x in str(ranking or "").replace(",", " ").split()]
+        search.prefer(int(best), [int(best)] + order if order else None)
         batch = search.candidates(progress=progress_cb(progress, "rendering candidates"))
         fav = search.best()
         out = list(batch_outputs(search, batch, f"round {_round(search)}: trial {best} preferred; pick the best of "
                                  f"{len(batch)}"))
         out[-1] = str(fav.merge_id) if fav and fav.merge_id is not None else ""
         return tuple(out)
-    c["prefer"].click(prefer, c["pick"], outs)
+    c["prefer"].click(prefer, [c["pick"], c["ranking"]], outs)
     c["stop"].click(ws.stop, None, None, concurrency_limit=None)
 
     def best_recipe():

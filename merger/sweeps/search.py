@@ -371,16 +371,17 @@ class Search:
 
     def prefer(self, best: int, ranking: list[int] | None = None) -> None:
         """The user's verdict on the current batch: trial ``best`` beats the others; with
-        ``ranking`` (trial numbers, best first) each beats every one after it."""
+        ``ranking`` (trial numbers, best first) each ranked trial beats every one after it
+        and every unranked one (which are not compared among themselves)."""
         active = {t.number: t for t in self._active()}
-        if best not in active:
-            raise MergeError(f"trial {best} is not in the current batch")
-        order = [best] + [n for n in (ranking or []) if n != best and n in active]
-        order += [n for n in sorted(active) if n not in order]
-        for i, n in enumerate(order[:-1]):
-            worse = [active[m] for m in (order[i + 1:] if ranking else order[1:])]
-            self.study.report_preference(better_trials=active[n], worse_trials=worse)
-            if not ranking:
-                break
-        for n in order[1:]:
+        ranked = list(dict.fromkeys([best] + list(ranking or [])))
+        for n in ranked:
+            if n not in active:
+                raise MergeError(f"trial {n} is not in the current batch")
+        rest = [n for n in sorted(active) if n not in ranked]
+        for i, n in enumerate(ranked):
+            worse = [active[m] for m in ranked[i + 1:] + rest]
+            if worse:
+                self.study.report_preference(better_trials=active[n], worse_trials=worse)
+        for n in ranked[1:] + rest:
             self._images.pop(n, None)
