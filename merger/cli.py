@@ -10,7 +10,7 @@ from pathlib import Path
 from .engine.calcmodes import calcmode_names
 from .files.checkpoint_io import load_checkpoint, short_hash
 from .elements import list_elements
-from .engine import plan_merge
+from .engine import plan_for
 from .engine.methods import MAX_MODELS, SIGNS, STOCKS, method_names
 from .errors import MergeError, run_cli
 from .presets import parse_vector
@@ -163,8 +163,7 @@ def run_merge(args) -> Path | None:
         if kept:
             print("\n".join(kept))
         return None
-    plan = plan_merge(recipe, loaded["a"], loaded.get("b"), loaded.get("c"),
-                      models=[loaded[s] for s, _, _ in recipe.slots() if s.startswith("m")])
+    plan = plan_for(recipe, loaded)
     options = SaveOptions(fmt="ckpt" if args.output.lower().endswith((".ckpt", ".pt")) else "safetensors",
                           fp16=args.fp16, prune=args.prune, overwrite=args.overwrite, vae=args.vae,
                           reset_clip_ids=args.reset_clip_ids, save_metadata=not args.no_metadata)

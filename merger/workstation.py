@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .files.checkpoint_io import short_hash
 from .arch import UNET
-from .engine import plan_merge
+from .engine import plan_for
 from .errors import MergeError
 from .pipeline.generate import GenParams, GenResult, generate
 from .files.model_cache import ModelCache
@@ -113,11 +113,6 @@ class Workstation:
         pinned = tuple(paths.values())
         return {s: self.cache.get(p, pinned=pinned) for s, p in paths.items()}, paths
 
-    @staticmethod
-    def _plan(recipe: Recipe, models: dict):
-        return plan_merge(recipe, models["a"], models.get("b"), models.get("c"),
-                          models=[ck for s, ck in models.items() if s.startswith("m")])
-
     # ------------------------------------------------------------------ actions
     def merge(self, recipe: Recipe, progress=None, source: str = "ui", interruptible: bool = True) -> Outcome:
         """Merge into the resident pipeline and record the merge in the history. Inside an XYZ
@@ -130,7 +125,7 @@ class Workstation:
         models, _ = self._load(recipe)
         t.load = time.perf_counter() - t0
         t0 = time.perf_counter()
-        plan = self._plan(recipe, models)
+        plan = plan_for(recipe, models)
         applier = self.lora_applier(recipe.loras, models["a"].tensors, plan.arch) if recipe.loras else None
         stats = self.pipeline.swap(plan, progress=progress, should_stop=self.should_stop if interruptible else None,
                                    label=model_label(recipe))
@@ -278,7 +273,7 @@ class Workstation:
         t0 = time.perf_counter()
         path = self.dirs.new_file("ckpt", name or auto_filename(recipe, options), _ext(options))
         models, paths = self._load(recipe)
-        plan = self._plan(recipe, models)
+        plan = plan_for(recipe, models)
         post = None
         if recipe.loras:
             applier = self.lora_applier(recipe.loras, models["a"].tensors, plan.arch)

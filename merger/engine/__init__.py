@@ -5,7 +5,7 @@ the merged tensors. The math lives in ``modes`` (SuperMerger's four formulas), `
 (one module per calcmode) and ``methods`` (one module per N-model method such as TIES); ``ratios``
 and ``adjust`` turn MBW vectors, elemental lines and adjust values into per-key numbers.
 """
-from .plan import KeyJob, MergePlan, plan_merge
+from .plan import KeyJob, MergePlan, plan_for, plan_merge
 from .run import MergeResult, check_inputs, iter_merge, merge
 
-__all__ = ["KeyJob", "MergePlan", "MergeResult", "check_inputs", "iter_merge", "merge", "plan_merge"]
+__all__ = ["KeyJob", "MergePlan", "MergeResult", "check_inputs", "iter_merge", "merge", "plan_for", "plan_merge"]

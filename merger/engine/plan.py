@@ -144,3 +144,10 @@ def plan_merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None,
             if key not in a.tensors and "model" in key and key not in POSITION_IDS:
                 plan.jobs.append(KeyJob(key, source=slot))
     return plan
+
+
+def plan_for(recipe: Recipe, loaded: dict[str, Checkpoint]) -> MergePlan:
+    """:func:`plan_merge` from the checkpoints of ``recipe.slots()`` (``a``, ``b``, ``c``,
+    ``m1``…), as the CLI and the workstation load them."""
+    return plan_merge(recipe, loaded["a"], loaded.get("b"), loaded.get("c"),
+                      models=[loaded[s] for s, _, _ in recipe.slots() if s.startswith("m")])

@@ -51,8 +51,6 @@ class _Runner:
         self.ctx = CalcContext(gamma=plan.recipe.gamma)
         self.method = get_method(plan.recipe.method) if plan.recipe.method else None
         self.method_args = method_args(plan.recipe) if self.method else None
-        self.parallel = self.cm.parallel     # methods: keys in turn (their ops use every core; in
-        # parallel threads they ran 1.4x slower on 2 cores)
         self.check_finite = check_finite and not (self._check_inputs() and self._cannot_overflow())
 
     def _inputs(self):
@@ -152,14 +150,14 @@ class _Runner:
         """Elementwise calcmodes into a destination of another dtype (an fp32 pipeline fed by
         fp16 models): each chunk is computed in A's dtype into a cache-sized scratch and then
         converted into ``out``, so the result is exactly the A-dtype merge, at memory speed."""
-        scratch = torch.empty(min(out.numel(), CHUNK), dtype=a.dtype, device=a.device)
+        buf = torch.empty(min(out.numel(), CHUNK), dtype=a.dtype, device=a.device)
         alpha, beta = job.ratios
         present = [x is not None for x in (a, b, c)]
 
         def body(o, *parts):
             it = iter(parts)
             args = [next(it) if p else None for p in present]
-            res = self.cm.fn(*args, alpha, beta, mode=self.plan.recipe.mode, out=scratch[: o.numel()], ctx=ctx)
+            res = self.cm.fn(*args, alpha, beta, mode=self.plan.recipe.mode, out=buf[: o.numel()], ctx=ctx)
             if self.check_finite and _nonfinite(res):
                 self._overflow(job.key)
             o.copy_(res)
@@ -195,7 +193,9 @@ def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Prog
             progress(0, len(plan.jobs), "computing similarities")
         runner.ctx.stats = cm.prepare(plan.a.tensors, plan.b.tensors)
     total = len(plan.jobs)
-    pool = ThreadPoolExecutor(os.cpu_count() or 2) if runner.parallel else None
+    # methods (calcmode normal) run keys in turn: their ops use every core, and in parallel
+    # threads they ran 1.4x slower on 2 cores
+    pool = ThreadPoolExecutor(os.cpu_count() or 2) if cm.parallel else None
     pending: dict[int, object] = {}
     try:
         for i, job in enumerate(plan.jobs):

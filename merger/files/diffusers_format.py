@@ -9,6 +9,7 @@ architecture and size are those whose key map the U-Net's names and shapes fit.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -60,14 +61,16 @@ def folder_sha256(folder: Path, file_hash) -> str:
     return h.hexdigest()
 
 
-def _key_map(arch: str, size: str):
-    """[(LDM key, LDM shape, [Target])] of an architecture, from the layout data."""
+@functools.lru_cache(maxsize=None)
+def _key_map(arch: str, size: str) -> tuple:
+    """((LDM key, LDM shape, [Target]), …) of an architecture, from the layout data (built once:
+    detection tries up to six candidates per model loaded)."""
     from ..ldm_layout import sized_layout, sized_params
     from ..pipeline.keymap import targets_for
     params = sized_params(arch, size)
     widths = {"text_encoder": params["text"]["width"], "text_encoder_2": params.get("text2", {}).get("width", 0)}
     prefixes = {"text_encoder": TEXT_PREFIX, "text_encoder_2": TEXT_PREFIX}
-    return [(k, s, targets_for(k, arch, widths, prefixes)) for k, s in sized_layout(arch, size).items()]
+    return tuple((k, s, targets_for(k, arch, widths, prefixes)) for k, s in sized_layout(arch, size).items())
 
 
 def _fits(unet: dict[str, torch.Tensor], arch: str, size: str) -> bool:

@@ -138,17 +138,16 @@ def recipe_for(params: dict, base: Recipe, arch: str) -> Recipe:
             vec = list(vec) if vec is not None and len(vec) == len(ids) else [scalar] * len(ids)
             changes[f"mbw_{which}"] = [round(per_block.get(b, v), 6) for b, v in zip(ids, vec)]
         elif which in params:
-            changes[which if not (which == "beta" and base.method) else base_second(base)] = round(params[which], 6)
+            field_name = which
+            if which == "beta" and base.method:          # a method's β is its density or drop
+                from ..engine.methods import get_method
+                field_name = get_method(base.method).second
+            changes[field_name] = round(params[which], 6)
             changes[f"mbw_{which}"] = None
     for name in ("calcmode", "density", "drop"):
         if name in params:
             changes[name] = params[name] if name == "calcmode" else round(params[name], 6)
     return replace(base, **changes)
-
-
-def base_second(recipe: Recipe) -> str:
-    from ..engine.methods import get_method
-    return get_method(recipe.method).second
 
 
 @dataclass
