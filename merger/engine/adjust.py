@@ -41,5 +41,5 @@ def apply_adjust(t: torch.Tensor, factor: float | list[float]) -> torch.Tensor:
     """A new tensor (never in place: ``t`` may be a cached input). As in SuperMerger the
     multiplier is applied in the tensor's dtype and the colour vector added in float32."""
     if isinstance(factor, list):
-        return t + torch.tensor(factor, dtype=torch.float32)
+        return t + torch.tensor(factor, dtype=torch.float32, device=t.device)
     return t * factor

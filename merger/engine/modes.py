@@ -14,7 +14,7 @@ from .tensor_ops import CHUNK, chunked, out_like
 
 
 def _scratch(a: torch.Tensor, dtype=None) -> torch.Tensor:
-    return torch.empty(min(a.numel(), CHUNK), dtype=dtype or a.dtype)
+    return torch.empty(min(a.numel(), CHUNK), dtype=dtype or a.dtype, device=a.device)
 
 
 def weight_sum(a, b, alpha: float, out=None):

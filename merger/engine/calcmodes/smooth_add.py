@@ -7,10 +7,11 @@ from . import calcmode
 
 def smooth_difference(b, c):
     """median_filter(B-C, size=3) then gaussian_filter(sigma=1), over every tensor axis,
-    on float32 (B-C itself rounded to the model dtype first, as SuperMerger stores it)."""
-    diff = torch.sub(b, c).float().numpy()
+    on float32 (B-C itself rounded to the model dtype first, as SuperMerger stores it). The
+    filters are scipy's, on the CPU (as SuperMerger's); the result goes back to B's device."""
+    diff = torch.sub(b, c).float().cpu().numpy()
     filtered = scipy.ndimage.median_filter(diff, size=3)
-    return torch.from_numpy(scipy.ndimage.gaussian_filter(filtered, sigma=1))
+    return torch.from_numpy(scipy.ndimage.gaussian_filter(filtered, sigma=1)).to(b.device)
 
 
 def smooth_add_tensor(a, b, c, alpha):
