@@ -66,6 +66,7 @@ class Workstation:
         self.max_cells = max_cells                  # XYZ plots above this need confirming
         self.cell_seconds: float | None = None      # running average of a plot cell's time
         self.scorer_files: dict[str, str] = {}      # search scorer: "clip" folder, "aesthetic" head (launch flags)
+        self.pool = None                            # Ray workers for plots and searches (sweeps.dispatch)
 
     # ------------------------------------------------------------------ LoRAs
     def load_lora_file(self, name: str):

@@ -101,6 +101,16 @@ class GenImage:
     image: object          # PIL.Image
     seed: int
     infotext: str
+    info_args: tuple = ()  # infotext()'s arguments, to write it again with a merge ID added
+
+    def infotext_with_id(self, merge_id: int | None) -> str:
+        """The infotext as an in-process generation after merge ``merge_id`` writes it (the
+        merge ID first among the extra fields): for images rendered by a worker that does not
+        write the history."""
+        if merge_id is None or not self.info_args:
+            return self.infotext
+        shown, seed, label, model_hash, extra, img2img = self.info_args
+        return infotext(shown, seed, label, model_hash, {"Merge ID": merge_id, **(extra or {})}, img2img)
 
 
 @dataclass
@@ -321,7 +331,7 @@ def generate(rp, params: GenParams, *, model_label: str = "", model_hash: str = 
                 images = run(pipe, num_inference_steps=p.steps, width=p.width, height=p.height)
             shown = replace(p, prompt=text)          # PNG info gets the text actually used
             for img, s in zip(images, seeds):
-                result.images.append(GenImage(img, s, infotext(shown, s, model_label, model_hash, extra_info,
-                                                               img2img=init_image is not None)))
+                args = (shown, s, model_label, model_hash, dict(extra_info or {}), init_image is not None)
+                result.images.append(GenImage(img, s, infotext(*args), args))
         result.seconds = time.perf_counter() - t0
         return result

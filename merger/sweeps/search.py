@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 from ..blocks import block_ids, expand_blocks
-from ..errors import MergeError
+from ..errors import MergeError, MergeStopped
+from ..pipeline.generate import GenParams
 from ..files.paths import data_dir
 from ..recipe import Recipe
 
@@ -259,6 +260,7 @@ class Search:
             raise MergeError(f"study {name!r} was made for other models or search settings; choose another study "
                              f"name to start a new search (nothing of the old one is lost)")
         self._images: dict[int, Trial] = {}
+        self.stopped = False
         if spec.objective != "eye":
             self._fail_stale()
 
@@ -269,17 +271,35 @@ class Search:
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
+    def _gens(self) -> list[GenParams]:
+        return [replace(self.spec.gen, prompt=p, seed=s, batch_count=1, batch_size=1)
+                for p in self.spec.prompts for s in self.spec.seeds]
+
     def render(self, number: int, params: dict) -> Trial:
         """Merge a trial's recipe into the pipeline (a history row) and generate its images."""
         recipe = recipe_for(params, self.spec.recipe, self.arch)
         out = self.ws.merge(recipe, source="search", interruptible=False)
-        images = []
-        for p in self.spec.prompts:
-            for s in self.spec.seeds:
-                res = self.ws.generate(replace(self.spec.gen, prompt=p, seed=s, batch_count=1, batch_size=1),
-                                       save=False, interruptible=False)
-                images.append(res.result.images[0].image)
+        images = [self.ws.generate(g, save=False, interruptible=False).result.images[0].image for g in self._gens()]
         return Trial(number, params, recipe, out.history_id, images)
+
+    def render_all(self, items: list[tuple[int, dict]], should_stop: Callable[[], bool] | None = None):
+        """Render ``(number, params)`` trials, yielding each Trial in order: here one after the
+        other, or on the workstation's worker pool (``ws.pool``) all at once, each recorded in
+        the history here as its images arrive."""
+        pool = getattr(self.ws, "pool", None)
+        if pool is None:
+            for number, params in items:
+                yield self.render(number, params)
+            return
+        from .dispatch import Task
+        gens = [asdict(g) for g in self._gens()]
+        recipes = [recipe_for(params, self.spec.recipe, self.arch) for _, params in items]
+        vae = self.ws.pipeline.vae_name or None
+        tasks = [Task(r.to_line(), gens, pool.files_for(r, gens, vae)) for r in recipes]
+        for i, out in pool.ordered(tasks, should_stop, vae):
+            if out is not None:
+                hid = self.ws.record(recipes[i], out.notes, source="search", seconds=out.merge_seconds)
+                yield Trial(items[i][0], items[i][1], recipes[i], hid, [im.image for im in out.images])
 
     def finished(self) -> list:
         import optuna
@@ -287,33 +307,49 @@ class Search:
 
     # ------------------------------------------------------------------ value objectives
     def step(self) -> Trial:
-        trial = self.study.ask()
+        return self._batch(1)[0]
+
+    def _batch(self, k: int, should_stop: Callable[[], bool] | None = None) -> list[Trial]:
+        """Ask ``k`` trials, render them (in parallel on a worker pool), score and tell each."""
+        import optuna
+        asked = [self.study.ask() for _ in range(k)]
+        items = [(t.number, suggest(t, self.spec.space, self.arch)) for t in asked]
+        by_number = {t.number: t for t in asked}
+        done = []
         try:
-            t = self.render(trial.number, suggest(trial, self.spec.space, self.arch))
-            t.score = self.objective(t.images, [p for p in self.spec.prompts for _ in self.spec.seeds])
-        except BaseException:
-            import optuna
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
-        if t.merge_id is not None:
-            trial.set_user_attr("merge_id", t.merge_id)
-        self.study.tell(trial, t.score)
-        return t
+            for t in self.render_all(items, should_stop):
+                t.score = self.objective(t.images, [p for p in self.spec.prompts for _ in self.spec.seeds])
+                trial = by_number.pop(t.number)
+                if t.merge_id is not None:
+                    trial.set_user_attr("merge_id", t.merge_id)
+                self.study.tell(trial, t.score)
+                done.append(t)
+        except MergeStopped:                   # Stop on a worker pool: the finished trials count
+            self.stopped = True
+        finally:
+            for trial in by_number.values():   # not rendered (an error, or Stop): failed, not left RUNNING
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return done
 
     def run(self, n: int | None = None, progress: Callable | None = None,
             should_stop: Callable[[], bool] | None = None) -> list[Trial]:
         """Run up to ``n`` more trials (default: until the spec's budget is used); Stop ends
-        after the current trial."""
+        after the current trial (with a worker pool: the current batch's finished trials are
+        kept, the others cancelled). With a pool, trials are asked in batches of one per worker."""
         if self.objective is None:
             raise MergeError("the eye objective runs in rounds: candidates() then prefer()")
-        todo = self.spec.trials - len(self.finished()) if n is None else n
-        out = []
-        for i in range(max(0, todo)):
+        todo = max(0, self.spec.trials - len(self.finished()) if n is None else n)
+        pool = getattr(self.ws, "pool", None)
+        width = len(pool.actors) if pool is not None else 1
+        out: list[Trial] = []
+        self.stopped = False
+        while len(out) < todo and not self.stopped:
             if should_stop is not None and should_stop():
                 break
-            out.append(self.step())
-            if progress:
-                progress(i + 1, todo, out[-1])
+            for t in self._batch(min(width, todo - len(out)), should_stop):
+                out.append(t)
+                if progress:
+                    progress(len(out), todo, t)
         return out
 
     def best(self) -> Trial | None:
@@ -359,14 +395,12 @@ class Search:
             trial = self.study.ask()
             suggest(trial, self.spec.space, self.arch)
         batch = sorted(self._active(), key=lambda t: t.number)
-        out = []
-        for i, t in enumerate(batch):
-            if t.number not in self._images:
-                self._images[t.number] = self.render(t.number, t.params)
-            out.append(self._images[t.number])
+        todo = [(t.number, t.params) for t in batch if t.number not in self._images]
+        for i, t in enumerate(self.render_all(todo)):
+            self._images[t.number] = t
             if progress:
-                progress(i + 1, len(batch), out[-1])
-        return out
+                progress(len(batch) - len(todo) + i + 1, len(batch), t)
+        return [self._images[t.number] for t in batch]
 
     def prefer(self, best: int, ranking: list[int] | None = None) -> None:
         """The user's verdict on the current batch: trial ``best`` beats the others; with

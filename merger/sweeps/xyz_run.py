@@ -8,7 +8,7 @@ from pathlib import Path
 from ..arch import detect_arch_of_file
 from ..files.checkpoint_io import short_hash
 from .dice import DiceSettings, elist_csv, new_seed, roll
-from ..errors import MergeError
+from ..errors import MergeError, MergeStopped
 from ..presets import is_number
 from ..pipeline.generate import GenParams
 from ..pipeline.pnginfo import save_png
@@ -164,7 +164,9 @@ def run(ws, prep: Prepared, progress=None, on_cell=None) -> PlotResult:
 
 def iter_run(ws, prep: Prepared, progress=None):
     """Like :func:`run`, yielding ``(grid images so far, result)`` after each cell and
-    ``(None, final result)`` at the end (for a UI that shows cells as they finish)."""
+    ``(None, final result)`` at the end (for a UI that shows cells as they finish). With a
+    worker pool (``ws.pool``, see :mod:`.dispatch`) the cells run on the workers and are
+    recorded, saved and shown here in grid order as they finish."""
     ws.stop_event.clear()
     folder = ws.outputs / "xyz" / time.strftime("%Y%m%d-%H%M%S")   # created by the first PNG saved
     x, y, z = prep.axes["X"], prep.axes["Y"], prep.axes["Z"]
@@ -173,26 +175,20 @@ def iter_run(ws, prep: Prepared, progress=None):
     res = PlotResult(folder, cells_total=len(prep.cells))
     source = "dice" if prep.dice_seed is not None else "xyz"
     elist = []
-    for i, cell in enumerate(prep.cells):
-        if ws.should_stop():
-            res.stopped = True
-            break
-        t_cell = time.perf_counter()
-        out = ws.merge(cell.recipe, source=source, interruptible=False)
-        res.history_ids.append(out.history_id)
-        gen = ws.generate(cell.gen, interruptible=False, folder=folder,
-                          stem=f"cell-z{cell.z:02}-y{cell.y:02}-x{cell.x:02}")
-        images[i] = gen.result.images[0].image
-        res.cells.append((gen.files[0], out.history_id, cell_caption(prep.axes, cell)))
+    t_start = time.perf_counter()
+    for i, cell, image, path, hid in _cells(ws, prep, folder, source, res):
+        images[i] = image
+        res.history_ids.append(hid)
+        res.cells.append((path, hid, cell_caption(prep.axes, cell)))
         res.cells_done += 1
-        took = time.perf_counter() - t_cell
+        took = (time.perf_counter() - t_start) / res.cells_done
         ws.cell_seconds = took if not ws.cell_seconds else 0.7 * ws.cell_seconds + 0.3 * took
         if prep.spec.save_elist and cell.roll is not None:
             plan = RatioPlan(cell.recipe, prep.arch)
             keys = ws.cache.get(ws.dirs.resolve("ckpt", cell.recipe.model_a)).tensors
             elist += [(f"roll{cell.roll + 1}:{k}", *rt) for k in keys if (rt := plan.ratios(k)) is not None]
         if progress:
-            progress(i + 1, len(prep.cells), "xyz plot")
+            progress(res.cells_done, len(prep.cells), "xyz plot")
         yield [grid_image(images[k * per_z:(k + 1) * per_z], x, y, _ztitle(z, k)) for k in range(len(z))], res
     for k in range(len(z)):
         grid = grid_image(images[k * per_z:(k + 1) * per_z], x, y, _ztitle(z, k))
@@ -201,6 +197,44 @@ def iter_run(ws, prep: Prepared, progress=None):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "e-list.csv").write_text(elist_csv(elist))
     yield None, res
+
+
+def _stem(cell) -> str:
+    return f"cell-z{cell.z:02}-y{cell.y:02}-x{cell.x:02}"
+
+
+def _cells(ws, prep: Prepared, folder: Path, source: str, res: PlotResult):
+    """``(index, cell, image, PNG path, merge ID)`` of each finished cell, in grid order."""
+    pool = getattr(ws, "pool", None)
+    if pool is None:
+        for i, cell in enumerate(prep.cells):
+            if ws.should_stop():
+                res.stopped = True
+                return
+            out = ws.merge(cell.recipe, source=source, interruptible=False)
+            gen = ws.generate(cell.gen, interruptible=False, folder=folder, stem=_stem(cell))
+            yield i, cell, gen.result.images[0].image, gen.files[0], out.history_id
+        return
+    from .dispatch import Task
+    vae = ws.pipeline.vae_name or None
+    tasks = []
+    for cell in prep.cells:
+        gens = [asdict(cell.gen)]
+        tasks.append(Task(cell.recipe.to_line(), gens, pool.files_for(cell.recipe, gens, vae)))
+    try:
+        for i, out in pool.ordered(tasks, ws.should_stop, vae):
+            if out is None:                     # cancelled by Stop
+                continue
+            cell = prep.cells[i]
+            hid = ws.record(cell.recipe, out.notes, source=source, seconds=out.merge_seconds)
+            img = out.images[0]
+            text = img.infotext_with_id(hid)
+            img.image.info["parameters"] = text
+            path = save_png(img.image, folder / f"{_stem(cell)}-000-{img.seed}.png", text, cell.recipe.to_line(),
+                            hid if hid is not None else "")
+            yield i, cell, img.image, path, hid
+    except MergeStopped:
+        res.stopped = True
 
 
 def _ztitle(z: Axis, k: int) -> str:
