@@ -41,6 +41,8 @@ def parse_args(argv=None):
                    help="computing in fp32 (CPU), hold fp16 models' weights in fp32 too (default: keep them "
                         "in fp16 and upcast layer by layer: same images, half the RAM, faster merges)")
     p.add_argument("--no-demo", action="store_true", help="do not write demo models")
+    from merger.sweeps.dispatch import add_pool_arguments
+    add_pool_arguments(p)
     return p.parse_args(argv)
 
 
@@ -87,12 +89,23 @@ def main(argv=None) -> int:
     ws = make_workstation(args)
     import diffusers  # noqa: F401  (import now: the first merge should not wait for it)
 
+    from merger.errors import MergeError
+    from merger.sweeps.dispatch import pool_from_args
+    try:
+        pool = pool_from_args(ws, args)
+    except MergeError as e:
+        raise SystemExit(f"error: {e}") from None
     from ui.app_ui import CSS, build_ui
     demo = build_ui(ws)
     demo.queue(default_concurrency_limit=1)
-    print(f"models: {ws.dirs.ckpt}  |  device: {ws.pipeline.device} ({ws.pipeline.dtype})")
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                allowed_paths=[str(ws.outputs)], auth=auth, css=CSS)
+    workers = f"  |  {len(pool.actors)} Ray workers for plots, dice and searches" if pool else ""
+    print(f"models: {ws.dirs.ckpt}  |  device: {ws.pipeline.device} ({ws.pipeline.dtype}){workers}")
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
+                    allowed_paths=[str(ws.outputs)], auth=auth, css=CSS)
+    finally:
+        if pool is not None:
+            pool.close()
     return 0
 
 

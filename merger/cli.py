@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list the keys --include/--exclude keeps as model A's and the count merged, then stop "
                         "(nothing is written)")
     from .sweeps.search_cli import add_parser as add_search
+    from .sweeps.xyz_cli import add_parsers as add_plots
     add_search(sub)
+    add_plots(sub)
     e = sub.add_parser("elements", help="list a checkpoint's tensors with block, shape and dtype")
     e.add_argument("model")
     e.add_argument("--filter", default="")
@@ -222,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "search":
             from .sweeps.search_cli import run_search
             run_search(args)
+        elif args.command in ("xyz", "dice"):
+            from .sweeps.xyz_cli import run_plot
+            run_plot(args)
         elif args.command == "merge":
             saved = run_merge(args)
             if saved is not None:

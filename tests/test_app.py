@@ -33,3 +33,11 @@ def test_device_is_cuda_fp16_when_present_else_cpu_fp32(monkeypatch):
     assert (rp.device, rp.dtype) == ("cpu", torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert default_device() == ("cuda", torch.float16)
+
+
+def test_scale_out_options_are_parsed_and_off_by_default():
+    import app
+    args = app.parse_args(["--workers", "2", "--ray-address", "auto", "--ship-models"])
+    assert (args.workers, args.ray_address, args.ship_models) == (2, "auto", True)
+    plain = app.parse_args([])
+    assert (plain.workers, plain.ray_address, plain.ship_models) == (0, None, False)

@@ -90,6 +90,27 @@ def test_shipped_models_reach_workers_that_cannot_see_the_folder(tmp_path):
     clean_mirror()
 
 
+def test_cli_plot_and_dice_on_workers(tmp_path, capsys, monkeypatch):
+    from merger.cli import main
+    ws = make_ws(tmp_path)
+    monkeypatch.setenv("SDMW_DATA_DIR", str(tmp_path / "data"))
+    common = ["--models-dir", str(tmp_path / "models"), "--model-a", A, "--model-b", B, "--steps", "2",
+              "--size", "64", "--quiet", "--device", "cpu"]
+    assert main(["xyz", *common, "--x", "alpha", "0.2,0.8", "--y", "seed", "1,2", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "4/4 cells (merges #1-#4)" in out and not ray.is_initialized()
+    grid = Path(out.strip().splitlines()[-1].strip())
+    assert grid.is_file() and len(list(grid.parent.glob("cell-*.png"))) == 4
+    assert main(["dice", *common, "--rolls", "3", "--dice-seed", "7"]) == 0
+    assert "3/3 cells (merges #5-#7)" in capsys.readouterr().out
+    from mergehistory import MergeHistory
+    rows = MergeHistory(tmp_path / "data" / "mergehistory.csv").rows()
+    assert [r["source"] for r in rows] == ["xyz"] * 4 + ["dice"] * 3
+    assert main(["xyz", *common, "--x", "alpha", "0.5", "--workers", "0", "--ray-address", "auto"]) == 1
+    assert "could not start or join Ray" in capsys.readouterr().err
+    del ws
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     ws = make_ws(tmp_path_factory.mktemp("dispatch"))
@@ -197,3 +218,23 @@ def test_a_search_runs_its_trials_on_the_workers(ws, cluster, tmp_path):
     ws.pool = None
     again = s.render(top.number, top.params)
     assert [a.tobytes() for a in again.images] == [b.tobytes() for b in top.images]
+
+
+def test_dice_rolls_and_reservations_run_on_the_workers(ws, cluster, tmp_path):
+    from merger.sweeps.dice import DiceSettings
+    from merger.sweeps.reservations import ReservationQueue
+    dice = DiceSettings(template_alpha="ALL_R", seed=11, digits=3)
+    spec = PlotSpec(ws.recipe(A, B), replace(GEN), {"X": ("random", "3"), "Y": ("none", ""), "Z": ("none", "")}, dice)
+    local = run(ws, prepare(ws, spec))
+    ws.pool = cluster[1]
+    remote = run(ws, prepare(ws, spec))
+    assert [pixels(p) for p, _, _ in remote.cells] == [pixels(p) for p, _, _ in local.cells]
+    rows = ws.history.rows()
+    assert [r["source"] for r in rows] == ["dice"] * 6
+    assert [json.loads(r["recipe"])["mbw_alpha"] for r in rows[3:]] == [json.loads(r["recipe"])["mbw_alpha"]
+                                                                        for r in rows[:3]]
+    q = ReservationQueue(tmp_path / "q.json")
+    q.add(PlotSpec(ws.recipe(A, B), replace(GEN), {"X": ("alpha", "0.1,0.9|0.4"), "Y": ("none", ""),
+                                                   "Z": ("none", "")}))
+    assert q.run_waiting(ws) == 2
+    assert [e["status"] for e in q.rows()] == ["finished", "finished"] and len(ws.history.rows()) == 9

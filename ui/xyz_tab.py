@@ -109,7 +109,8 @@ def _wire(ws, mc, c, queue):
     def _run_plot(values, progress):
         prep = prepare(ws, _spec(ws, values[:n_mc], values[n_mc:]))
         total = len(prep.cells)
-        yield f"{total} cell(s), {estimate(ws, total)}: running…", *KEEP
+        where = f" on {len(ws.pool.actors)} Ray workers" if ws.pool is not None else ""
+        yield f"{total} cell(s), {estimate(ws, total)}: running{where}…", *KEEP
         for grids, res in iter_run(ws, prep, progress_cb(progress, "xyz plot")):
             if grids is not None:
                 left = f", {estimate(ws, total - res.cells_done)} left" if res.cells_done < total else ""

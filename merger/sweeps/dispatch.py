@@ -143,6 +143,7 @@ class Pool:
         self.settings, self.dirs, self.ray, self.started_ray = settings, dirs, ray_module, started_ray
         self.actors: list = []
         self.replaced = 0
+        self.busy = 0.0                 # seconds the workers spent merging and generating (all tasks)
         self.on_dispatch: Callable[[int, int], None] | None = None    # (worker slot, task index): a test hook
         self._shipped: dict = {}
         gpus = int(ray_module.cluster_resources().get("GPU", 0))
@@ -157,6 +158,11 @@ class Pool:
                                 "threads": None if device == "cuda" else self.per_actor["num_cpus"]}
         if device == "cuda" and gpus < settings.workers:
             raise MergeError(f"{settings.workers} GPU workers asked for, the Ray cluster has {gpus} GPU(s)")
+        free = ray_module.available_resources()
+        for res, per in (("CPU", self.per_actor.get("num_cpus", 0)), ("GPU", self.per_actor.get("num_gpus", 0))):
+            if per and free.get(res, 0) + 1e-9 < per * settings.workers:
+                raise MergeError(f"the Ray cluster has {free.get(res, 0):g} free {res}(s); {settings.workers} "
+                                 f"workers need {per * settings.workers:g} (other Ray work holds the rest)")
         self._remote = ray_module.remote(max_restarts=0, max_task_retries=0, **self.per_actor)(CellWorker)
 
     @classmethod
@@ -314,6 +320,7 @@ class Pool:
                 if isinstance(cause, MergeError):
                     raise cause from None
                 raise MergeError(f"cell {i + 1} failed on worker {slot}: {_cause(e)}") from None
+            self.busy += res.merge_seconds + res.gen_seconds
             dispatch(slot)
             yield i, res
         if stopping:
@@ -360,3 +367,19 @@ def start_pool(ws, workers: int | None, address: str | None = None, ship_models:
 def clean_mirror() -> None:
     """Remove this node's shipped-model mirror (tests; users may delete it any time)."""
     shutil.rmtree(Path(tempfile.gettempdir()) / "sdmw-shipped", ignore_errors=True)
+
+
+def add_pool_arguments(p) -> None:
+    """``--workers``, ``--ray-address``, ``--ship-models`` (the app and the CLI runners)."""
+    p.add_argument("--workers", type=int, default=0,
+                   help="run plot cells, dice rolls and search trials on N Ray workers, each with its own "
+                        "pipeline (one per GPU when there are GPUs); default: in this process")
+    p.add_argument("--ray-address", help="join a Ray cluster instead of starting one: 'auto' or ray://host:port "
+                                         "(the model folders must be visible at the same path on every node, "
+                                         "or add --ship-models)")
+    p.add_argument("--ship-models", action="store_true",
+                   help="send each model file to every node once through Ray's object store")
+
+
+def pool_from_args(ws, args) -> Pool | None:
+    return start_pool(ws, args.workers, args.ray_address, args.ship_models, getattr(args, "device", None))

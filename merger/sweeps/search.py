@@ -294,7 +294,7 @@ class Search:
         from .dispatch import Task
         gens = [asdict(g) for g in self._gens()]
         recipes = [recipe_for(params, self.spec.recipe, self.arch) for _, params in items]
-        vae = self.ws.pipeline.vae_name or None
+        vae = getattr(self.ws.pipeline, "vae_name", "") or None
         tasks = [Task(r.to_line(), gens, pool.files_for(r, gens, vae)) for r in recipes]
         for i, out in pool.ordered(tasks, should_stop, vae):
             if out is not None:

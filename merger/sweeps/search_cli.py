@@ -46,6 +46,8 @@ def add_parser(sub) -> None:
     s.add_argument("--seed", type=int, default=0, help="the optimizer's seed")
     s.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     s.add_argument("--quiet", action="store_true")
+    from .dispatch import add_pool_arguments
+    add_pool_arguments(s)
 
 
 def spec_from_args(ws, args):
@@ -86,6 +88,17 @@ def run_search(args) -> None:
     ws = Workstation(ModelDirs.from_models_dir(args.models_dir), device=args.device)
     spec = spec_from_args(ws, args)
     search = Search(ws, spec)
+    from .dispatch import pool_from_args
+    pool = pool_from_args(ws, args)
+    try:
+        _run(ws, search, spec, args)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _run(ws, search, spec, args) -> None:
+    from tqdm import tqdm
     print(f"study {spec.study_name()}: {len(search.finished())} trial(s) already done", file=sys.stderr)
     if spec.objective == "eye":
         _eye_rounds(ws, search, spec)

@@ -216,7 +216,7 @@ def _cells(ws, prep: Prepared, folder: Path, source: str, res: PlotResult):
             yield i, cell, gen.result.images[0].image, gen.files[0], out.history_id
         return
     from .dispatch import Task
-    vae = ws.pipeline.vae_name or None
+    vae = getattr(ws.pipeline, "vae_name", "") or None
     tasks = []
     for cell in prep.cells:
         gens = [asdict(cell.gen)]
