@@ -5,14 +5,15 @@ from collections.abc import Mapping
 
 from .errors import MergeError
 
-ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+ARCH_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "flux": "Flux.1"}
 UNET = "model.diffusion_model."
 _PROJ_IN = UNET + "input_blocks.1.1.proj_in.weight"
 
 
 def detect_arch(shapes: Mapping[str, object], name: str = "checkpoint") -> str:
-    """Return "sd1", "sd2" or "sdxl" for a mapping of LDM key -> tensor (or shape).
+    """Return "sd1", "sd2", "sdxl" or "flux" for a mapping of LDM key -> tensor (or shape).
 
+    Flux.1 is told by its double-stream blocks (``double_blocks.``, bare or under the U-Net prefix).
     Text-encoder prefixes decide (``cond_stage_model.transformer.`` = SD1 CLIP-L,
     ``cond_stage_model.model.`` = SD2 OpenCLIP, ``conditioner.embedders.1.model.`` = SDXL base);
     a U-Net-only file is told apart by ``label_emb`` (SDXL) or its linear ``proj_in`` (SD2; SD1
@@ -20,6 +21,8 @@ def detect_arch(shapes: Mapping[str, object], name: str = "checkpoint") -> str:
     """
     keys = shapes.keys()
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has(UNET + "double_blocks.") or has("double_blocks."):
+        return "flux"
     if not has(UNET):
         hint = " (it looks like a LoRA)" if any("lora_" in k or "hada_" in k for k in keys) else ""
         hint = hint or (" (it looks like a VAE)" if has("encoder.") or has("decoder.") else "")

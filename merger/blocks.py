@@ -3,6 +3,9 @@
 SD 1.x / 2.x have 26 blocks: BASE (text encoder and VAE), IN00-IN11, M00, OUT00-OUT11.
 SDXL has 20: BASE, IN00-IN08, M00, OUT00-OUT08. ``time_embed`` (and SDXL ``label_emb``) belong
 to IN00 and the final ``out.`` layers to the last OUT block, as in SuperMerger.
+Flux.1 has 61 (SuperMerger ``BLOCKIDFLUX``): CLIP (CLIP-L; the first value, like BASE), T5, IN
+(the input embedders), D00-D18 (double-stream blocks), S00-S37 (single-stream blocks), OUT (the
+last layer). Its VAE is never merged (model A's is kept), as in SuperMerger.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from .errors import MergeError
 
 BLOCKS_SD = ["BASE"] + [f"IN{i:02}" for i in range(12)] + ["M00"] + [f"OUT{i:02}" for i in range(12)]
 BLOCKS_XL = ["BASE"] + [f"IN{i:02}" for i in range(9)] + ["M00"] + [f"OUT{i:02}" for i in range(9)]
+BLOCKS_FLUX = ["CLIP", "T5", "IN"] + [f"D{i:02}" for i in range(19)] + [f"S{i:02}" for i in range(38)] + ["OUT"]
+_FLUX_INDEX = re.compile(r"\.(\d+)\.")
 _IN = re.compile(r"\.input_blocks\.(\d+)\.")
 _OUT = re.compile(r"\.output_blocks\.(\d+)\.")
 
@@ -66,12 +71,36 @@ def xl_extended_index(key: str) -> int | None:
 
 
 def block_ids(arch: str) -> list[str]:
-    return BLOCKS_XL if arch == "sdxl" else BLOCKS_SD
+    return BLOCKS_XL if arch == "sdxl" else BLOCKS_FLUX if arch == "flux" else BLOCKS_SD
+
+
+def flux_block(key: str) -> str | None:
+    """SuperMerger ``blockfromkey`` for Flux, in its order of tests: the VAE (None: not merged),
+    T5, CLIP, ``double_blocks.N`` / ``single_blocks.N`` (N: the key's first ``.digits.``), any
+    other key with ``_in`` (the embedders), ``final_layer``; anything else is not merged."""
+    if "vae" in key:
+        return None
+    if "t5xxl" in key:
+        return "T5"
+    if "text_encoders.clip" in key:
+        return "CLIP"
+    m = _FLUX_INDEX.search(key)
+    if "double_blocks" in key:
+        return f"D{int(m.group(1)):02}"
+    if "single_blocks" in key:
+        return f"S{int(m.group(1)):02}"
+    if "_in" in key:
+        return "IN"
+    if "final_layer" in key:
+        return "OUT"
+    return None
 
 
 def block_of(key: str, arch: str) -> str | None:
     """The MBW block a key belongs to, or None where SuperMerger never merges it (SDXL
-    keys that are neither weight nor bias)."""
+    keys that are neither weight nor bias; the Flux VAE)."""
+    if arch == "flux":
+        return flux_block(key)
     if arch == "sdxl" and not ("weight" in key or "bias" in key):
         return None
     last_out = "OUT08" if arch == "sdxl" else "OUT11"

@@ -16,7 +16,7 @@ from .errors import MergeError, run_cli
 from .presets import parse_vector
 from .recipe import MODES, Recipe
 from .files.diffusers_format import is_diffusers_folder
-from .files.saving import SaveOptions, auto_filename, save_merge
+from .files.saving import SAVE_DTYPES, SaveOptions, auto_filename, save_merge
 
 
 def _floats(text: str, n: int, what: str) -> list[float]:
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="file: one .safetensors/.ckpt (by --output's extension); diffusers: a diffusers model "
                         "folder (model_index.json, unet/, vae/, text_encoder/ ...)")
     m.add_argument("--fp16", action="store_true")
+    m.add_argument("--dtype", choices=sorted(SAVE_DTYPES),
+                   help="write the U-Net / Flux transformer in this dtype (default: model A's; fp8 for Flux files)")
     m.add_argument("--prune", action="store_true")
     m.add_argument("--overwrite", action="store_true")
     m.add_argument("--vae", help="VAE file to bake in")
@@ -168,7 +170,8 @@ def run_merge(args) -> Path | None:
     plan = plan_for(recipe, loaded)
     options = SaveOptions(fmt="ckpt" if args.output.lower().endswith((".ckpt", ".pt")) else "safetensors",
                           fp16=args.fp16, prune=args.prune, overwrite=args.overwrite, vae=args.vae,
-                          reset_clip_ids=args.reset_clip_ids, save_metadata=not args.no_metadata)
+                          reset_clip_ids=args.reset_clip_ids, save_metadata=not args.no_metadata,
+                          dtype=args.dtype or "")
     out = Path(args.output)
     if out.is_dir() and not is_diffusers_folder(out):
         out = out / auto_filename(recipe, options)

@@ -257,8 +257,14 @@ def tiny_layout(arch: str) -> Layout:
 
 def sized_params(arch: str, size: str = "full") -> dict:
     """Hyper-parameters of ``arch`` at real ("full") or test/demo ("tiny") size."""
+    if arch == "flux":
+        from .flux_layout import flux_params
+        return flux_params(size)
     return arch_params(arch, **(TINY[arch] if size == "tiny" else {}))
 
 
 def sized_layout(arch: str, size: str = "full") -> Layout:
+    if arch == "flux":             # Flux.1 all-in-one (merger/flux_layout.py)
+        from .flux_layout import flux_layout
+        return flux_layout(size)
     return tiny_layout(arch) if size == "tiny" else checkpoint_layout(arch)

@@ -8,7 +8,7 @@ from .blocks import BLOCKS_XL_EXT, block_ids, sd_vector_to_xl
 from .errors import MergeError
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
-_FILES = {"sd1": "mbw_sd.tsv", "sd2": "mbw_sd.tsv", "sdxl": "mbw_xl.tsv"}
+_FILES = {"sd1": "mbw_sd.tsv", "sd2": "mbw_sd.tsv", "sdxl": "mbw_xl.tsv", "flux": "mbw_flux.tsv"}
 
 
 def parse_preset_text(text: str) -> dict[str, str]:
@@ -30,12 +30,12 @@ def _presets(arch: str) -> dict[str, str]:
 
 
 def presets(arch: str) -> dict[str, str]:
-    """Preset name -> comma-separated values (26 for SD1/SD2, 20 for SDXL)."""
+    """Preset name -> comma-separated values (26 for SD1/SD2, 20 for SDXL, 61 for Flux)."""
     return dict(_presets(arch))
 
 
 def parse_vector(text: str, arch: str, what: str = "MBW") -> list[float]:
-    """A preset name or 26/20 comma-separated numbers (BASE first) -> list of floats for ``arch``.
+    """A preset name or 26/20/61 comma-separated numbers (BASE / CLIP first) -> floats for ``arch``.
 
     A 26-value SD vector given for SDXL is reduced to 20 as SuperMerger does."""
     text = text.strip()

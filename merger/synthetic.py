@@ -21,13 +21,14 @@ def random_checkpoint(arch: str = "sd1", *, size: str = "tiny", seed: int = 0,
     layout = sized_layout(arch, size)
     gen = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
+    fill = torch.float32 if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else dtype   # no float8 RNG
     for key, shape in layout.items():
-        t = torch.empty(shape, dtype=dtype)
+        t = torch.empty(shape, dtype=fill)
         t.uniform_(-scale, scale, generator=gen)
-        if len(shape) == 1 and ("norm" in key or "ln_" in key) and key.endswith("weight"):
+        if len(shape) == 1 and ("norm" in key or "ln_" in key) and key.endswith(("weight", "scale")):
             t.add_(1.0)
-        sd[key] = t
-    if extras:
+        sd[key] = t if fill == dtype else t.to(dtype)
+    if extras and arch != "flux":      # Flux files carry no schedule or EMA buffers
         if arch == "sd1":
             sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = \
                 torch.arange(77, dtype=torch.int64)[None]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import MergeError
+
 ADJUST_NAMES = ("IN", "OUT", "OUT2", "CONT", "BRI", "COL1", "COL2", "COL3")
 ADJUST_KEYS = (
     "model.diffusion_model.input_blocks.0.0.weight",
@@ -27,6 +29,9 @@ def adjust_factors(values: list[float] | None, arch: str) -> dict[str, float | l
     """Key -> multiplier (float) or additive 4-vector (list); empty when all values are 0."""
     if not values or not any(values):
         return {}
+    if arch == "flux":
+        raise MergeError("Adjust works on the SD U-Net's input and output convolutions; a Flux model has "
+                         "none (set every Adjust value to 0)")
     f = list(values) + [0.0] * (8 - len(values))
     cols = _COLS_XL if arch == "sdxl" else _COLS_SD
     color = [sum(y) for y in zip(*[[c * f[4 + i] * 0.02 for c in row] for i, row in enumerate(cols)])]

@@ -25,7 +25,9 @@ from ..errors import MergeError
 
 COMPONENTS = (("U-Net", "model.diffusion_model."), ("VAE", "first_stage_model."),
               ("text encoder", "cond_stage_model."), ("text encoder 1", "conditioner.embedders.0."),
-              ("text encoder 2", "conditioner.embedders.1."))
+              ("text encoder 2", "conditioner.embedders.1."),
+              # Flux.1 all-in-one files (the transformer is under the U-Net prefix)
+              ("CLIP-L", "text_encoders.clip_l."), ("T5-XXL", "text_encoders.t5xxl."), ("Flux VAE", "vae."))
 OPTIONAL_SUFFIXES = ("position_ids", "logit_scale")
 UNUSED, SKIPPABLE, NEEDED = "unused", "skippable", "needed"   # what generation does without a part
 
@@ -110,7 +112,10 @@ def check_coverage(models: Mapping[str, object], arch: str | None = None) -> lis
                                  f"{other} has ({_listing(missing)}): the file is incomplete or another variant "
                                  f"of the architecture")
         lacking = [s for s in slots if s not in have]
-        if lacking:   # the engine keeps A's tensor where a model lacks it, else takes B's
+        if lacking and arch == "flux" and slots[0] in lacking:    # SuperMerger: only A's keys
+            notes.append(f"model {slots[0]} ({models[slots[0]].name}) has no {comp}: the result has none either "
+                         f"(a Flux merge keeps model A's parts; the other models' {comp} is not used)")
+        elif lacking:   # the engine keeps A's tensor where a model lacks it, else takes B's
             notes.append(_lack_note(models, lacking, have, comp, f"{comp} is used as it is"))
         for key in sorted(union):
             kinds = {s: models[s].tensors[key].is_floating_point() for s in have if key in models[s].tensors}

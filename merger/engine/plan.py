@@ -56,11 +56,11 @@ class MergePlan:
         return spec
 
 
-def _is_candidate(key: str, t: torch.Tensor) -> bool:
-    """SuperMerger merges keys whose name contains "model" and "weight" or "bias"; EMA copies
-    (``model_ema.*``) stay model A's, as A1111 ignores them (``Recipe.ema`` merges them instead
-    of the U-Net, see :meth:`Checkpoint.ema_view`)."""
-    return ("model" in key and ("weight" in key or "bias" in key) and t.is_floating_point()
+def _is_candidate(key: str, t: torch.Tensor, arch: str = "") -> bool:
+    """SuperMerger merges keys whose name contains "model" (any key, for Flux) and "weight" or
+    "bias"; EMA copies (``model_ema.*``) stay model A's, as A1111 ignores them (``Recipe.ema``
+    merges them instead of the U-Net, see :meth:`Checkpoint.ema_view`)."""
+    return (("model" in key or arch == "flux") and ("weight" in key or "bias" in key) and t.is_floating_point()
             and not key.startswith("model_ema."))
 
 
@@ -126,7 +126,7 @@ def plan_merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None,
     for key, t in a.tensors.items():
         job = KeyJob(key)
         plan.jobs.append(job)
-        if not _is_candidate(key, t) or (cm.skip_key and cm.skip_key(key)):
+        if not _is_candidate(key, t, arch) or (cm.skip_key and cm.skip_key(key)):
             continue
         if any(key not in ck.tensors for ck in needed.values()):
             continue
@@ -139,7 +139,7 @@ def plan_merge(recipe: Recipe, a: Checkpoint, b: Checkpoint | None = None,
         job.channels = _inpaint_channels(key, {n: ck.tensors[key].shape for n, ck in needed.items()})
         job.adjust = adjust.get(key)
     extra, slot = (plan.models[0], "m1") if plan.models else (plan.b, "b")
-    if extra is not None:
+    if extra is not None and arch != "flux":     # SuperMerger adds no B-only keys to a Flux merge
         for key in extra.tensors:
             if key not in a.tensors and "model" in key and key not in POSITION_IDS:
                 plan.jobs.append(KeyJob(key, source=slot))

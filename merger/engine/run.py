@@ -22,7 +22,7 @@ from .adjust import apply_adjust
 from .calcmodes import CalcContext, get_calcmode
 from .methods import get_method, method_args, with_second
 from .plan import KeyJob, MergePlan, plan_merge
-from .tensor_ops import CHUNK, chunked, release_scratch, same_dtype, scratch
+from .tensor_ops import CHUNK, aminmax, chunked, is_fp8, release_scratch, same_dtype, scratch, work_dtype
 
 Progress = Callable[[int, int, str], None]
 OutFor = Callable[[str, torch.Tensor], "torch.Tensor | None"]
@@ -38,20 +38,23 @@ def _nonfinite(t: torch.Tensor) -> bool:
     about memory speed, 15x faster than an fp32 sum)."""
     if t.numel() == 0:
         return False
-    lo, hi = torch.aminmax(t.reshape(-1))
-    return not (math.isfinite(lo.item()) and math.isfinite(hi.item()))
+    lo, hi = aminmax(t)
+    return not (math.isfinite(lo) and math.isfinite(hi))
 
 
 class _Runner:
     """Computes one key of a plan."""
 
-    def __init__(self, plan: MergePlan, check_finite: bool, device: str | None = None):
-        self.plan, self.device = plan, device
+    def __init__(self, plan: MergePlan, check_finite: bool, device: str | None = None, per_key: bool = False):
+        self.plan, self.device, self.per_key = plan, device, per_key
         self.cm = get_calcmode(plan.recipe.calcmode)
         self.ctx = CalcContext(gamma=plan.recipe.gamma)
         self.method = get_method(plan.recipe.method) if plan.recipe.method else None
         self.method_args = method_args(plan.recipe) if self.method else None
-        self.check_finite = check_finite and not (self._check_inputs() and self._cannot_overflow())
+        if per_key:       # inputs checked key by key as they are read (one pass over files larger than RAM)
+            self.check_finite = check_finite
+        else:
+            self.check_finite = check_finite and not (self._check_inputs() and self._cannot_overflow())
 
     def _inputs(self):
         r = self.plan.recipe
@@ -84,15 +87,27 @@ class _Runner:
                     if t.is_floating_point()) if ratios else float("inf")
         return 5 * top < limit
 
+    def _check_key(self, key: str) -> None:
+        """``per_key``: NaN/Inf in this key's inputs is the same clear error as the up-front check."""
+        for n, ck in self._inputs():
+            t = ck.tensors.get(key)
+            if t is not None and t.is_floating_point() and _nonfinite(t):
+                raise MergeError(f"model {n} ({ck.name}) contains NaN/Inf values in {key}")
+
     def compute(self, job: KeyJob, out: torch.Tensor | None) -> torch.Tensor:
+        if self.per_key and self.check_finite:
+            self._check_key(job.key)
         if self.method is not None:
             return self._finish(job, self._compute_method(job, out))
         p, r = self.plan, self.plan.recipe
         a = self._fetch(p.a.tensors[job.key])
-        b = same_dtype(self._fetch(p.b.tensors[job.key]), a) if p.b is not None and job.key in p.b.tensors else None
-        c = same_dtype(self._fetch(p.c.tensors[job.key]), a) if p.c is not None and r.uses_c() else None
+        b = self._fetch(p.b.tensors[job.key]) if p.b is not None and job.key in p.b.tensors else None
+        c = self._fetch(p.c.tensors[job.key]) if p.c is not None and r.uses_c() else None
         alpha, beta = job.ratios
         ctx = CalcContext(key=job.key, gamma=self.ctx.gamma, stats=self.ctx.stats)
+        if any(x is not None and is_fp8(x.dtype) for x in (a, b, c)):
+            return self._compute_fp8(job, a, b, c, out, ctx)
+        b, c = same_dtype(b, a), same_dtype(c, a)
         if out is not None and out.dtype != a.dtype:
             if self.cm.elementwise and job.channels is None and job.adjust is None:
                 return self._chunked_into(job, a, b, c, out, ctx)
@@ -107,6 +122,47 @@ class _Runner:
             res.copy_(a)
             res[:, :n] = merged
         return self._finish(job, res)
+
+    def _compute_fp8(self, job: KeyJob, a, b, c, out, ctx) -> torch.Tensor:
+        """A key where a model holds float8: computed in :func:`work_dtype` of A's dtype (float32
+        for float8 A; a bf16/fp16 A computes in its own dtype, the float8 inputs upcast exactly),
+        rounded to A's dtype. Elementwise calcmodes upcast chunk by chunk into cache-sized
+        scratch; the others upcast the key's tensors whole (one key at a time)."""
+        work = work_dtype(a.dtype)
+        if self.cm.elementwise and job.channels is None and job.adjust is None:
+            res = out if out is not None else torch.empty_like(a)
+            n = min(a.numel(), CHUNK)
+            bufs = [torch.empty(n, dtype=work, device=a.device) for _ in range(4)]
+            present = [x is not None for x in (a, b, c)]
+            alpha, beta = job.ratios
+
+            def body(o, *parts):
+                it = iter(parts)
+                args = []
+                for k, here in enumerate(present):
+                    if here:
+                        x = next(it)
+                        args.append(bufs[k][: x.numel()].copy_(x))
+                    else:
+                        args.append(None)
+                val = self.cm.fn(*args, alpha, beta, mode=self.plan.recipe.mode, out=bufs[3][: o.numel()], ctx=ctx)
+                if self.check_finite and _nonfinite(val):
+                    self._overflow(job.key)
+                o.copy_(val)
+            chunked(res, tuple(x for x in (a, b, c) if x is not None), body, chunk=CHUNK)
+            return self._finish(job, res)
+        up = [None if x is None else x.to(work) for x in (a, b, c)]
+        alpha, beta = job.ratios
+        if job.channels is None:
+            val = self.cm.fn(*up, alpha, beta, mode=self.plan.recipe.mode, out=None, ctx=ctx)
+        else:
+            n = job.channels
+            val = up[0].clone()
+            val[:, :n] = self.cm.fn(*(None if x is None else x[:, :n].contiguous() for x in up), alpha, beta,
+                                    mode=self.plan.recipe.mode, out=None, ctx=ctx)
+        if self.check_finite and _nonfinite(val):
+            self._overflow(job.key)
+        return self._finish(job, val)
 
     def _finish(self, job: KeyJob, res: torch.Tensor) -> torch.Tensor:
         """Adjust, A's dtype, and the overflow check common to every merged key."""
@@ -177,7 +233,8 @@ class _Runner:
 
 def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Progress | None = None,
                should_stop: Callable[[], bool] | None = None, check_finite: bool = True,
-               alloc: Callable | None = None, device: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+               alloc: Callable | None = None, device: str | None = None,
+               per_key_checks: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` for every output key, in order.
 
     ``out_for(key, like)`` may return a buffer (shape and dtype of ``like``) that receives the
@@ -185,8 +242,10 @@ def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Prog
     given; a calcmode may still return an input unchanged, which is then shared) and kept keys
     are A's (or B's) own tensors, shared, not copied. ``should_stop()`` is polled before each key; a stop raises
     :class:`MergeStopped`. ``device`` (e.g. "cuda") is where the arithmetic runs; inputs are
-    moved there one key at a time."""
-    runner = _Runner(plan, check_finite, device)
+    moved there one key at a time. ``per_key_checks`` checks each key's inputs for NaN/Inf when
+    it is computed instead of all of them first: for a consumer that can drop what it has
+    (a streamed save to a temp file), it reads inputs larger than RAM once instead of twice."""
+    runner = _Runner(plan, check_finite, device, per_key_checks)
     cm = runner.cm
     if cm.prepare is not None:
         if progress:

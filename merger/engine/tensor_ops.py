@@ -15,6 +15,33 @@ import torch
 CHUNK = 1 << 22
 
 
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in FP8
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a merge computes in for model A's ``dtype``: A's own, except float8, which
+    torch has no arithmetic for: float32 (SuperMerger upcasts to float32 as well)."""
+    return torch.float32 if is_fp8(dtype) else dtype
+
+
+def aminmax(t: torch.Tensor) -> tuple[float, float]:
+    """(min, max) of a float tensor (NaN when it holds one); float8 is read in float32 chunks."""
+    flat = t.reshape(-1)
+    if not is_fp8(t.dtype):
+        lo, hi = torch.aminmax(flat)
+        return lo.item(), hi.item()
+    los, his = [], []
+    for s in range(0, flat.numel(), CHUNK):
+        lo, hi = torch.aminmax(flat[s:s + CHUNK].float())
+        los.append(lo)
+        his.append(hi)
+    return torch.stack(los).min().item(), torch.stack(his).max().item()
+
+
 def out_like(a: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return torch.empty_like(a, memory_format=torch.contiguous_format) if out is None else out
 

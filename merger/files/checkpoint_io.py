@@ -44,6 +44,7 @@ class Checkpoint:
     path: Path
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
+    bare_flux: bool = False     # a BFL transformer-only file: its keys were given the U-Net prefix on load
 
     @property
     def name(self) -> str:
@@ -79,13 +80,14 @@ class Checkpoint:
     def value_stats(self) -> tuple[frozenset[str], float]:
         """(keys holding NaN/Inf, largest finite |value|) over the float tensors; computed once
         per loaded file (one ``aminmax`` pass, about memory speed) and cached."""
+        from ..engine.tensor_ops import aminmax
         stamp = (len(self.tensors), sum(id(t) for t in self.tensors.values()))
         cached = getattr(self, "_stats", None)
         if cached is None or cached[0] != stamp:
             bad, top = set(), 0.0
             for k, t in self.tensors.items():
                 if t.is_floating_point() and t.numel():
-                    lo, hi = (v.item() for v in torch.aminmax(t.reshape(-1)))
+                    lo, hi = aminmax(t)
                     if math.isfinite(lo) and math.isfinite(hi):
                         top = max(top, -lo, hi)
                     else:
@@ -235,12 +237,16 @@ _TURBO_PROBE = "conditioner.embedders.0.model.ln_final.weight"
 
 
 def a1111_key_names(tensors: dict) -> dict:
-    """Keys renamed as A1111's ``get_state_dict_from_checkpoint`` does on load: old SD1 files' text
+    """Keys renamed as A1111's ``get_state_dict_from_checkpoint`` does on load (and a bare BFL Flux
+    transformer's keys put under ``model.diffusion_model.``, as SuperMerger does): old SD1 files' text
     encoder without ``text_model.`` gets it; SD 2.1 Turbo's SGM names (its OpenCLIP under
     ``conditioner.embedders.0.``, ``ln_final`` 1024 wide) become LDM's ``cond_stage_model.``. Values
     (tensors or shapes) are kept as they are; the dict is returned unchanged when nothing matches."""
     probe = tensors.get(_TURBO_PROBE)
     turbo = probe is not None and tuple(getattr(probe, "shape", probe))[:1] == (1024,)
+    from ..flux_layout import add_prefix, is_bare_flux
+    if is_bare_flux(tensors):       # BFL's bare transformer keys, under the prefix (SuperMerger prefixer)
+        return add_prefix(tensors)
     table = A1111_RENAMES_SD2_TURBO if turbo else A1111_RENAMES_SD1
     if not any(k.startswith(tuple(table)) for k in tensors):
         return tensors
@@ -272,6 +278,8 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         ck = load_safetensors(path) if path.suffix.lower() == ".safetensors" else load_pickle_checkpoint(path)
         if looks_like_diffusers_unet(ck.tensors):        # a lone diffusers U-Net file
             return load_diffusers(path)
+        from ..flux_layout import is_bare_flux
+        ck.bare_flux = is_bare_flux(ck.tensors)
         ck.tensors = a1111_key_names(ck.tensors)
         return ck
     except OSError as e:

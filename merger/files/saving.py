@@ -23,7 +23,9 @@ from ..recipe import MODES_WITH_C, Recipe
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 CLIP_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
-KEEP_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+UNET_PREFIX = "model.diffusion_model."
+# what pruning keeps: the U-Net / Flux transformer, VAE and text encoders (SD and Flux layouts)
+KEEP_PREFIXES = (UNET_PREFIX, "first_stage_model.", "cond_stage_model.", "conditioner.", "text_encoders.", "vae.")
 
 
 @dataclass
@@ -35,6 +37,13 @@ class SaveOptions:
     reset_clip_ids: bool = False
     vae: str | None = None            # path of a VAE file to bake in
     overwrite: bool = False
+    dtype: str = ""                   # "" keeps the merge's dtypes (model A's); else see SAVE_DTYPES
+    bare: bool = False                # Flux: transformer keys without "model.diffusion_model." (BFL files)
+
+
+# --dtype / the Save dtype menu: what the U-Net / Flux transformer tensors are written as
+SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+               "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -165,11 +174,25 @@ def load_vae(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 class SaveTransform:
-    """Prune, fp16, VAE bake-in and CLIP position-id reset, applied to a spec and a stream."""
+    """Prune, fp16 / another dtype, VAE bake-in, CLIP position-id reset and Flux's bare key
+    names, applied to a spec and a stream."""
 
     def __init__(self, options: SaveOptions):
         self.o = options
         self.vae = load_vae(options.vae) if options.vae else {}
+        if options.dtype and options.dtype not in SAVE_DTYPES:
+            raise MergeError(f"unknown save dtype {options.dtype!r}; choose one of {', '.join(SAVE_DTYPES)}")
+        self.dtype = SAVE_DTYPES.get(options.dtype)
+
+    def _dtype(self, key: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype ``key`` is written in: ``dtype`` converts the U-Net / transformer's float
+        tensors (text encoders and VAE keep theirs); ``fp16`` is SuperMerger's ``to_half``."""
+        if self.dtype is not None and dtype.is_floating_point and key.startswith(UNET_PREFIX):
+            return self.dtype
+        return torch.float16 if self.o.fp16 and _to_half(key, dtype) else dtype
+
+    def name(self, key: str) -> str:
+        return key[len(UNET_PREFIX):] if self.o.bare and key.startswith(UNET_PREFIX) else key
 
     def keep(self, key: str) -> bool:
         return not self.o.prune or key.startswith(KEEP_PREFIXES)
@@ -186,7 +209,7 @@ class SaveTransform:
                 dtype = dtype if dtype.is_floating_point else self.vae[key].dtype
             if self.o.reset_clip_ids and key == CLIP_IDS:
                 shape, dtype = (1, 77), torch.int64
-            out[key] = (shape, torch.float16 if self.o.fp16 and _to_half(key, dtype) else dtype)
+            out[self.name(key)] = (shape, self._dtype(key, dtype))
         return out
 
     def stream(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -197,9 +220,8 @@ class SaveTransform:
                 t = self.vae[key].to(t.dtype)
             if self.o.reset_clip_ids and key == CLIP_IDS:
                 t = torch.arange(77, dtype=torch.int64)[None]
-            if self.o.fp16 and _to_half(key, t.dtype):
-                t = t.half()
-            yield key, t
+            want = self._dtype(key, t.dtype)
+            yield self.name(key), t if t.dtype == want else t.to(want)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -264,7 +286,12 @@ def save_merge(plan, path: str | os.PathLike, options: SaveOptions,
     from ..engine.tensor_ops import ReusableBuffer
     # a streamed safetensors write consumes each tensor at once: compute into one reused buffer
     alloc = ReusableBuffer() if options.fmt == "safetensors" else None
-    items = iter_merge(plan, progress=progress, should_stop=should_stop, alloc=alloc)
+    if getattr(plan.a, "bare_flux", False) and not options.bare:   # saved in model A's layout
+        from dataclasses import replace
+        options = replace(options, bare=True)
+    # inputs checked key by key: a NaN found midway drops the temp file, and inputs larger than
+    # RAM (full Flux models) are read once
+    items = iter_merge(plan, progress=progress, should_stop=should_stop, alloc=alloc, per_key_checks=True)
     if post is not None:
         items = ((k, post(k, v)) for k, v in items)
     try:
@@ -308,7 +335,7 @@ def auto_filename(recipe: Recipe, options: SaveOptions, inpaint_channels: int = 
     """File name from the recipe, sanitised as SuperMerger does (spaces dropped, ``,()`` → ``_``)."""
     name = re.sub(r"[,()]", "_", model_label(recipe).replace(" ", ""))
     name = re.sub(r"[^\w.+\-=_]", "_", name).strip("_.") or "merge"
-    suffix = (".fp16" if options.fp16 else "") + {9: "-inpainting", 8: "-instruct-pix2pix"}.get(inpaint_channels, "")
+    suffix = (f".{options.dtype}" if options.dtype else ".fp16" if options.fp16 else "") + {9: "-inpainting", 8: "-instruct-pix2pix"}.get(inpaint_channels, "")
     ext = ".safetensors" if options.fmt == "safetensors" else ".ckpt"
     room = 240 - len(suffix) - len(ext)          # bytes: file systems limit names to 255 bytes
     name = name.encode("utf-8")[:room].decode("utf-8", "ignore")

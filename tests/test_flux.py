@@ -1,0 +1,283 @@
+"""Flux.1 checkpoints (issue 16, merging to files): layouts with the real key names, detection,
+SuperMerger's 61-block map for every key, MBW/presets, the modes against their formulas, float8
+inputs and outputs, saving in model A's layout, and a saved merge loading in diffusers."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import safetensors.torch as st
+import torch
+
+from merger.arch import detect_arch, detect_arch_of_file
+from merger.blocks import BLOCKS_FLUX, block_of
+from merger.engine import merge, plan_merge
+from merger.errors import MergeError
+from merger.files.checkpoint_io import Checkpoint, load_checkpoint
+from merger.files.saving import SaveOptions, save_merge
+from merger.flux_layout import PREFIX, flux_layout, strip_prefix
+from merger.presets import parse_vector, presets
+from merger.recipe import Recipe
+from merger.synthetic import random_checkpoint
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def flux(seed: int, dtype=torch.bfloat16, name=None) -> Checkpoint:
+    return Checkpoint(Path(name or f"flux{seed}.safetensors"), random_checkpoint("flux", seed=seed, dtype=dtype))
+
+
+def write_flux(folder: Path, name: str, seed: int, dtype=torch.bfloat16, bare=False) -> Path:
+    sd = random_checkpoint("flux", seed=seed, dtype=dtype)
+    if bare:                                   # BFL's transformer-only file
+        sd = {strip_prefix(k): v for k, v in sd.items() if k.startswith(PREFIX)}
+    path = folder / name
+    st.save_file(sd, str(path))
+    return path
+
+
+# ----------------------------------------------------------------------------- layout, detection
+def test_full_layout_has_flux_dev_sizes_and_bfl_names():
+    full = flux_layout("full", all_in_one=False, bare=True)
+    assert sum(math.prod(s) for s in full.values()) == 11_901_408_320          # Flux.1-dev: 11.9 B
+    assert full["double_blocks.18.img_attn.qkv.weight"] == (9216, 3072)
+    assert full["single_blocks.37.linear1.weight"] == (21504, 3072)
+    assert full["single_blocks.0.linear2.weight"] == (3072, 15360)
+    assert full["final_layer.adaLN_modulation.1.weight"] == (6144, 3072)
+    assert full["guidance_in.in_layer.weight"] == (3072, 256) and full["txt_in.weight"] == (3072, 4096)
+    assert not any(k.startswith("double_blocks.19.") or k.startswith("single_blocks.38.") for k in full)
+    aio = flux_layout("full")
+    assert aio["text_encoders.t5xxl.transformer.encoder.block.23.layer.1.DenseReluDense.wi_1.weight"] == (10240, 4096)
+    assert aio["vae.encoder.conv_out.weight"] == (32, 512, 3, 3) and "vae.quant_conv.weight" not in aio
+
+
+def test_bare_and_all_in_one_files_are_flux_and_bare_keys_get_the_prefix(tmp_path):
+    bare = write_flux(tmp_path, "bare.safetensors", 1, bare=True)
+    aio = write_flux(tmp_path, "aio.safetensors", 2)
+    assert detect_arch_of_file(bare) == detect_arch_of_file(aio) == "flux"
+    ck = load_checkpoint(bare)
+    assert ck.bare_flux and all(k.startswith(PREFIX) for k in ck.tensors)
+    assert not load_checkpoint(aio).bare_flux
+
+
+def test_flux_mixed_with_sdxl_is_refused_naming_both():
+    xl = Checkpoint(Path("xl.safetensors"), random_checkpoint("sdxl", seed=1))
+    with pytest.raises(MergeError, match=r"different architectures: .*flux1.safetensors is Flux\.1, "
+                                         r"xl\.safetensors is SDXL"):
+        plan_merge(Recipe("a", "b", alpha=0.5), flux(1), xl)
+
+
+# ----------------------------------------------------------------------------- blocks
+def supermerger_flux_block(key: str):
+    """SuperMerger's ``blockfromkey(key, isxl=False, isflux=True)``, transcribed: (block, block
+    used for the weight index); "Not Merge" keys are kept as model A's."""
+    if "vae" in key:
+        return "VAE", "Not Merge"
+    if "t5xxl" in key:
+        return "T5", "T5"
+    if "text_encoders.clip" in key:
+        return "CLIP", "CLIP"
+    match = re.search(r"\.(\d+)\.", key)
+    if "double_blocks" in key:
+        return f"D{match.group(1).zfill(2)}", f"D{match.group(1).zfill(2)}"
+    if "single_blocks" in key:
+        return f"S{match.group(1).zfill(2)}", f"S{match.group(1).zfill(2)}"
+    if "_in" in key:
+        return "IN", "IN"
+    if "final_layer" in key:
+        return "OUT", "OUT"
+    return "Not Merge", "Not Merge"
+
+
+def test_every_key_is_in_supermerger_block_and_every_block_is_used():
+    layout = flux_layout("full")
+    seen = set()
+    for key in layout:
+        _, sm = supermerger_flux_block(key)
+        ours = block_of(key, "flux")
+        assert (ours if ours is not None else "Not Merge") == sm, key
+        seen.add(ours)
+    assert seen - {None} == set(BLOCKS_FLUX) and len(BLOCKS_FLUX) == 61
+
+
+def merged_key(key: str) -> bool:
+    """SuperMerger merges a Flux key when it has a block and names a weight or bias (so the
+    RMSNorm ``.scale`` tensors and the VAE keep model A's values)."""
+    return block_of(key, "flux") is not None and ("weight" in key or "bias" in key)
+
+
+def test_mbw_61_values_each_block_its_own_ratio_and_the_vae_is_model_a():
+    a, b = flux(1), flux(2)
+    vec = [round(0.01 + i / 70, 4) for i in range(61)]
+    res = merge(Recipe("a", "b", alpha=0.5, mbw_alpha=vec), a, b).tensors
+    assert sum(not merged_key(k) for k in res) == 240 + 4 * 19 + 2 * 38     # VAE, qk-norm scales
+    for key, t in res.items():
+        blk = block_of(key, "flux")
+        if not merged_key(key):
+            assert t is a.tensors[key] or torch.equal(t, a.tensors[key]), key
+            continue
+        want = torch.lerp(a.tensors[key].float(), b.tensors[key].float(), vec[BLOCKS_FLUX.index(blk)])
+        assert torch.equal(t, want.to(torch.bfloat16)), key
+
+
+def test_flux_presets_and_vector_lengths():
+    table = presets("flux")
+    assert {"ALL_A", "ALL_B", "DOUBLE_ONLY", "SINGLE_ONLY", "GRAD_V"} <= set(table)
+    assert all(len(parse_vector(name, "flux")) == 61 for name in table)
+    v = parse_vector("DOUBLE_ONLY", "flux")
+    assert [BLOCKS_FLUX[i] for i, x in enumerate(v) if x == 1] == [f"D{i:02}" for i in range(19)]
+    with pytest.raises(MergeError, match="26 values given, 61 needed"):
+        parse_vector(",".join(["0.5"] * 26), "flux")
+
+
+# ----------------------------------------------------------------------------- modes
+@pytest.mark.parametrize("mode,formula", [
+    ("weight_sum", lambda a, b, c, x, y: torch.lerp(a, b, x)),
+    ("add_difference", lambda a, b, c, x, y: a + x * (b - c).bfloat16().float()),
+    ("triple_sum", lambda a, b, c, x, y: torch.lerp(a, torch.lerp(b, c, y / (x + y)), x + y)),
+    ("sum_twice", lambda a, b, c, x, y: torch.lerp(torch.lerp(a, b, x).bfloat16().float(), c, y)),
+])
+def test_each_mode_on_flux_matches_its_formula(mode, formula):
+    a, b, c = flux(1), flux(2), flux(3)
+    alpha, beta = 0.3, 0.4
+    res = merge(Recipe("a", "b", "c", mode=mode, alpha=alpha, beta=beta), a, b, c).tensors
+    worst = 0.0
+    for key, t in res.items():
+        if not merged_key(key):
+            continue
+        want = formula(*(m.tensors[key].float() for m in (a, b, c)), alpha, beta).to(torch.bfloat16)
+        worst = max(worst, (t.float() - want.float()).abs().max().item())
+    assert worst <= 2 ** -7, worst      # one bf16 rounding step at most (values ≈ 1 for norm scales)
+
+
+def test_every_calcmode_runs_on_flux_and_keeps_a_dtype():
+    from merger.engine.calcmodes import ALL_MODES, calcmode_names
+    a, b, c = flux(1), flux(2), flux(3)
+    for mode in ALL_MODES:
+        for cm in calcmode_names(mode):
+            res = merge(Recipe("a", "b", "c", mode=mode, calcmode=cm, alpha=0.4, beta=0.3), a, b, c).tensors
+            merged = [k for k in res if merged_key(k)]
+            assert all(res[k].dtype == torch.bfloat16 and torch.isfinite(res[k].float()).all() for k in merged)
+            assert sum(not torch.equal(res[k], a.tensors[k]) for k in merged) > len(merged) // 2, (mode, cm)
+
+
+def test_adjust_is_refused_for_flux():
+    with pytest.raises(MergeError, match="Adjust .* Flux"):
+        plan_merge(Recipe("a", "b", alpha=0.5, adjust=[1, 0, 0, 0, 0, 0, 0, 0]), flux(1), flux(2))
+
+
+# ----------------------------------------------------------------------------- float8
+def test_fp8_inputs_are_upcast_merged_and_rounded_to_a_dtype():
+    a8, b8 = flux(1, E4M3), flux(2, E4M3)
+    res = merge(Recipe("a", "b", alpha=0.3), a8, b8).tensors
+    key = PREFIX + "single_blocks.7.linear1.weight"
+    want = torch.lerp(a8.tensors[key].float(), b8.tensors[key].float(), 0.3).to(E4M3)
+    assert res[key].dtype == E4M3 and torch.equal(res[key].view(torch.uint8), want.view(torch.uint8))
+    # mixed: float8 A with a bf16 B computes in float32; bf16 A with a float8 B upcasts B exactly
+    bb = flux(2, torch.bfloat16)
+    mixed = merge(Recipe("a", "b", alpha=0.3), a8, bb).tensors[key]
+    assert torch.equal(mixed.view(torch.uint8), torch.lerp(a8.tensors[key].float(), bb.tensors[key].float(),
+                                                            0.3).to(E4M3).view(torch.uint8))
+    other = merge(Recipe("a", "b", alpha=0.3), bb, flux(1, E5M2)).tensors[key]
+    assert other.dtype == torch.bfloat16
+    assert torch.equal(other, torch.lerp(bb.tensors[key], flux(1, E5M2).tensors[key].to(torch.bfloat16), 0.3))
+    # non-elementwise calcmodes on float8 too
+    cos = merge(Recipe("a", "b", calcmode="cosineA", alpha=0.3), a8, b8).tensors[key]
+    assert cos.dtype == E4M3 and torch.isfinite(cos.float()).all()
+
+
+def test_nan_in_a_fp8_input_is_reported_before_merging():
+    a8 = flux(1, E4M3)
+    key = PREFIX + "double_blocks.2.txt_mlp.2.weight"
+    a8.tensors[key] = a8.tensors[key].clone()
+    a8.tensors[key].view(torch.uint8)[0, 0] = 0x7F              # e4m3fn NaN
+    with pytest.raises(MergeError, match=r"model A .*NaN/Inf values in .*double_blocks\.2\.txt_mlp\.2\.weight"):
+        merge(Recipe("a", "b", alpha=0.5), a8, flux(2, E4M3))
+
+
+# ----------------------------------------------------------------------------- saving
+def test_bare_a_saves_bare_in_the_chosen_dtype_and_all_in_one_keeps_its_parts(tmp_path):
+    a = load_checkpoint(write_flux(tmp_path, "a.safetensors", 1, E4M3, bare=True))
+    b = load_checkpoint(write_flux(tmp_path, "b.safetensors", 2))
+    plan = plan_merge(Recipe("a", "b", alpha=0.4), a, b)
+    assert any("has no CLIP-L: the result has none either" in n for n in plan.notes)
+    out = st.load_file(str(save_merge(plan, tmp_path / "m.safetensors", SaveOptions())))
+    assert set(out) == {strip_prefix(k) for k in a.tensors} and {v.dtype for v in out.values()} == {E4M3}
+    out16 = st.load_file(str(save_merge(plan, tmp_path / "m16.safetensors", SaveOptions(dtype="bf16"))))
+    key = "double_blocks.0.img_attn.qkv.weight"
+    assert out16[key].dtype == torch.bfloat16 and torch.equal(out16[key].to(E4M3).view(torch.uint8),
+                                                                out[key].view(torch.uint8))
+    # an all-in-one A: its text encoders and VAE stay, pruning keeps them, the transformer is fp8
+    aio = load_checkpoint(write_flux(tmp_path, "aio.safetensors", 3))
+    plan = plan_merge(Recipe("a", "b", alpha=0.4), aio, b)
+    saved = st.load_file(str(save_merge(plan, tmp_path / "aio8.safetensors", SaveOptions(dtype="fp8_e4m3fn",
+                                                                                            prune=True))))
+    assert set(saved) == set(aio.tensors)
+    assert saved[PREFIX + key].dtype == E4M3 and saved["vae.decoder.conv_out.weight"].dtype == torch.bfloat16
+    assert torch.equal(saved["vae.decoder.conv_out.weight"], aio.tensors["vae.decoder.conv_out.weight"])
+
+
+def test_cli_merges_flux_files_with_a_preset_and_dtype(tmp_path, capsys):
+    from merger.cli import main
+    a = write_flux(tmp_path, "a.safetensors", 1, E4M3, bare=True)
+    b = write_flux(tmp_path, "b.safetensors", 2, torch.bfloat16, bare=True)
+    rc = main(["merge", "--model-a", str(a), "--model-b", str(b), "--mode", "weight_sum", "--alpha", "0.5",
+               "--mbw-alpha", "DOUBLE_ONLY", "--dtype", "bf16", "--output", str(tmp_path / "out.safetensors"),
+               "--no-history", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    out = st.load_file(str(tmp_path / "out.safetensors"))
+    assert out["single_blocks.3.linear2.weight"].dtype == torch.bfloat16
+    assert torch.equal(out["single_blocks.3.linear2.weight"],
+                       load_checkpoint(a).tensors[PREFIX + "single_blocks.3.linear2.weight"].to(torch.bfloat16))
+    meta = json.loads(st.safe_open(str(tmp_path / "out.safetensors"), "pt").metadata()["sdmw_recipe"])
+    assert meta["mbw_alpha"][3] == 1 and meta["mbw_alpha"][22] == 0
+
+
+def test_a_streamed_fp8_save_loads_in_diffusers_with_equal_weights(tmp_path):
+    """diffusers' ``FluxTransformer2DModel.from_single_file`` reads the saved merge; its weights
+    equal our merge converted by diffusers' own key map. (Its converter assumes Flux's real
+    width, 3072, so this model has real widths and one block of each kind: 0.55 B params.)"""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+    layout = flux_layout("full", all_in_one=False, bare=True, depth=1, depth_single=1)
+    for name, seed, dtype in (("a.safetensors", 1, torch.bfloat16), ("b.safetensors", 2, E4M3)):
+        gen = torch.Generator().manual_seed(seed)
+        sd = {k: torch.empty(shape, dtype=torch.bfloat16).uniform_(-0.05, 0.05, generator=gen).to(dtype)
+              for k, shape in layout.items()}
+        st.save_file(sd, str(tmp_path / name))
+        del sd
+    a, b = load_checkpoint(tmp_path / "a.safetensors"), load_checkpoint(tmp_path / "b.safetensors")
+    plan = plan_merge(Recipe("a", "b", alpha=0.35, mbw_alpha=[0.35] * 61), a, b)
+    out = save_merge(plan, tmp_path / "m.safetensors", SaveOptions(dtype="fp8_e4m3fn"))
+    saved = st.load_file(str(out))
+    assert set(saved) == set(layout) and {v.dtype for v in saved.values()} == {E4M3}
+    ours = merge(Recipe("a", "b", alpha=0.35), a, b).tensors          # in A's dtype (bf16)
+    for k, v in ours.items():
+        assert torch.equal(saved[strip_prefix(k)].view(torch.uint8), v.to(E4M3).view(torch.uint8)), k
+    config = tmp_path / "cfg"
+    with torch.device("meta"):
+        meta = FluxTransformer2DModel(num_layers=1, num_single_layers=1, guidance_embeds=True)
+    meta.save_config(config / "transformer")
+    model = FluxTransformer2DModel.from_single_file(str(out), config=str(config), subfolder="transformer",
+                                                    local_files_only=True, torch_dtype=torch.bfloat16)
+    want = convert_flux_transformer_checkpoint_to_diffusers({k: v.to(torch.bfloat16) for k, v in saved.items()})
+    got = model.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_nan_found_while_streaming_a_save_leaves_no_file(tmp_path):
+    """Streamed saves check each key's inputs as they are read (inputs larger than RAM are read
+    once): a NaN in a late tensor of B is the usual error, and the temp file is removed."""
+    a = flux(1, E4M3)
+    b = flux(2, E4M3)
+    key = PREFIX + "single_blocks.30.linear2.weight"
+    b.tensors[key] = b.tensors[key].clone()
+    b.tensors[key].view(torch.uint8)[3, 3] = 0xFF            # e4m3fn NaN
+    plan = plan_merge(Recipe("a", "b", alpha=0.5), a, b)
+    with pytest.raises(MergeError, match=r"model B .*NaN/Inf values in .*single_blocks\.30\.linear2\.weight"):
+        save_merge(plan, tmp_path / "out.safetensors", SaveOptions())
+    assert list(tmp_path.iterdir()) == []
