@@ -267,8 +267,10 @@ class Workstation:
         return Outcome(f"saved {saved}", Timings(save=time.perf_counter() - t0), path=saved)
 
     def save_recipe(self, recipe: Recipe, name: str = "", options: SaveOptions | None = None,
-                    progress=None) -> Outcome:
-        """Merge a recipe straight to a file (e.g. a history row), without touching the pipeline."""
+                    progress=None, record: bool = False, source: str = "ui") -> Outcome:
+        """Merge a recipe straight to a file (e.g. a history row), without touching the pipeline.
+        ``record``: a new merge (a Flux merge, which the app saves rather than generates with) gets
+        its history row once the file is written."""
         options = options or SaveOptions()
         self.stop_event.clear()
         t0 = time.perf_counter()
@@ -281,7 +283,11 @@ class Workstation:
             post = lambda k, v: applier.apply(k, v) if k in applier.by_key else v  # noqa: E731
         saved = save_merge(plan, path, options, paths=paths, progress=progress, should_stop=self.should_stop,
                            post=post)
-        return Outcome(f"saved {saved}", Timings(save=time.perf_counter() - t0), path=saved)
+        took = time.perf_counter() - t0
+        notes = list(plan.notes)
+        hid = self.record(recipe, notes, source=source, seconds=took) if record else None
+        head = f"merged #{hid} into a file: " if hid is not None else ""
+        return Outcome("; ".join([f"{head}saved {saved}"] + notes), Timings(save=took), hid, path=saved, notes=notes)
 
     def merge_lora_files(self, text: str, method: str = "svd", same_strength: bool = False, new_rank: int = 64,
                          new_conv_rank: int | None = None, name: str = "merged-lora",

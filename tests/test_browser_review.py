@@ -440,3 +440,52 @@ def test_search_tab_look_like_run_shows_best_trials_and_plot(page, app, tmp_path
     msg = click_and_wait(page, "#search_to_merge", ("Merge tab", "Error"), sel="#search_status textarea")
     page.get_by_role("tab", name="Merge").click()
     page.wait_for_function("document.querySelector('#status textarea').value.startsWith('loaded settings of merge #')")
+
+
+def test_flux_model_a_shows_61_sliders_and_merges_into_a_file(page, app):
+    """Issue 16 in the browser: a Flux model A switches the MBW sliders to Flux's 61 blocks (the
+    double and single blocks grouped), its presets fill 61 values, and Merge and Gen saves the merge
+    to a file with a history row and says that generating with Flux is not built yet."""
+    import safetensors.torch as st
+    import torch
+
+    from merger.flux_layout import PREFIX, strip_prefix
+    from merger.synthetic import random_checkpoint
+    ckpt = app["dirs"].ckpt
+    for name, seed in (("flux-a.safetensors", 1), ("flux-b.safetensors", 2)):
+        sd = random_checkpoint("flux", seed=seed, dtype=torch.bfloat16)
+        st.save_file({strip_prefix(k): v.to(torch.float8_e4m3fn) for k, v in sd.items() if k.startswith(PREFIX)},
+                     str(ckpt / name))
+    page.get_by_role("tab", name="Merge").click()
+    click_and_wait(page, "#refresh_models", ("checkpoints",))
+    pick(page, "#model_a", "flux-a.safetensors")
+    pick(page, "#model_b", "flux-b.safetensors")
+    if not page.is_visible("#use_mbw"):
+        page.click("#mbw_accordion")
+    page.wait_for_selector("#mbw_flux", state="visible")
+    assert not page.is_visible("#mbw_BASE") and page.is_visible("#mbw_CLIP") and not page.is_visible("#mbw_D05")
+    page.click("#mbw_flux_double")
+    page.wait_for_selector("#mbw_D05", state="visible")
+    pick(page, "#mbw_preset", "DOUBLE_ONLY")
+    page.wait_for_function("document.querySelector('#mbw_alpha textarea').value.split(',').length === 61")
+    page.locator("#mbw_flux").first.screenshot(path=str(DOCS / "flux-sliders.png"))     # shown in the README
+    assert _value(page, "#mbw_alpha textarea").split(",")[:5] == ["0", "0", "0", "1", "1"]
+    page.locator("#use_mbw input").check()
+    if not page.is_visible("#save_flags"):
+        page.click("#save_accordion")
+    page.locator("#save_flags label", has_text="save model").click()
+    page.fill("#custom_name textarea", "flux-merged")
+    msg = click_and_wait(page, "#merge_gen", ("into a file", "Error"))
+    assert "into a file" in msg and "not built yet" in msg, msg
+    saved = ckpt / "flux-merged.safetensors"
+    keys = read_safetensors_header(saved)[0]
+    assert "double_blocks.0.img_attn.qkv.weight" in keys and keys["single_blocks.0.linear1.weight"]["dtype"] == "F8_E4M3"
+    r = MergeHistory(app["data"] / "mergehistory.csv").recipe(-1)
+    assert r.model_a == "flux-a.safetensors" and len(r.mbw_alpha) == 61 and r.mbw_alpha[3] == 1
+    # back to an SD model: the 26 sliders return, the save flag is cleared again
+    page.locator("#save_flags label", has_text="save model").click()
+    page.locator("#use_mbw input").uncheck()
+    pick(page, "#model_a", A)
+    page.wait_for_selector("#mbw_BASE", state="visible")
+    assert not page.is_visible("#mbw_flux")
+    pick(page, "#model_b", B)

@@ -267,6 +267,31 @@ def test_a_streamed_fp8_save_loads_in_diffusers_with_equal_weights(tmp_path):
     got = model.state_dict()
     assert set(got) == set(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+    # our own key map (any width) gives diffusers' conversion exactly
+    from merger.pipeline.flux_keymap import to_diffusers
+    mine = to_diffusers({k: v.to(torch.bfloat16) for k, v in saved.items()})
+    assert set(mine) == set(want) and all(torch.equal(mine[k], want[k]) for k in want)
+
+
+def test_the_key_map_fills_a_tiny_diffusers_transformer_exactly():
+    from diffusers import FluxTransformer2DModel
+
+    from merger.pipeline.flux_keymap import to_diffusers
+    t = flux_layout("tiny")
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    sd = {k: v for k, v in random_checkpoint("flux", seed=4).items() if k.startswith(PREFIX)}
+    assert len(sd) == len([k for k in t if k.startswith(PREFIX)])
+    converted = to_diffusers(sd)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    assert not missing and not unexpected
+    hd = model.state_dict()
+    qkv = sd[PREFIX + "single_blocks.5.linear1.weight"]
+    assert torch.equal(hd["single_transformer_blocks.5.attn.to_k.weight"], qkv[32:64])
+    assert torch.equal(hd["single_transformer_blocks.5.proj_mlp.weight"], qkv[96:])
+    ada = sd[PREFIX + "final_layer.adaLN_modulation.1.weight"]
+    assert torch.equal(hd["norm_out.linear.weight"], torch.cat([ada[32:], ada[:32]]))
 
 
 def test_a_nan_found_while_streaming_a_save_leaves_no_file(tmp_path):
@@ -281,3 +306,29 @@ def test_a_nan_found_while_streaming_a_save_leaves_no_file(tmp_path):
     with pytest.raises(MergeError, match=r"model B .*NaN/Inf values in .*single_blocks\.30\.linear2\.weight"):
         save_merge(plan, tmp_path / "out.safetensors", SaveOptions())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_app_saves_flux_merges_and_says_clearly_that_it_cannot_generate_them(tmp_path):
+    from merger.files.model_dirs import ModelDirs
+    from merger.workstation import Workstation
+    dirs = ModelDirs.from_models_dir(tmp_path / "models")
+    dirs.create()
+    write_flux(dirs.ckpt, "fa.safetensors", 1, E4M3, bare=True)
+    write_flux(dirs.ckpt, "fb.safetensors", 2, E4M3, bare=True)
+    ws = Workstation(dirs, device="cpu", dtype=torch.float32, outputs=tmp_path / "out")
+    recipe = ws.recipe("fa.safetensors", "fb.safetensors", alpha=0.5, mbw_alpha=parse_vector("SINGLE_ONLY", "flux"))
+    with pytest.raises(MergeError, match="Flux.1 model: Flux merges are saved .* not built yet"):
+        ws.merge(recipe)
+    out = ws.save_recipe(recipe, "merged", record=True)      # the Merge tab's Flux path ('save model')
+    saved = st.load_file(str(out.path))
+    assert out.path.parent == dirs.ckpt and "single_blocks.0.linear1.weight" in saved
+    row = ws.history.rows()[-1]
+    assert out.history_id == int(row["id"]) and row["model_a"] == "fa.safetensors" and row["source"] == "ui"
+    assert f"merged #{out.history_id} into a file" in out.message
+    again = ws.save_recipe(ws.history.recipe(out.history_id), "again")      # recall and re-save: same bytes
+    assert st.load_file(str(again.path)).keys() == saved.keys()
+    assert all(torch.equal(v.view(torch.uint8), st.load_file(str(again.path))[k].view(torch.uint8))
+               for k, v in saved.items())
+    with pytest.raises(MergeError, match="Flux.1 merge is saved as one .safetensors"):
+        from merger.files.diffusers_format import save_diffusers
+        save_diffusers(tmp_path / "folder", load_checkpoint(out.path).tensors)

@@ -1,7 +1,7 @@
 """Widget values <-> engine objects (Recipe, GenParams, SaveOptions). Glue only, no math."""
 from __future__ import annotations
 
-from merger.blocks import BLOCKS_SD, BLOCKS_XL, BLOCKS_XL_EXT
+from merger.blocks import BLOCKS_FLUX, BLOCKS_SD, BLOCKS_XL, BLOCKS_XL_EXT
 from merger.errors import MergeError
 from merger.pipeline.generate import GenParams
 from merger.presets import parse_vector
@@ -36,9 +36,16 @@ def models_line(a, b, c) -> str:
     return " · ".join(f"**{slot}** {name}" for slot, name in (("A", a), ("B", b), ("C", c)) if name)
 
 
+# the MBW sliders: SD's 26 (SDXL shows 20 of them), then Flux's 61 (grouped, shown for Flux only)
+SLIDER_BLOCKS = BLOCKS_SD + BLOCKS_FLUX
+
+
 def visible_blocks(arch: str) -> list[bool]:
-    """Which of the 26 sliders apply to the architecture (SDXL has 20 blocks)."""
-    return [b in BLOCKS_XL for b in BLOCKS_SD] if arch == "sdxl" else [True] * 26
+    """Which sliders apply to the architecture (SD 26, SDXL 20 of those, Flux its own 61)."""
+    if arch == "flux":
+        return [False] * len(BLOCKS_SD) + [True] * len(BLOCKS_FLUX)
+    sd = [b in BLOCKS_XL for b in BLOCKS_SD] if arch == "sdxl" else [True] * len(BLOCKS_SD)
+    return sd + [False] * len(BLOCKS_FLUX)
 
 
 def sliders_to_text(values: list[float], arch: str) -> str:
@@ -46,7 +53,7 @@ def sliders_to_text(values: list[float], arch: str) -> str:
 
 
 def text_to_sliders(text: str, arch: str) -> list[float]:
-    """26 slider values from a preset name or 26/20 values (hidden SDXL-only sliders keep 0). An
+    """Every slider's value from a preset name or 26/20/61 values (hidden sliders keep 0). An
     extended 110-value SDXL vector is edited as text: the sliders show its 20-block view (each
     block's first entry)."""
     values = parse_vector(text, arch)
@@ -173,10 +180,11 @@ def gen_to_widgets(gen: dict) -> dict:
     return out
 
 
-def save_options(flags: list[str], vae_path: str | None = None) -> SaveOptions:
+def save_options(flags: list[str], vae_path: str | None = None, dtype: str = "") -> SaveOptions:
     return SaveOptions(fmt="safetensors" if "safetensors" in flags else "ckpt", fp16="fp16" in flags,
                        prune="prune" in flags, save_metadata="save metadata" in flags,
-                       reset_clip_ids="Reset CLIP ids" in flags, overwrite="overwrite" in flags, vae=vae_path)
+                       reset_clip_ids="Reset CLIP ids" in flags, overwrite="overwrite" in flags, vae=vae_path,
+                       dtype=dtype)
 
 
 def gen_params(prompt, negative, steps, cfg, seed, width, height, batch_count, batch_size, clip_skip,

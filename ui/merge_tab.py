@@ -5,10 +5,11 @@ from __future__ import annotations
 import gradio as gr
 
 from merger.arch import detect_arch_of_file
-from merger.blocks import BLOCKS_SD, BLOCKS_XL_EXT
+from merger.blocks import BLOCKS_FLUX, BLOCKS_SD, BLOCKS_XL_EXT
 from merger.engine.calcmodes import calcmode_names, get_calcmode
 from merger.engine.methods import MAX_MODELS, get_method, method_names
-from merger.files.saving import model_label
+from merger.errors import MergeError
+from merger.files.saving import SAVE_DTYPES, model_label
 from merger.pipeline.generate import HIRES_UPSCALERS, SAMPLERS
 from merger.pipeline.pnginfo import settings_from_png
 from merger.pipeline.regional import mask_overlay
@@ -80,7 +81,8 @@ def build(ws):
                     sd_presets = [n for n, v in presets("sd1").items() if not any(x in v for x in "RUX")]
                     c["preset"] = gr.Dropdown(sd_presets, label="Preset", elem_id="mbw_preset")
                     c["target"] = gr.Radio(["alpha", "beta"], value="alpha", label="sliders edit")
-                c["mbw_a"] = gr.Textbox(label="MBW alpha (26 values for SD1/SD2, 20 for SDXL or 110 extended; BASE first)",
+                c["mbw_a"] = gr.Textbox(label="MBW alpha (26 values for SD1/SD2, 20 for SDXL or 110 extended, 61 for Flux; "
+                                              "BASE / CLIP first)",
                                         value=",".join(["0.5"] * 26), elem_id="mbw_alpha")
                 c["mbw_b"] = gr.Textbox(label="MBW beta", value="", elem_id="mbw_beta")
                 with gr.Accordion("Extended SDXL MBW (110 blocks, SuperMerger's list)", open=False,
@@ -90,11 +92,27 @@ def build(ws):
                                 + ", ".join(f"`{b}`" for b in BLOCKS_XL_EXT)
                                 + ". `CLIPL` also covers the VAE, as in SuperMerger.")
                 c["sliders"] = []
-                for row in (BLOCKS_SD[:13], BLOCKS_SD[13:]):
+
+                def slider_row(blocks):
                     with gr.Row():
-                        for blk in row:
+                        for blk in blocks:
                             c["sliders"].append(gr.Slider(-1, 2, value=0.5, step=0.01, label=blk, min_width=80,
                                                           elem_id=f"mbw_{blk}"))
+                slider_row(BLOCKS_SD[:13])
+                slider_row(BLOCKS_SD[13:])
+                with gr.Column(visible=False, elem_id="mbw_flux") as c["flux_sliders"]:   # Flux: 61 blocks
+                    slider_row(BLOCKS_FLUX[:3] + BLOCKS_FLUX[-1:])
+                    double, single = BLOCKS_FLUX[3:22], BLOCKS_FLUX[22:60]
+                    with gr.Accordion("double-stream blocks D00-D18", open=False, elem_id="mbw_flux_double"):
+                        slider_row(double[:10])
+                        slider_row(double[10:])
+                    with gr.Accordion("single-stream blocks S00-S37", open=False, elem_id="mbw_flux_single"):
+                        for i in range(0, 38, 10):
+                            slider_row(single[i:i + 10])
+                # the sliders in forms.SLIDER_BLOCKS order (CLIP, T5, IN, OUT were made first for Flux)
+                order = {b: i for i, b in enumerate(BLOCKS_SD + BLOCKS_FLUX[:3] + BLOCKS_FLUX[-1:]
+                                                    + BLOCKS_FLUX[3:60])}
+                c["sliders"] = [c["sliders"][order[b]] for b in forms.SLIDER_BLOCKS]
             with gr.Accordion("Elemental, include / exclude, adjust", open=False):
                 c["elemental"] = gr.Textbox(label="Elemental (blocks:elements:ratio, one per line)", lines=2,
                                             elem_id="elemental")
@@ -114,11 +132,13 @@ def build(ws):
                 with gr.Row():
                     c["adjust_sliders"] = [gr.Slider(-10, 10, value=0, step=0.1, label=n, min_width=80)
                                            for n in forms.ADJUST_LABELS]
-            with gr.Accordion("Save options", open=False):
+            with gr.Accordion("Save options", open=False, elem_id="save_accordion"):
                 c["save_flags"] = gr.CheckboxGroup(forms.SAVE_CHOICES, value=forms.SAVE_DEFAULT, label="", elem_id="save_flags")
                 with gr.Row():
                     c["bake_vae"] = gr.Dropdown([None] + ws.dirs.vaes(), value=None, label="Bake in VAE")
                     c["custom_name"] = gr.Textbox(label="Custom name (optional)", elem_id="custom_name")
+                    c["save_dtype"] = gr.Dropdown([("as model A", "")] + [(d, d) for d in SAVE_DTYPES], value="",
+                                                  label="save U-Net / Flux transformer as", elem_id="save_dtype")
                     c["id_to"] = gr.CheckboxGroup(["image", "PNG info"], value=["PNG info"],
                                                   label="save merged model ID to", elem_id="id_to")
             with gr.Accordion("PNG info → settings", open=False, elem_id="png_in_accordion"):
@@ -187,10 +207,10 @@ def build(ws):
 def _wire(ws, c):
     recipe_inputs = [c[k] for k in forms.RECIPE_KEYS]
     gen_inputs = [c[k] for k in forms.GEN_KEYS]
-    save_inputs = [c["save_flags"], c["bake_vae"], c["custom_name"]]
+    save_inputs = [c["save_flags"], c["bake_vae"], c["custom_name"], c["save_dtype"]]
 
-    def options_for(flags, bake):
-        return forms.save_options(flags, str(ws.dirs.resolve("vae", bake)) if bake else None)
+    def options_for(flags, bake, dtype=""):
+        return forms.save_options(flags, str(ws.dirs.resolve("vae", bake)) if bake else None, dtype or "")
 
     def modes_changed(mode, calcmode):
         names = calcmode_names(mode)
@@ -229,8 +249,10 @@ def _wire(ws, c):
 
     def model_a_changed(a):
         arch = model_a_arch(a) or "sd1"
-        return [arch] + [gr.update(visible=v) for v in forms.visible_blocks(arch)]
-    c["a"].change(model_a_changed, [c["a"]], [c["arch"]] + c["sliders"])
+        names = [n for n, v in presets(arch).items() if not any(x in v for x in "RUX")]
+        return ([arch] + [gr.update(visible=v) for v in forms.visible_blocks(arch)]
+                + [gr.update(visible=arch == "flux"), gr.update(choices=names, value=None)])
+    c["a"].change(model_a_changed, [c["a"]], [c["arch"]] + c["sliders"] + [c["flux_sliders"], c["preset"]])
     for key in ("a", "b", "c"):        # the full names, which a narrow dropdown may cut (in the browser)
         c[key].change(None, [c["a"], c["b"], c["c"]], c["model_names"], js=MODELS_LINE_JS)
 
@@ -263,12 +285,19 @@ def _wire(ws, c):
                 gr.update(choices=[BAKED] + vaes), gr.update(choices=[None] + vaes), f"{len(ck)} checkpoints")
     c["refresh"].click(refresh, None, [c["a"], c["b"], c["c"], c["vae"], c["bake_vae"], c["status"]])
 
-    def do_merge(args, flags, bake, name, progress):
+    def do_merge(args, flags, bake, name, dtype, progress):
         recipe = forms.build_recipe(ws, *args)
+        if model_a_arch(recipe.model_a) == "flux":      # merged into a file (no Flux pipeline yet)
+            if "save model" not in flags:
+                raise MergeError("Flux.1 models are merged into a file: tick 'save model' (generating with Flux "
+                                 "in the app is not built yet)")
+            out = ws.save_recipe(recipe, name, options_for(flags, bake, dtype),
+                                 progress_cb(progress, "merging into a file"), record=True)
+            return out.message, None
         out = ws.merge(recipe, progress=progress_cb(progress, "merging"))
         msg = f"{out.message} ({out.timings.line()})"
         if "save model" in flags:
-            saved = ws.save_current(name, options_for(flags, bake),
+            saved = ws.save_current(name, options_for(flags, bake, dtype),
                                     progress=progress_cb(progress, "saving"))
             msg += f"; {saved.message}"
         return msg, out.timings
@@ -305,6 +334,8 @@ def _wire(ws, c):
     def merge_and_gen(*args, progress=gr.Progress()):
         forms.gen_params(*args[n_rec:n_rec + n_gen])     # refuse bad generation settings before merging
         msg, t = do_merge(args[:n_rec], *args[n_rec + n_all_gen:], progress)
+        if t is None:                 # a Flux merge, saved to a file: nothing to generate with yet
+            return f"{msg} (generating with Flux in the app is not built yet)", gr.update(), gr.update()
         images, info, tg, n = run_gen(args[n_rec:n_rec + n_all_gen], progress)
         return f"{msg}; generated {n} image(s) in {tg.generate:.2f} s", images, info
 
@@ -321,8 +352,8 @@ def _wire(ws, c):
     c["stop"].click(ws.stop, None, None, concurrency_limit=None)
 
     @safe(1)
-    def save_current(flags, bake, name, progress=gr.Progress()):
-        out = ws.save_current(name, options_for(flags, bake),
+    def save_current(flags, bake, name, dtype, progress=gr.Progress()):
+        out = ws.save_current(name, options_for(flags, bake, dtype),
                               progress=progress_cb(progress, "saving"))
         return f"{out.message} ({out.timings.line()})"
     c["save_current"].click(save_current, save_inputs, c["status"])
@@ -344,7 +375,8 @@ def _wire(ws, c):
         for f in forms.METHOD_FIELDS:
             values[f] = gr.update(value=values[f], visible=shown[f])
         arch = forms.recipe_arch(recipe, model_a_arch(recipe.model_a))
-        sliders = forms.text_to_sliders(values["mbw_a"], arch) if values["mbw_a"] else [0.5] * 26
+        sliders = (forms.text_to_sliders(values["mbw_a"], arch) if values["mbw_a"]
+                   else [0.5] * len(forms.SLIDER_BLOCKS))
         return ([values[k] for k in widget_keys] + [arch]
                 + [gr.update(value=v, visible=s) for v, s in zip(sliders, forms.visible_blocks(arch))]
                 + forms.adjust_values(values["adjust"])

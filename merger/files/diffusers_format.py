@@ -162,7 +162,11 @@ def save_diffusers(path: Path, tensors: dict[str, torch.Tensor], overwrite: bool
 
     from ..pipeline.pipeline_config import pipeline_folder
     from ..pipeline.resident import spec_for
+    from ..arch import detect_arch
     from ..ldm_layout import sized_params
+    if detect_arch(tensors, path.name) == "flux":
+        raise MergeError("a Flux.1 merge is saved as one .safetensors file (BFL or ComfyUI layout, as model A); "
+                         "the diffusers folder format is not written for Flux yet")
     spec = spec_for(tensors, path.name, prediction_type)
     if path.exists() and not overwrite:
         raise MergeError(f"{path} already exists (use overwrite to replace it)")

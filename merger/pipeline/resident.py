@@ -60,6 +60,9 @@ class Spec:
 
 def spec_for(tensors, name: str = "checkpoint", prediction_type: str | None = None) -> Spec:
     arch = detect_arch(tensors, name)
+    if arch == "flux":
+        raise MergeError(f"{name} is a Flux.1 model: Flux merges are saved (Save merge, or python -m merger "
+                         f"merge), but generating with Flux in the app is not built yet")
     probe = "model.diffusion_model.time_embed.0.weight"
     if probe not in tensors:
         raise MergeError(f"{name} has no {probe}: not a complete checkpoint")
