@@ -73,6 +73,20 @@ class LoraFile:
 
 
 _KIND = {"lora_down": "lora", "lora_up": "lora", "lora_mid": "lora", "hada_": "loha", "lokr_": "lokr"}
+# PEFT / diffusers / ai-toolkit names (``transformer.x.attn.to_q.lora_A.weight``): A is down, B is up
+_PEFT = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight",
+         ".lora_down.weight": "lora_down.weight", ".lora_up.weight": "lora_up.weight", ".alpha": "alpha"}
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """(module name, parameter): kohya modules have no dots (``lora_unet_x.lora_down.weight``);
+    PEFT-style modules do (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``)."""
+    name, param = key.split(".", 1)
+    if "." in param and not param.startswith(tuple(_KIND)):
+        for suffix, mapped in _PEFT.items():
+            if key.endswith(suffix):
+                return key[: -len(suffix)], mapped
+    return name, param
 
 
 def load_lora(path: str | os.PathLike) -> LoraFile:
@@ -82,7 +96,7 @@ def load_lora(path: str | os.PathLike) -> LoraFile:
     for key, t in ck.tensors.items():
         if "." not in key:
             continue
-        name, param = key.split(".", 1)
+        name, param = split_key(key)
         mod = modules.setdefault(name, LoraModule(name, ""))
         if param == "alpha":
             if t.numel() != 1 or not t.is_floating_point() and t.dtype == torch.bool:

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from merger.blocks import BLOCKS_SD, BLOCKS_XL, block_ids, block_of
+from merger.blocks import BLOCKS_FLUX, BLOCKS_SD, BLOCKS_XL, block_ids, block_of
 from merger.errors import MergeError
 from merger.files.names import resolve_in
 from merger.presets import PRESET_DIR, parse_preset_text
 
 from .delta import module_delta
 from .formats import LoraFile
-from .naming import kohya_targets
+from .naming import flux_targets, kohya_targets
 
 LORA_SUFFIXES = ("", ".safetensors", ".pt", ".ckpt")
 BLOCKS17 = ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00", "OUT03", "OUT04", "OUT05",
@@ -39,7 +39,12 @@ def lora_presets() -> dict[str, str]:
 
 def block_vector(values: list[float], arch: str) -> dict[str, float]:
     """12/17/20/26 values -> every block of ``arch`` (blocks a short vector omits get 0, as
-    SuperMerger's ``to26``)."""
+    SuperMerger's ``to26``); Flux takes its 61 blocks' values."""
+    if arch == "flux":
+        if len(values) != len(BLOCKS_FLUX):
+            raise MergeError(f"Flux LoRA block weights need 61 values (CLIP, T5, IN, D00-D18, S00-S37, OUT), "
+                             f"got {len(values)}")
+        return dict(zip(BLOCKS_FLUX, values))
     ids = {12: BLOCKS12, 17: BLOCKS17, 20: BLOCKS_XL, 26: BLOCKS_SD}.get(len(values))
     if ids is None:
         raise MergeError(f"LoRA block weights need 12, 17, 20 or 26 values, got {len(values)}")
@@ -68,7 +73,7 @@ def parse_specs(text: str, arch: str) -> list[LoraSpec]:
         try:
             ratio = float(g[1]) if len(g) > 1 else 1.0
             if len(g) <= 2:
-                values = [1.0] * 26
+                values = [1.0] * len(block_ids(arch) if arch == "flux" else BLOCKS_SD)
             elif len(g) == 3 and g[2].strip() in table:
                 values = [float(v) for v in table[g[2].strip()].split(",")]
             else:
@@ -89,6 +94,12 @@ def _shape(t) -> tuple[int, ...]:
 def target_map(tensors, arch: str) -> dict[str, list[tuple[str, object]]]:
     """kohya module name -> [(LDM key, Target)] for a checkpoint's keys (tensors or shapes)."""
     out: dict[str, list] = {}
+    if arch == "flux":
+        hidden = next(_shape(t)[0] for k, t in tensors.items() if k.endswith("img_in.weight"))
+        for key, t in tensors.items():
+            for name, target in flux_targets(key, _shape(t), hidden):
+                out.setdefault(name, []).append((key, target))
+        return out
     for key, t in tensors.items():
         width = _shape(t)[1] if key.endswith("in_proj_weight") else 1
         for name, target in kohya_targets(key, arch, width):

@@ -49,3 +49,37 @@ def kohya_names(ldm_key: str, arch: str) -> list[str]:
         if not ldm_style and any(module.endswith("." + w) for w in wanted[t.component]):
             names.append(name)
     return names
+
+
+def flux_targets(key: str, shape: tuple[int, ...], hidden: int) -> list[tuple[str, Target]]:
+    """LoRA module names that may patch a Flux.1 checkpoint key (``*.weight``), with the rows of the
+    tensor each one feeds: kohya / sd-scripts names (``lora_unet_double_blocks_0_img_attn_qkv``,
+    the BFL module, whole tensor; ``lora_te1_`` CLIP-L, ``lora_te2_`` T5), and diffusers / PEFT /
+    ai-toolkit names (``transformer.transformer_blocks.0.attn.to_q``, also as
+    ``lora_transformer_transformer_blocks_0_attn_to_q``), each owning its rows of a fused BFL
+    tensor (``merger.pipeline.flux_keymap``). The last layer's adaLN (whose diffusers rows are the
+    BFL halves swapped) is reachable by its kohya name only."""
+    from merger.flux_layout import CLIP_PREFIX, PREFIX, T5_PREFIX
+    from merger.pipeline.flux_keymap import parts
+    if not key.endswith(".weight"):
+        return []
+    for prefix, lora_prefix, component in ((CLIP_PREFIX, "lora_te1_", "text_encoder"),
+                                           (T5_PREFIX, "lora_te2_", "text_encoder_2")):
+        if key.startswith(prefix):
+            module = key[len(prefix):-len(".weight")]
+            return [(lora_prefix + module.replace(".", "_"), Target(component, module + ".weight"))]
+    if not key.startswith(PREFIX):
+        return []
+    bare = key[len(PREFIX):]
+    out = [("lora_unet_" + bare[:-len(".weight")].replace(".", "_"), Target("transformer", bare))]
+    try:
+        found = parts(key, shape, hidden)
+    except KeyError:
+        return out
+    if len({p.name for p in found}) < len(found):        # norm_out: one parameter, two swapped halves
+        return out
+    for p in found:
+        module = p.name.rsplit(".", 1)[0]
+        t = Target("transformer", p.name, "copy" if p.start is None else "rows", (p.start or 0, p.stop or 0))
+        out += [("transformer." + module, t), ("lora_transformer_" + module.replace(".", "_"), t)]
+    return out
