@@ -189,6 +189,22 @@ def test_fp8_inputs_are_upcast_merged_and_rounded_to_a_dtype():
     assert cos.dtype == E4M3 and torch.isfinite(cos.float()).all()
 
 
+def test_methods_merge_fp8_flux_models_per_block():
+    """TIES on float8 Flux models: τ in float32, the result rounded to fp8; the 61-block α vector
+    scales λ per block (0 keeps the base)."""
+    from merger.engine.methods.ties import disjoint_mean, thresholds
+    base, m1, m2 = flux(1, E4M3), flux(2, E4M3), flux(3, E4M3)
+    lam = [1.0 if b.startswith("S") else 0.0 for b in BLOCKS_FLUX]
+    res = merge(Recipe("a", method="ties", models=["2", "3"], alpha=1.0, mbw_alpha=lam, density=0.5),
+                base, models=[m1, m2]).tensors
+    single, double = PREFIX + "single_blocks.4.linear2.weight", PREFIX + "double_blocks.4.img_mlp.2.weight"
+    assert torch.equal(res[double].float(), base.tensors[double].float())      # (-0 may come back as +0)
+    b = base.tensors[single].float()
+    taus = torch.stack([m.tensors[single].float() - b for m in (m1, m2)])
+    want = (b + disjoint_mean(taus, torch.ones(2), "sum", thresholds(taus, 0.5))).to(E4M3)
+    assert res[single].dtype == E4M3 and torch.equal(res[single].float(), want.float())
+
+
 def test_nan_in_a_fp8_input_is_reported_before_merging():
     a8 = flux(1, E4M3)
     key = PREFIX + "double_blocks.2.txt_mlp.2.weight"
