@@ -41,6 +41,8 @@ def parse_args(argv=None):
                    help="computing in fp32 (CPU), hold fp16 models' weights in fp32 too (default: keep them "
                         "in fp16 and upcast layer by layer: same images, half the RAM, faster merges)")
     p.add_argument("--no-demo", action="store_true", help="do not write demo models")
+    p.add_argument("--t5-tokenizer", help="Flux.1 generation: a T5 tokenizer folder (tokenizer.json or spiece.model), "
+                                          "e.g. the tokenizer_2 folder of a diffusers FLUX.1 download")
     from merger.sweeps.dispatch import add_pool_arguments
     add_pool_arguments(p)
     return p.parse_args(argv)
@@ -60,6 +62,7 @@ def make_workstation(args):
     ws = Workstation(dirs, cache_bytes=int(args.cache_gb * 2**30), device=args.device,
                      storage="compute" if args.fp32_weights else "model", max_cells=args.max_cells)
     ws.scorer_files = {k: v for k, v in (("clip", args.clip_dir), ("aesthetic", args.aesthetic_head)) if v}
+    ws.pipeline.t5_tokenizer = args.t5_tokenizer
     from merger.files.paths import data_dir
     from merger.files.saving import clean_stale_temps
     removed = clean_stale_temps([dirs.ckpt, dirs.lora, dirs.vae, data_dir()], STARTED)

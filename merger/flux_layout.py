@@ -29,7 +29,7 @@ TRANSFORMER_ROOTS = ("double_blocks.", "single_blocks.", "img_in.", "txt_in.", "
                      "guidance_in.", "final_layer.")
 
 TINY = dict(transformer=dict(hidden=32, heads=2, mlp_ratio=4, context_in_dim=32, vec_in_dim=32, axes_dim=[4, 6, 6]),
-            text=dict(width=32, layers=2, heads=4, projection_dim=32, vocab=49408),
+            text=dict(width=32, layers=2, heads=4, projection_dim=32, vocab=49408, pipeline_layers=2),
             t5=dict(d_model=32, d_ff=64, layers=2, heads=2, d_kv=16, vocab=32128, buckets=32),
             vae=dict(ch=8, ch_mult=[1, 2, 2, 2]))
 

@@ -361,8 +361,23 @@ class Workstation:
         return self._save_lora(path, sd, meta, overwrite=overwrite)
 
     def unload(self) -> str:
+        t5 = self.pipeline.t5_tokenizer
         self.pipeline = ResidentPipeline(self.pipeline.device, self.pipeline.dtype, self.pipeline.storage)
+        self.pipeline.t5_tokenizer = t5
         return "pipeline unloaded"
+
+    def flux_generation_problem(self, recipe: Recipe) -> str | None:
+        """Why a Flux merge cannot be shown in the pipeline (then it is merged into a file), or None."""
+        from .files.checkpoint_io import header_entries, read_safetensors_header
+        from .flux_layout import CLIP_PREFIX
+        if not self.pipeline.t5_tokenizer:
+            return "generating with Flux needs the T5 tokenizer (start the app with --t5-tokenizer DIR)"
+        path = self.dirs.resolve("ckpt", recipe.model_a)
+        if path.suffix.lower() == ".safetensors":
+            _, entries = header_entries(read_safetensors_header(path)[0], path.name)
+            if not any(e.key.startswith(CLIP_PREFIX) for e in entries):
+                return f"{recipe.model_a} is a transformer-only Flux file (no CLIP-L, T5 or VAE to generate with)"
+        return None
 
     def clear_cache(self) -> str:
         return f"cleared {self.cache.clear()} cached model(s)"

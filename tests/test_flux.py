@@ -333,7 +333,10 @@ def test_the_app_saves_flux_merges_and_says_clearly_that_it_cannot_generate_them
     write_flux(dirs.ckpt, "fb.safetensors", 2, E4M3, bare=True)
     ws = Workstation(dirs, device="cpu", dtype=torch.float32, outputs=tmp_path / "out")
     recipe = ws.recipe("fa.safetensors", "fb.safetensors", alpha=0.5, mbw_alpha=parse_vector("SINGLE_ONLY", "flux"))
-    with pytest.raises(MergeError, match="Flux.1 model: Flux merges are saved .* not built yet"):
+    assert "T5 tokenizer" in ws.flux_generation_problem(recipe)
+    ws.pipeline.t5_tokenizer = tmp_path          # given: the transformer-only model A is then the reason
+    assert "transformer-only Flux file" in ws.flux_generation_problem(recipe)
+    with pytest.raises(MergeError, match="transformer-only Flux.1 file"):
         ws.merge(recipe)
     out = ws.save_recipe(recipe, "merged", record=True)      # the Merge tab's Flux path ('save model')
     saved = st.load_file(str(out.path))

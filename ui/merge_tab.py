@@ -287,13 +287,13 @@ def _wire(ws, c):
 
     def do_merge(args, flags, bake, name, dtype, progress):
         recipe = forms.build_recipe(ws, *args)
-        if model_a_arch(recipe.model_a) == "flux":      # merged into a file (no Flux pipeline yet)
+        problem = ws.flux_generation_problem(recipe) if model_a_arch(recipe.model_a) == "flux" else None
+        if problem:                       # a Flux merge that cannot be shown: merged into a file
             if "save model" not in flags:
-                raise MergeError("Flux.1 models are merged into a file: tick 'save model' (generating with Flux "
-                                 "in the app is not built yet)")
+                raise MergeError(f"{problem}; tick 'save model' to merge it into a file")
             out = ws.save_recipe(recipe, name, options_for(flags, bake, dtype),
                                  progress_cb(progress, "merging into a file"), record=True)
-            return out.message, None
+            return f"{out.message} (not generated: {problem})", None
         out = ws.merge(recipe, progress=progress_cb(progress, "merging"))
         msg = f"{out.message} ({out.timings.line()})"
         if "save model" in flags:
@@ -334,8 +334,8 @@ def _wire(ws, c):
     def merge_and_gen(*args, progress=gr.Progress()):
         forms.gen_params(*args[n_rec:n_rec + n_gen])     # refuse bad generation settings before merging
         msg, t = do_merge(args[:n_rec], *args[n_rec + n_all_gen:], progress)
-        if t is None:                 # a Flux merge, saved to a file: nothing to generate with yet
-            return f"{msg} (generating with Flux in the app is not built yet)", gr.update(), gr.update()
+        if t is None:                 # a Flux merge saved to a file: nothing to generate with
+            return msg, gr.update(), gr.update()
         images, info, tg, n = run_gen(args[n_rec:n_rec + n_all_gen], progress)
         return f"{msg}; generated {n} image(s) in {tg.generate:.2f} s", images, info
 

@@ -60,8 +60,9 @@ def _suffix(rest: str) -> tuple[str, str]:
     return (base, "." + leaf) if leaf in ("weight", "bias") else (rest, "")
 
 
-def parts(key: str, shape: tuple[int, ...], hidden: int) -> list[Part]:
-    """Where a BFL transformer key (bare or under ``model.diffusion_model.``) goes in diffusers."""
+def parts(key: str, shape: tuple[int, ...] | None, hidden: int) -> list[Part]:
+    """Where a BFL transformer key (bare or under ``model.diffusion_model.``) goes in diffusers
+    (``shape`` may be None: a single block's ``proj_mlp`` then runs to the end of ``linear1``)."""
     key = key[len(PREFIX):] if key.startswith(PREFIX) else key
     m = _BLOCK.match(key)
     if m is None:
@@ -91,7 +92,7 @@ def parts(key: str, shape: tuple[int, ...], hidden: int) -> list[Part]:
         if base == "linear1":
             names = ("attn.to_q", "attn.to_k", "attn.to_v")
             out = [Part(f"{pre}{x}{leaf}", i * hidden, (i + 1) * hidden) for i, x in enumerate(names)]
-            return out + [Part(f"{pre}proj_mlp{leaf}", 3 * hidden, shape[0])]
+            return out + [Part(f"{pre}proj_mlp{leaf}", 3 * hidden, shape[0] if shape else None)]
         if base in _SINGLE:
             return [Part(pre + _SINGLE[base] + leaf)]
     raise KeyError(f"not a Flux transformer key: {key}")

@@ -258,6 +258,9 @@ def generate(rp, params: GenParams, *, model_label: str = "", model_hash: str = 
         if steps is not None and int(steps * p.denoise) < 1:      # diffusers runs int(steps × strength) steps
             raise MergeError(f"{what} would run no step: {steps} steps × denoising strength {p.denoise:g} < 1; "
                              f"raise the steps or the denoising strength")
+    if rp.spec is not None and rp.spec.arch == "flux":
+        return generate_flux(rp, p, model_label=model_label, model_hash=model_hash, extra_info=extra_info,
+                             progress=progress, should_stop=should_stop, init_image=init_image)
     t0 = time.perf_counter()
     with rp.lock:
         rp.check_ready()
@@ -332,6 +335,54 @@ def generate(rp, params: GenParams, *, model_label: str = "", model_hash: str = 
             shown = replace(p, prompt=text)          # PNG info gets the text actually used
             for img, s in zip(images, seeds):
                 args = (shown, s, model_label, model_hash, dict(extra_info or {}), init_image is not None)
+                result.images.append(GenImage(img, s, infotext(*args), args))
+        result.seconds = time.perf_counter() - t0
+        return result
+
+
+FLUX_SAMPLER = "Euler (flow matching)"
+
+
+def generate_flux(rp, p: GenParams, *, model_label: str = "", model_hash: str = "", extra_info: dict | None = None,
+                  progress=None, should_stop=None, init_image=None) -> GenResult:
+    """Flux.1 (diffusers ``FluxPipeline``): the flow-matching Euler sampler and Flux-dev's distilled
+    guidance (``cfg``; no negative prompt). Image i of a run uses seed + i, as A1111 (Forge writes
+    the guidance as "Distilled CFG Scale", and so does the PNG info here)."""
+    if init_image is not None or p.hires:
+        raise MergeError("img2img and hires fix are not available for Flux yet")
+    if p.negative:
+        raise MergeError("Flux-dev has no negative prompt (its guidance is distilled): clear the negative prompt")
+    t0 = time.perf_counter()
+    with rp.lock:
+        rp.check_ready()
+        pipe = rp.pipe
+        seed = p.seed if p.seed != -1 else random.randrange(2**32)
+        total, done = p.batch_count * p.steps, [0]
+        result = GenResult()
+        shown = replace(p, sampler=FLUX_SAMPLER, cfg=1.0)
+        extra = {"Distilled CFG Scale": f"{p.cfg:g}", **(extra_info or {})}
+        max_len = min(512, getattr(pipe.tokenizer_2, "model_max_length", 512) or 512)
+        for batch in range(p.batch_count):
+            if should_stop is not None and should_stop():
+                raise MergeStopped("generation stopped by user")
+            seeds = [seed + batch * p.batch_size + i for i in range(p.batch_size)]
+            gens = [torch.Generator(device=rp.device).manual_seed(s) for s in seeds]
+
+            def on_step(_pipe, step, _t, cb_kwargs):
+                done[0] += 1
+                if progress:
+                    progress(done[0], total, "generating")
+                if should_stop is not None and should_stop():
+                    _pipe._interrupt = True
+                return cb_kwargs
+            images = pipe(prompt=[p.prompt] * p.batch_size, height=p.height, width=p.width,
+                          num_inference_steps=p.steps, guidance_scale=p.cfg, generator=gens,
+                          max_sequence_length=max_len, callback_on_step_end=on_step).images
+            if getattr(pipe, "_interrupt", False):
+                pipe._interrupt = False
+                raise MergeStopped("generation stopped by user")
+            for img, s in zip(images, seeds):
+                args = (shown, s, model_label, model_hash, dict(extra), False)
                 result.images.append(GenImage(img, s, infotext(*args), args))
         result.seconds = time.perf_counter() - t0
         return result

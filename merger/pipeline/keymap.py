@@ -17,15 +17,19 @@ UNET, VAE = "model.diffusion_model.", "first_stage_model."
 
 @dataclass(frozen=True)
 class Target:
-    component: str          # "unet", "vae", "text_encoder", "text_encoder_2"
+    component: str          # "unet", "transformer" (Flux), "vae", "text_encoder", "text_encoder_2"
     param: str              # parameter name inside that component
-    kind: str = "copy"      # copy | reshape | rows | transpose
-    rows: tuple[int, int] = (0, 0)
+    kind: str = "copy"      # copy | reshape | rows | transpose | halves
+    rows: tuple[int, int | None] = (0, 0)
 
     def view_of(self, value: torch.Tensor) -> torch.Tensor:
-        """The part of an LDM tensor this target receives, shaped for no parameter yet."""
+        """The part of an LDM tensor this target receives, shaped for no parameter yet
+        (``halves``: the two halves swapped, Flux's last adaLN; its own inverse)."""
         if self.kind == "rows":
             return value[self.rows[0]:self.rows[1]]
+        if self.kind == "halves":
+            h = value.shape[0] // 2
+            return torch.cat([value[h:], value[:h]])
         if self.kind == "transpose":
             return value.T
         return value
@@ -138,15 +142,32 @@ TEXT_ENCODERS = {
     "sd2": (("cond_stage_model.model.", "text_encoder", "openclip"),),
     "sdxl": (("conditioner.embedders.0.transformer.text_model.", "text_encoder", "hf"),
              ("conditioner.embedders.1.model.", "text_encoder_2", "openclip")),
+    "flux": (("text_encoders.clip_l.transformer.text_model.", "text_encoder", "hf"),
+             ("text_encoders.t5xxl.transformer.", "text_encoder_2", "hf")),
 }
+FLUX_VAE = "vae."
+
+
+def flux_transformer_targets(key: str, hidden: int) -> list[Target]:
+    """A Flux transformer key's diffusers parameters (:mod:`.flux_keymap`): whole tensors, row
+    ranges of BFL's fused q/k/v(/mlp) tensors, or the last adaLN's swapped halves."""
+    from .flux_keymap import parts
+    try:
+        found = parts(key, None, hidden)
+    except KeyError:
+        return []
+    if len(found) == 2 and found[0].name == found[1].name:
+        return [Target("transformer", found[0].name, "halves")]
+    return [Target("transformer", p.name) if p.start is None else Target("transformer", p.name, "rows", (p.start, p.stop))
+            for p in found]
 
 
 def component_of(key: str, arch: str) -> str | None:
     """The pipeline component an LDM key belongs to ("unet", "vae", "text_encoder",
     "text_encoder_2"), or None."""
     if key.startswith(UNET):
-        return "unet"
-    if key.startswith(VAE):
+        return "transformer" if arch == "flux" else "unet"
+    if key.startswith(VAE) or (arch == "flux" and key.startswith(FLUX_VAE)):
         return "vae"
     return next((component for prefix, component, _ in TEXT_ENCODERS[arch] if key.startswith(prefix)), None)
 
@@ -155,7 +176,14 @@ def targets_for(key: str, arch: str, widths: dict[str, int], text_prefixes: dict
     """Every pipeline parameter (or part) fed by LDM ``key``; [] for keys the pipeline lacks.
 
     ``widths``: OpenCLIP width per text component; ``text_prefixes``: the attribute path of the
-    text transformer inside each text component ("" or "text_model.")."""
+    text transformer inside each text component ("" or "text_model."); Flux's transformer width
+    is ``widths["transformer"]``."""
+    if arch == "flux":
+        if key.startswith(UNET):
+            return flux_transformer_targets(key, widths["transformer"])
+        if key.startswith(FLUX_VAE):
+            hit = vae_param(key[len(FLUX_VAE):])
+            return [Target("vae", hit[0], hit[1])] if hit else []
     if key.startswith(UNET):
         name = unet_param(key[len(UNET):])
         return [Target("unet", name)] if name else []

@@ -54,15 +54,15 @@ class Spec:
 
     def params(self) -> dict:
         p = sized_params(self.arch, self.size)
-        p["unet"] = {**p["unet"], "in_channels": self.in_channels}
+        if self.arch != "flux":
+            p["unet"] = {**p["unet"], "in_channels": self.in_channels}
         return p
 
 
 def spec_for(tensors, name: str = "checkpoint", prediction_type: str | None = None) -> Spec:
     arch = detect_arch(tensors, name)
     if arch == "flux":
-        raise MergeError(f"{name} is a Flux.1 model: Flux merges are saved (Save merge, or python -m merger "
-                         f"merge), but generating with Flux in the app is not built yet")
+        return _flux_spec(tensors, name)
     probe = "model.diffusion_model.time_embed.0.weight"
     if probe not in tensors:
         raise MergeError(f"{name} has no {probe}: not a complete checkpoint")
@@ -73,6 +73,21 @@ def spec_for(tensors, name: str = "checkpoint", prediction_type: str | None = No
             return Spec(arch, size, int(cin), prediction_type or ("auto" if arch == "sd2" else "epsilon"))
     raise MergeError(f"{name}: {ARCH_NAMES[arch]} model with unexpected sizes "
                      f"({probe} is {list(tensors[probe].shape)})")
+
+
+def _flux_spec(tensors, name: str) -> Spec:
+    from ..flux_layout import CLIP_PREFIX, T5_PREFIX
+    probe = "model.diffusion_model.img_in.weight"
+    if probe not in tensors:
+        raise MergeError(f"{name} has no {probe}: not a complete Flux.1 transformer")
+    if not any(k.startswith((CLIP_PREFIX, T5_PREFIX)) for k in tensors):
+        raise MergeError(f"{name} is a transformer-only Flux.1 file: generating needs CLIP-L, T5 and the VAE too, "
+                         f"which only all-in-one checkpoints (ComfyUI layout) carry; merge it into a file instead "
+                         f"(tick 'save model')")
+    for size in ("full", "tiny"):
+        if tuple(tensors[probe].shape) == sized_layout("flux", size)[probe]:
+            return Spec("flux", size, 64, "flow")
+    raise MergeError(f"{name}: Flux.1 model with unexpected sizes ({probe} is {list(tensors[probe].shape)})")
 
 
 REDUCED = (torch.float16, torch.bfloat16)
@@ -128,7 +143,11 @@ def empty_module(make, device: str, dtype: torch.dtype, storage: torch.dtype | N
     return module.eval().requires_grad_(False)
 
 
-def _build_components(spec: Spec, device: str, dtype: torch.dtype):
+def _build_components(spec: Spec, device: str, dtype: torch.dtype, t5_tokenizer=None):
+    if spec.arch == "flux":
+        from .flux_pipeline import build_flux
+        return build_flux(spec.params(), device, dtype, t5_tokenizer,
+                          lambda make, dev, dt: empty_module(make, dev, dt))
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.schedulers import EulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -194,6 +213,7 @@ class ResidentPipeline:
         self.label = ""
         self.builds = 0
         self.lock = threading.RLock()
+        self.t5_tokenizer = None                      # Flux: the user's T5 tokenizer folder (--t5-tokenizer)
 
     # ------------------------------------------------------------------ building
     def ensure(self, spec: Spec) -> bool:
@@ -202,9 +222,9 @@ class ResidentPipeline:
             return False
         self.pipe = None
         self.targets = {}
-        self.pipe, self.folder = _build_components(spec, self.device, self.dtype)
-        self.modules = {n: getattr(self.pipe, n) for n in ("unet", "vae", "text_encoder", "text_encoder_2")
-                        if getattr(self.pipe, n, None) is not None}
+        self.pipe, self.folder = _build_components(spec, self.device, self.dtype, self.t5_tokenizer)
+        self.modules = {n: getattr(self.pipe, n) for n in ("unet", "transformer", "vae", "text_encoder",
+                                                           "text_encoder_2") if getattr(self.pipe, n, None) is not None}
         self.spec, self.builds = spec, self.builds + 1
         self.state, self.problem, self.vae_name = "incomplete", "no weights loaded yet", ""
         self._pred_source = None
@@ -217,6 +237,9 @@ class ResidentPipeline:
             prefixes = {n: "text_model." if hasattr(m, "text_model") else "" for n, m in comps.items()
                         if n.startswith("text")}
             widths = {n: m.config.hidden_size for n, m in comps.items() if n.startswith("text")}
+            if "transformer" in comps:       # Flux: rows per q/k/v in the fused BFL tensors
+                cfg = comps["transformer"].config
+                widths["transformer"] = cfg.num_attention_heads * cfg.attention_head_dim
             hit = []
             for t in targets_for(key, self.spec.arch, widths, prefixes):
                 try:
@@ -347,7 +370,9 @@ class ResidentPipeline:
             except BaseException as e:
                 self.problem = f"the last merge ({label}) did not finish: {e}"
                 raise
-            if spec.prediction_type == "auto":
+            if spec.arch == "flux":
+                pass                          # flow matching: no prediction type to set
+            elif spec.prediction_type == "auto":
                 if self._pred_source != (source.path, id(source)):   # a property of model A: once per model
                     self._set_prediction("v_prediction" if detect_v_prediction(self.pipe.unet) else "epsilon")
                     self._pred_source = (source.path, id(source))
@@ -359,7 +384,7 @@ class ResidentPipeline:
 
     def _spec(self, tensors, name: str, prediction_type: str | None, dtypes: Mapping[str, torch.dtype]) -> Spec:
         spec = spec_for(tensors, name, prediction_type)
-        if self.storage == "compute":
+        if self.storage == "compute" or spec.arch == "flux":      # Flux: held in the compute dtype
             return spec
         return replace(spec, storage=storage_dtypes(dtypes, spec.arch, self.dtype))
 
@@ -458,8 +483,8 @@ class ResidentPipeline:
                 parts = []
                 for target, param in hit:
                     v = param.detach().to("cpu", stored.get(target.component, param.dtype))
-                    if target.kind == "transpose":
-                        v = v.T
+                    if target.kind in ("transpose", "halves"):
+                        v = v.T if target.kind == "transpose" else target.view_of(v)   # (halves: its own inverse)
                     parts.append(v)
                 out[key] = torch.cat(parts) if hit[0][0].kind == "rows" else parts[0]
             layout = self.layout()
