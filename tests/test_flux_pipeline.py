@@ -117,3 +117,27 @@ def test_flux_generation_needs_the_t5_tokenizer_and_an_all_in_one_model(tmp_path
         ws.merge(ws.recipe("aio.safetensors", "aio.safetensors", alpha=0.5))
     with pytest.raises(MergeError, match="transformer-only Flux.1 file"):
         ws.merge(ws.recipe("bare.safetensors", "bare.safetensors", alpha=0.5))
+
+
+def test_flux_xyz_pinpoint_and_dice_plots(flux_ws):
+    import json
+
+    from merger.sweeps.dice import DiceSettings
+    from merger.sweeps.xyz_run import PlotSpec, prepare, run
+    ws = flux_ws
+    base = ws.recipe("fa.safetensors", "fb.safetensors", alpha=0.5)
+    before = len(ws.history.rows())
+    pin = run(ws, prepare(ws, PlotSpec(base, replace(GEN), {"X": ("alpha", "0,1"), "Y": ("pinpoint blocks", "D00,S10"),
+                                                           "Z": ("none", "")})))
+    assert pin.cells_done == 4 and len(pin.grids) == 1
+    rows = [json.loads(r["recipe"]) for r in ws.history.rows()[before:]]
+    assert [len(r["mbw_alpha"]) for r in rows] == [61] * 4
+    assert rows[1]["mbw_alpha"][3] == 1 and rows[1]["mbw_alpha"][4] == 0.5        # D00 pinned to 1
+    assert rows[3]["mbw_alpha"][22 + 10] == 1                                       # S10
+    dice = DiceSettings(template_alpha="DEEP_R", template_beta="", seed=7, digits=3)
+    rolled = run(ws, prepare(ws, PlotSpec(base, replace(GEN), {"X": ("random", "2"), "Y": ("none", ""),
+                                                               "Z": ("none", "")}, dice)))
+    assert rolled.cells_done == 2
+    last = [json.loads(r["recipe"])["mbw_alpha"] for r in ws.history.rows()[-2:]]
+    assert all(len(v) == 61 and v[:3] == [0, 0, 0] and v[-1] == 0 for v in last) and last[0] != last[1]
+    assert len(set(last[0][3:60])) > 30                                             # each deep block rolled

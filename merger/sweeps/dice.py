@@ -55,13 +55,13 @@ def new_seed() -> int:
 
 
 LETTERS = ("R", "U", "X", "D")
-OFFSETS = {"alpha": 0, "beta": 50, "elements": 100}      # SuperMerger's RANDMAP
+OFFSETS = {"alpha": 0, "beta": 50, "elements": 100}      # SuperMerger's RANDMAP (Flux: 0, 61, 122)
 
 
 def _template(text: str, arch: str) -> list[str]:
     """The entries of a template (preset name or comma list): one per block, or 26 on SDXL."""
     text = text.strip()
-    table = presets("sd1" if arch != "sdxl" else "sdxl")
+    table = presets(arch if arch in ("sdxl", "flux") else "sd1")
     if "," not in text:
         if text not in table:
             raise MergeError(f"dice: {text!r} is neither a preset nor a comma template")
@@ -130,6 +130,8 @@ def roll(settings: DiceSettings, arch: str, keys: list[str], seed: int) -> Roll:
     def vector(template: str, offset: int) -> tuple[list[float], list[str]]:
         parts = _template(template, arch)
         ids = BLOCKS_SD if len(parts) == len(BLOCKS_SD) else block_ids(arch)     # the template's positions
+        if len(parts) > OFFSETS["beta"]:      # Flux's 61 entries: α, β and element draws must not overlap
+            offset = {OFFSETS["alpha"]: 0, OFFSETS["beta"]: len(parts)}.get(offset, offset)
         lows = _limits(settings.lower, len(parts), arch, "lower")
         ups = _limits(settings.upper, len(parts), arch, "upper")
         out, lines = [], []
@@ -140,7 +142,7 @@ def roll(settings: DiceSettings, arch: str, keys: list[str], seed: int) -> Roll:
                 out.append(0.0)
                 for num, key in enumerate(keys):
                     if block_of(key, arch) == ids[i] and ("weight" in key or "bias" in key):
-                        r = draws[(num + OFFSETS["elements"]) % len(draws)]
+                        r = draws[(num + max(OFFSETS["elements"], 2 * len(parts))) % len(draws)]
                         v = round(_draw(entry[1:], r, lows[i], ups[i], coin, element=True), settings.digits)
                         lines.append(f"{ids[i]}:{key}:{v:g}")
             else:
