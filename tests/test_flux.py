@@ -165,6 +165,40 @@ def test_every_calcmode_runs_on_flux_and_keeps_a_dtype():
             assert sum(not torch.equal(res[k], a.tensors[k]) for k in merged) > len(merged) // 2, (mode, cm)
 
 
+def test_each_calcmode_on_flux_is_its_function_applied_key_by_key():
+    """Every calcmode without a whole-model pre-pass, on a Flux key, equals the calcmode's own
+    function (whose formula tests/test_calcmodes.py checks) called on that key's tensors with
+    the key's block ratios: Flux keys go through the same arithmetic as SD's."""
+    from merger.engine.calcmodes import ALL_MODES, CalcContext, calcmode_names, get_calcmode
+    a, b, c = flux(1), flux(2), flux(3)
+    key = PREFIX + "single_blocks.9.linear1.weight"
+    vec = [0.2] * 61
+    vec[BLOCKS_FLUX.index("S09")] = 0.45
+    for mode in ALL_MODES:
+        for name in calcmode_names(mode):
+            cm = get_calcmode(name)
+            if cm.prepare is not None:
+                continue
+            r = Recipe("a", "b", "c", mode=mode, calcmode=name, alpha=0.3, beta=0.25, mbw_alpha=vec, seed=3)
+            got = merge(r, a, b, c).tensors[key]
+            want = cm.fn(a.tensors[key], b.tensors[key], c.tensors[key] if r.uses_c() else None, 0.45,
+                         r.second_value(), mode=mode, out=None, ctx=CalcContext(key=key, gamma=r.gamma))
+            assert torch.equal(got, want.to(got.dtype)), (mode, name)
+
+
+def test_elemental_and_include_exclude_take_flux_blocks():
+    a, b = flux(1), flux(2)
+    res = merge(Recipe("a", "b", alpha=0.5, elemental="D03:img_mlp:0.9\nS10::0"), a, b).tensors
+    k1, k2, k3 = (PREFIX + k for k in ("double_blocks.3.img_mlp.0.weight", "single_blocks.10.linear1.weight",
+                                       "double_blocks.3.txt_mlp.0.weight"))
+    assert torch.equal(res[k1], torch.lerp(a.tensors[k1].float(), b.tensors[k1].float(), 0.9).bfloat16())
+    assert torch.equal(res[k2], a.tensors[k2])
+    assert torch.equal(res[k3], torch.lerp(a.tensors[k3].float(), b.tensors[k3].float(), 0.5).bfloat16())
+    only = merge(Recipe("a", "b", alpha=0.5, inex="include", inex_blocks=["T5", "OUT"]), a, b).tensors
+    changed = {block_of(k, "flux") for k in only if not torch.equal(only[k], a.tensors[k])}
+    assert changed == {"T5", "OUT"}
+
+
 def test_adjust_is_refused_for_flux():
     with pytest.raises(MergeError, match="Adjust .* Flux"):
         plan_merge(Recipe("a", "b", alpha=0.5, adjust=[1, 0, 0, 0, 0, 0, 0, 0]), flux(1), flux(2))

@@ -160,13 +160,15 @@ def build(ws):
             c["negative"] = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
             with gr.Row():
                 c["steps"] = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="steps")
-                c["cfg"] = gr.Slider(1, 30, value=7.0, step=0.5, label="CFG scale")
+                c["cfg"] = gr.Slider(1, 30, value=7.0, step=0.5,
+                                     label="CFG scale (Flux: its distilled guidance, e.g. 3.5)")
             with gr.Row():
                 c["width"] = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="width")
                 c["height"] = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="height")
             with gr.Row():
                 c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1 random)", elem_id="seed")
-                c["sampler"] = gr.Dropdown(list(SAMPLERS), value="Euler a", label="Sampler")
+                c["sampler"] = gr.Dropdown(list(SAMPLERS), value="Euler a",
+                                           label="Sampler (Flux: always flow-matching Euler)")
                 c["clip_skip"] = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
             with gr.Row():
                 c["batch_count"] = gr.Slider(1, 100, value=1, step=1, label="Batch count")
