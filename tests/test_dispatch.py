@@ -204,8 +204,8 @@ def test_a_search_runs_its_trials_on_the_workers(ws, cluster, tmp_path):
     from merger.sweeps.search import Search, SearchSpace, SearchSpec
     ws.merge(ws.recipe(A, B, alpha=0.7))
     ref = ws.generate(replace(GEN, seed=1), save=False).result.images[0].image
-    spec = SearchSpec(ws.recipe(A, B), SearchSpace(global_alpha=True), GEN, prompts=["a cat"], seeds=[1, 2], objective="like",
-                      sampler="random", trials=4, seed=0, references=[ref], study="ray")
+    spec = SearchSpec(ws.recipe(A, B), SearchSpace(global_alpha=True), GEN, prompts=["a cat"], seeds=[1, 2],
+                      objective="like", sampler="random", trials=4, seed=0, references=[ref], study="ray")
     ws.pool = cluster[1]
     s = Search(ws, spec, f"sqlite:///{tmp_path / 's.db'}")
     trials = s.run()

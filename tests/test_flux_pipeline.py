@@ -111,7 +111,8 @@ def test_flux_generation_needs_the_t5_tokenizer_and_an_all_in_one_model(tmp_path
     dirs.create()
     sd = random_checkpoint("flux", seed=1, dtype=torch.bfloat16)
     st.save_file(sd, str(dirs.ckpt / "aio.safetensors"))
-    st.save_file({strip_prefix(k): v for k, v in sd.items() if k.startswith(PREFIX)}, str(dirs.ckpt / "bare.safetensors"))
+    bare = {strip_prefix(k): v for k, v in sd.items() if k.startswith(PREFIX)}
+    st.save_file(bare, str(dirs.ckpt / "bare.safetensors"))
     ws = Workstation(dirs, device="cpu", dtype=torch.float32, outputs=tmp_path / "out")
     with pytest.raises(MergeError, match="needs the T5 tokenizer.*--t5-tokenizer"):
         ws.merge(ws.recipe("aio.safetensors", "aio.safetensors", alpha=0.5))

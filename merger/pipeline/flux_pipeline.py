@@ -91,7 +91,8 @@ def build_flux(params: dict, device: str, dtype, tokenizer_dir, empty_module):
     parts = {
         "transformer": empty_module(lambda: FluxTransformer2DModel.from_config(
             FluxTransformer2DModel.load_config(folder / "transformer")), device, dtype),
-        "vae": empty_module(lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")), device, dtype),
+        "vae": empty_module(lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+                            device, dtype),
         "text_encoder": empty_module(lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
                                      device, dtype),
         "text_encoder_2": empty_module(lambda: T5EncoderModel(T5Config.from_pretrained(folder / "text_encoder_2")),

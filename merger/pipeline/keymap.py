@@ -158,8 +158,8 @@ def flux_transformer_targets(key: str, hidden: int) -> list[Target]:
         return []
     if len(found) == 2 and found[0].name == found[1].name:
         return [Target("transformer", found[0].name, "halves")]
-    return [Target("transformer", p.name) if p.start is None else Target("transformer", p.name, "rows", (p.start, p.stop))
-            for p in found]
+    return [Target("transformer", p.name) if p.start is None
+            else Target("transformer", p.name, "rows", (p.start, p.stop)) for p in found]
 
 
 def component_of(key: str, arch: str) -> str | None:
