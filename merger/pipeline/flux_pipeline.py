@@ -7,13 +7,10 @@ through :mod:`.flux_keymap`; the sampler is diffusers' flow-matching Euler, the 
 distilled guidance (``cfg`` in the generation panel)."""
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from ..errors import MergeError
-from ..files.paths import data_dir
-from .pipeline_config import text_config, vae_config, write_tokenizer
+from .pipeline_config import config_folder, text_config, vae_config
 
 
 def transformer_config(t: dict) -> dict:
@@ -54,16 +51,7 @@ def flux_folder(params: dict, root: Path | None = None) -> Path:
              "text_encoder/config.json": text_config(params["text"], False),
              "text_encoder_2/config.json": t5_config(params["t5"]),
              "scheduler/scheduler_config.json": scheduler_config()}
-    blob = json.dumps(files, sort_keys=True).encode()
-    folder = (root or data_dir() / "pipelines") / f"flux-{hashlib.sha1(blob).hexdigest()[:10]}"
-    if (folder / "transformer" / "config.json").exists():
-        return folder
-    for name, cfg in files.items():
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cfg, indent=1))
-    write_tokenizer(folder / "tokenizer", params["text"]["pad"])
-    return folder
+    return config_folder("flux", files, {"tokenizer": params["text"]["pad"]}, root)
 
 
 def t5_tokenizer(folder: str | Path | None):

@@ -122,17 +122,24 @@ def pipeline_folder(arch: str, params: dict, prediction_type: str = "epsilon",
              "vae/config.json": vae_config(params),
              "text_encoder/config.json": text_config(params["text"], False),
              "scheduler/scheduler_config.json": scheduler_config(prediction_type)}
+    tokenizers = {"tokenizer": params["text"]["pad"]}
     if arch == "sdxl":
         files["text_encoder_2/config.json"] = text_config(params["text2"], True)
+        tokenizers["tokenizer_2"] = params["text2"]["pad"]
+    return config_folder(f"{arch}-{prediction_type}", files, tokenizers, root)
+
+
+def config_folder(tag: str, files: dict, tokenizers: dict[str, str], root: Path | None = None) -> Path:
+    """``files`` (path -> config dict) and CLIP tokenizers (subfolder -> pad token) written once into
+    a folder named by ``tag`` and the configs' hash; the first file marks a complete folder."""
     blob = json.dumps(files, sort_keys=True).encode()
-    folder = (root or data_dir() / "pipelines") / f"{arch}-{prediction_type}-{hashlib.sha1(blob).hexdigest()[:10]}"
-    if (folder / "model_index.json").exists():
+    folder = (root or data_dir() / "pipelines") / f"{tag}-{hashlib.sha1(blob).hexdigest()[:10]}"
+    if (folder / next(iter(files))).exists():
         return folder
     for name, cfg in files.items():
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cfg, indent=1))
-    write_tokenizer(folder / "tokenizer", params["text"]["pad"])
-    if arch == "sdxl":
-        write_tokenizer(folder / "tokenizer_2", params["text2"]["pad"])
+    for sub, pad in tokenizers.items():
+        write_tokenizer(folder / sub, pad)
     return folder
