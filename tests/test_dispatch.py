@@ -111,6 +111,34 @@ def test_cli_plot_and_dice_on_workers(tmp_path, capsys, monkeypatch):
     del ws
 
 
+def test_flux_cells_on_workers_equal_in_process(tmp_path):
+    """A Flux plot on 2 workers: each worker gets the app's T5 tokenizer folder (--t5-tokenizer)."""
+    import safetensors.torch as st
+
+    from merger.synthetic import random_checkpoint
+    from tests.test_flux_pipeline import tiny_t5_tokenizer
+    ws = make_ws(tmp_path)
+    for name, seed in (("fa.safetensors", 1), ("fb.safetensors", 2)):
+        st.save_file(random_checkpoint("flux", seed=seed, dtype=torch.bfloat16), str(ws.dirs.ckpt / name))
+    ws.pipeline.t5_tokenizer = tiny_t5_tokenizer(tmp_path / "t5")
+    gen = GenParams(prompt="a photo of a cat", steps=2, width=64, height=64, seed=3, cfg=3.5)
+    spec = PlotSpec(ws.recipe("fa.safetensors", "fb.safetensors"), gen,
+                    {"X": ("alpha", "0.2,0.8"), "Y": ("none", ""), "Z": ("none", "")})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = run(ws, prepare(ws, spec))
+        pool = start_pool(ws, 2)
+        try:
+            remote = run(ws, prepare(ws, spec))
+        finally:
+            pool.close()
+            ws.pool = None
+    finally:
+        torch.set_num_threads(threads)
+    assert remote.cells_done == 2 and [pixels(p) for p, _, _ in remote.cells] == [pixels(p) for p, _, _ in local.cells]
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     ws = make_ws(tmp_path_factory.mktemp("dispatch"))

@@ -86,6 +86,7 @@ class CellWorker:
         self.ws = Workstation(dirs, cache_bytes=int(settings.get("cache_bytes", 4 << 30)), device=device,
                               dtype=settings.get("dtype"), outputs=Path(tempfile.mkdtemp(prefix="sdmw-worker-")),
                               history=NoHistory(), storage=settings.get("storage", "model"))
+        self.ws.pipeline.t5_tokenizer = settings.get("t5_tokenizer")   # Flux: the same path on every node
         self.vae = None
 
     def ready(self) -> tuple[int, int, str]:
@@ -133,6 +134,7 @@ class PoolSettings:
     ship_models: bool = False
     cache_gb: float = 4.0
     storage: str = "model"
+    t5_tokenizer: str | None = None   # Flux generation (--t5-tokenizer), passed to every worker
 
 
 class Pool:
@@ -154,6 +156,7 @@ class Pool:
         import torch
         self.worker_settings = {"device": device, "ship_models": settings.ship_models,
                                 "cache_bytes": int(settings.cache_gb * 2**30), "storage": settings.storage,
+                                "t5_tokenizer": str(settings.t5_tokenizer) if settings.t5_tokenizer else None,
                                 "dtype": torch.float16 if device == "cuda" else torch.float32,
                                 "threads": None if device == "cuda" else self.per_actor["num_cpus"]}
         if device == "cuda" and gpus < settings.workers:
@@ -358,8 +361,8 @@ def start_pool(ws, workers: int | None, address: str | None = None, ship_models:
     if not workers and not address:
         return None
     pool = Pool.start(PoolSettings(workers=workers or 1, address=address, ship_models=ship_models,
-                                   device=device, cache_gb=min(4.0, ws.cache.budget / 2**30)
-                                   if hasattr(ws.cache, "budget") else 4.0), ws.dirs)
+                                   device=device, cache_gb=min(4.0, ws.cache.budget / 2**30),
+                                   t5_tokenizer=ws.pipeline.t5_tokenizer), ws.dirs)
     ws.pool = pool
     return pool
 
