@@ -132,7 +132,7 @@ class _Runner:
         if self.cm.elementwise and job.channels is None and job.adjust is None:
             res = out if out is not None else torch.empty_like(a)
             n = min(a.numel(), CHUNK)
-            bufs = [torch.empty(n, dtype=work, device=a.device) for _ in range(4)]
+            bufs = [scratch(f"fp8-{k}", n, work, a.device) for k in range(4)]     # reused key to key
             present = [x is not None for x in (a, b, c)]
             alpha, beta = job.ratios
 
