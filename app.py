@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--clip-dir", help="a local CLIP model folder for the Search tab's scorer (e.g. a copy of "
                                       "openai/clip-vit-large-patch14); nothing is downloaded")
     p.add_argument("--aesthetic-head", help="the LAION aesthetic predictor's MLP weights for the scorer")
+    p.add_argument("--imagereward", metavar="DIR", help="a folder with THUDM's ImageReward.pt and bert-base-uncased's "
+                                                        "vocab.txt for the scorer; nothing is downloaded")
     p.add_argument("--max-cells", type=int, default=500,
                    help="XYZ plots with more cells need 'allow large plots' ticked (default 500)")
     p.add_argument("--cache-gb", type=float, default=12.0, help="RAM budget of the model cache")
@@ -61,7 +63,8 @@ def make_workstation(args):
     dirs.create()
     ws = Workstation(dirs, cache_bytes=int(args.cache_gb * 2**30), device=args.device,
                      storage="compute" if args.fp32_weights else "model", max_cells=args.max_cells)
-    ws.scorer_files = {k: v for k, v in (("clip", args.clip_dir), ("aesthetic", args.aesthetic_head)) if v}
+    ws.scorer_files = {k: v for k, v in (("clip", args.clip_dir), ("aesthetic", args.aesthetic_head),
+                                                 ("imagereward", args.imagereward)) if v}
     ws.pipeline.t5_tokenizer = args.t5_tokenizer
     from merger.files.paths import data_dir
     from merger.files.saving import clean_stale_temps

@@ -2,12 +2,17 @@
 
     python bench/search_bench.py            # demo (tiny) models and SD1.5-shaped models
     python bench/search_bench.py --tiny     # demo models only (seconds)
+    python bench/search_bench.py --imagereward-only   # the ImageReward scorer's cost alone
 
 For each model size: (1) merge+swap only — Optuna ask, the trial's recipe, the incremental
 re-merge into the resident pipeline, tell — and (2) whole trials of a "look like this" search
 (TPE, 26 block α) with a 64×64 one-step generation per trial, split into merging, generating,
 scoring and the optimizer's own time (ask/tell/SQLite/history). SD1.5-shaped models are random
 fp16 values with the real key names and shapes, written to a temporary folder.
+
+(3) The ImageReward scorer at its real size (BLIP ViT-L/16 + BERT-base with cross-attention,
+random weights, a synthetic 30 522-word vocabulary): seconds per scored image, against the bound
+of its multiply-adds at the float32 matrix-multiply rate measured in the same run.
 """
 from __future__ import annotations
 
@@ -87,13 +92,71 @@ def report(title: str, per_merge: float, per_trial: float, shares: dict) -> None
     print("  share: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in shares.items()))
 
 
+def imagereward_row(folder: Path, n: int = 3) -> None:
+    """Time ImageReward on full-size random weights: per image, vs its FLOPs at this machine's GEMM rate."""
+    import safetensors.torch as st
+    from PIL import Image
+    from transformers import BlipTextConfig
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    from merger.sweeps.imagereward import MED_DEFAULTS, ImageReward
+    d, layers, hidden, tokens, text_tokens = 1024, 24, 4096, 197, 35
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(shape, generator=g) * 0.02
+    sd = {"blip.visual_encoder.cls_token": rnd(1, 1, d), "blip.visual_encoder.pos_embed": rnd(1, tokens, d),
+          "blip.visual_encoder.patch_embed.proj.weight": rnd(d, 3, 16, 16),
+          "blip.visual_encoder.patch_embed.proj.bias": rnd(d), "blip.visual_encoder.norm.weight": torch.ones(d),
+          "blip.visual_encoder.norm.bias": rnd(d)}
+    for i in range(layers):
+        for name, shape in (("norm1", (d,)), ("attn.qkv", (3 * d, d)), ("attn.proj", (d, d)), ("norm2", (d,)),
+                            ("mlp.fc1", (hidden, d)), ("mlp.fc2", (d, hidden))):
+            sd[f"blip.visual_encoder.blocks.{i}.{name}.weight"] = rnd(*shape) + (1 if "norm" in name else 0)
+            sd[f"blip.visual_encoder.blocks.{i}.{name}.bias"] = rnd(shape[0])
+    text = BlipTextModel(BlipTextConfig(encoder_hidden_size=d, **{k: v for k, v in MED_DEFAULTS.items()}),
+                         add_pooling_layer=False)
+    sd.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
+    for i, (o, n_in) in zip((0, 2, 4, 6, 7), ((1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16))):
+        sd[f"mlp.layers.{i}.weight"], sd[f"mlp.layers.{i}.bias"] = rnd(o, n_in), rnd(o)
+    folder.mkdir(parents=True, exist_ok=True)
+    st.save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "ImageReward.safetensors"))
+    words = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (folder / "vocab.txt").write_text("\n".join(words + [f"w{i}" for i in range(30522 - len(words))]) + "\n")
+    model = ImageReward(folder)
+    a = torch.randn(2048, 2048)
+    torch.mm(a, a)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        torch.mm(a, a)
+    gemm = 3 * 2 * 2048 ** 3 / (time.perf_counter() - t0)
+    # multiply-adds: ViT (qkv, proj, MLP, attention) + BERT self/cross attention and FFN over 35 tokens
+    vit = layers * (tokens * (4 * d * d + 2 * d * hidden) + 2 * tokens * tokens * d) + tokens * 768 * d
+    bert = 12 * (text_tokens * (8 * 768 * 768 + 2 * 768 * 3072) + 2 * tokens * 768 * d + 2 * text_tokens * tokens * 768)
+    bound = 2 * (vit + bert) / gemm
+    for size in (64, 512):
+        im = Image.new("RGB", (size, size), (120, 60, 200))
+        model([im], ["a photo of a cat"])
+        t0 = time.perf_counter()
+        for _ in range(n):
+            model([im], ["a photo of a cat"])
+        per = (time.perf_counter() - t0) / n
+        print(f"  ImageReward, one {size}x{size} image: {per:.3f} s = {per / bound:.2f}x the bound "
+              f"({2 * (vit + bert) / 1e9:.0f} GFLOP at {gemm / 1e9:.0f} GFLOP/s float32 GEMM = {bound:.3f} s)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="demo models only")
     ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--imagereward-only", action="store_true", help="only time the ImageReward scorer")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as d:
+        if args.imagereward_only:
+            print("\nImageReward scorer, real size (random weights)")
+            imagereward_row(Path(d) / "imagereward")
+            return
         from merger.demo import ensure_demo_models
         dirs = ModelDirs.from_models_dir(Path(d) / "models")
         ensure_demo_models(dirs)
@@ -117,6 +180,8 @@ def main() -> None:
         per_trial, shares = whole_trials(ws, "sd15-A.safetensors", "sd15-B.safetensors", n,
                                          storage.replace("search", "w15"))
         report("SD1.5-shaped models (1.07 B params, fp16 files, fp32 CPU pipeline)", per_merge, per_trial, shares)
+        print("\nImageReward scorer, real size (random weights)")
+        imagereward_row(Path(d) / "imagereward")
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ class Workstation:
         self._loras: dict = {}
         self.max_cells = max_cells                  # XYZ plots above this need confirming
         self.cell_seconds: float | None = None      # running average of a plot cell's time
-        self.scorer_files: dict[str, str] = {}      # search scorer: "clip" folder, "aesthetic" head (launch flags)
+        self.scorer_files: dict[str, str] = {}      # search scorer: "clip", "aesthetic", "imagereward" (launch flags)
         self.pool = None                            # Ray workers for plots and searches (sweeps.dispatch)
 
     # ------------------------------------------------------------------ LoRAs

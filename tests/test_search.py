@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import statistics
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,6 +185,33 @@ def test_scorer_needs_its_files_and_scores_with_local_clip(ws, tmp_path):
     with pytest.raises(MergeError, match="is not the LAION aesthetic head"):
         Search(ws, spec(ws, [], objective="scorer", clip_dir=str(clip), aesthetic=str(bad), study="sc2"),
                f"sqlite:///{tmp_path / 'sc.db'}")
+
+
+def test_scorer_with_imagereward_alone(ws, tmp_path):
+    """ImageReward (the tiny reference model of tests/data/imagereward) as the whole scorer: each
+    trial's score is the mean reward of its images; the study is kept apart from CLIP-only ones,
+    and the CLI's --imagereward reaches the spec."""
+    import argparse
+
+    from merger.sweeps.imagereward import ImageReward
+    from merger.sweeps.search_cli import add_parser, spec_from_args
+    folder = str(Path(__file__).parent / "data" / "imagereward")
+    storage = f"sqlite:///{tmp_path / 'ir.db'}"
+    with pytest.raises(MergeError, match="works on CLIP embeddings"):
+        Search(ws, spec(ws, [], objective="scorer", aesthetic=folder, imagereward=folder), storage)
+    sp = spec(ws, [], objective="scorer", imagereward=folder, trials=2, study="ir")
+    sp.seeds = [1, 2]
+    trials = Search(ws, sp, storage).run()
+    reward = ImageReward(folder)
+    for t in trials:
+        assert t.score == pytest.approx(float(reward(t.images, ["a cat"] * 2).mean()), abs=1e-4)
+    assert trials[0].score != trials[1].score
+    assert "imagereward" in sp.signature() and "imagereward" not in spec(ws, [], objective="scorer").signature()
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["search", "--model-a", A, "--model-b", B, "--blocks", "BASE", "--objective", "scorer",
+                              "--imagereward", folder])
+    assert spec_from_args(ws, args).imagereward == folder
 
 
 def test_recipe_for_keeps_unsearched_blocks(ws):

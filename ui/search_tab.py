@@ -13,7 +13,7 @@ from .common import progress_cb, safe
 
 TOP = 4                    # best trials of a run shown together
 OBJECTIVES = [("your eye: pick the best of each batch", "eye"), ("look like these images", "like"),
-              ("scorer: CLIP score + aesthetic (files given at launch)", "scorer")]
+              ("scorer: CLIP score + aesthetic + ImageReward (files given at launch)", "scorer")]
 
 
 def _range(text: str, name: str) -> tuple[float, float] | None:
@@ -110,7 +110,8 @@ def _wire(ws, mc, c):
                           sampler=v["sampler"], trials=int(forms.number(v["trials"], "trial budget", whole=True)),
                           batch=int(forms.number(v["batch"], "batch", whole=True)), study=(v["study"] or "").strip(),
                           references=refs, clip_dir=ws.scorer_files.get("clip"),
-                          aesthetic=ws.scorer_files.get("aesthetic"))
+                          aesthetic=ws.scorer_files.get("aesthetic"),
+                          imagereward=ws.scorer_files.get("imagereward"))
 
     def plot_df(search) -> pd.DataFrame:
         pts = sorted(search.scores())

@@ -2,8 +2,8 @@
 
 * :class:`LooksLike`: closeness to reference images — CLIP image embeddings when a CLIP model is
   given, else a multi-scale pixel distance (no model files needed).
-* :class:`Scorer`: CLIP score against the prompt and/or the LAION aesthetic predictor (CLIP
-  ViT-L/14 image embedding → its MLP head), from local files only.
+* :class:`Scorer`: CLIP score against the prompt, the LAION aesthetic predictor (CLIP ViT-L/14
+  image embedding → its MLP head) and/or ImageReward (:mod:`.imagereward`), from local files only.
 * "Your eye" needs no objective here: :mod:`.search` asks the user to pick (preferences).
 
 Models are loaded from the folders the user names (``local_files_only``): nothing is ever
@@ -124,32 +124,48 @@ class LooksLike:
 
 
 class Scorer:
-    """``clip_weight`` × CLIP score (cosine of image and prompt, A1111's *CLIP score* before its
-    ×100) + the aesthetic predictor's score (about 1–10), averaged over the trial's images."""
+    """The sum of the parts given, averaged over the trial's images: ``clip_weight`` × CLIP score
+    (cosine of image and prompt, A1111's *CLIP score* before its ×100), the aesthetic predictor's
+    score (about 1–10) and the ImageReward reward (standardised: about −2…2)."""
 
     name = "scorer"
 
-    def __init__(self, clip: Clip, head: torch.nn.Module | None = None, clip_weight: float = 10.0):
-        self.clip, self.head, self.clip_weight = clip, head, clip_weight
+    def __init__(self, clip: Clip | None, head: torch.nn.Module | None = None, clip_weight: float = 10.0,
+                 reward=None):
+        if clip is None and reward is None:
+            raise MergeError("the scorer needs CLIP (--clip-dir) or ImageReward (--imagereward)")
+        self.clip, self.head, self.clip_weight, self.reward = clip, head, clip_weight, reward
 
     @torch.no_grad()
     def __call__(self, images, prompts) -> float:
-        emb = self.clip.image_embeds(images)
-        score = self.clip_weight * (emb * self.clip.text_embeds(list(prompts))).sum(-1)
-        if self.head is not None:
-            score = score + self.head(emb).squeeze(-1)
+        score = torch.zeros(len(images))
+        if self.clip is not None:
+            emb = self.clip.image_embeds(images)
+            score += self.clip_weight * (emb * self.clip.text_embeds(list(prompts))).sum(-1)
+            if self.head is not None:
+                score += self.head(emb).squeeze(-1)
+        if self.reward is not None:
+            score += self.reward(images, prompts)
         return float(score.mean())
 
 
-def make_objective(kind: str, *, references=(), clip_dir: str | None = None, aesthetic: str | None = None):
+def make_objective(kind: str, *, references=(), clip_dir: str | None = None, aesthetic: str | None = None,
+                   imagereward: str | None = None):
     """The objective of a search from its settings (``kind``: "like" or "scorer")."""
     clip = Clip(clip_dir) if clip_dir else None
     if kind == "like":
         return LooksLike(list(references), clip)
     if kind == "scorer":
-        if clip is None:
-            raise MergeError("the scorer objective needs a CLIP model folder (--clip-dir): CLIP score and the "
-                             "aesthetic predictor both work on CLIP embeddings")
+        if clip is None and aesthetic:
+            raise MergeError("the aesthetic predictor works on CLIP embeddings: give a CLIP model folder "
+                             "(--clip-dir) too")
+        if clip is None and not imagereward:
+            raise MergeError("the scorer objective needs a CLIP model folder (--clip-dir) for CLIP score and the "
+                             "aesthetic predictor, or an ImageReward folder (--imagereward)")
         head = aesthetic_head(aesthetic, clip.model.config.projection_dim) if aesthetic else None
-        return Scorer(clip, head)
+        reward = None
+        if imagereward:
+            from .imagereward import ImageReward
+            reward = ImageReward(imagereward)
+        return Scorer(clip, head, reward=reward)
     raise MergeError(f"unknown objective {kind!r}")

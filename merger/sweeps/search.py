@@ -169,6 +169,7 @@ class SearchSpec:
     references: list = field(default_factory=list)   # PIL images ("like")
     clip_dir: str | None = None
     aesthetic: str | None = None
+    imagereward: str | None = None               # an ImageReward folder (the scorer adds its reward)
 
     def signature(self) -> str:
         """What a study's trials depend on; resuming a study with another one is refused."""
@@ -177,6 +178,8 @@ class SearchSpec:
                           r.model_c if r.uses_c() else "", *r.models, *r.model_hashes],
                "mode": r.method or r.mode, "space": asdict(self.space), "objective": self.objective,
                "prompts": self.prompts, "seeds": self.seeds}
+        if self.objective == "scorer" and self.imagereward:   # the score is another sum: not comparable
+            key["scorer"] = ["clip"] * bool(self.clip_dir) + ["aesthetic"] * bool(self.aesthetic) + ["imagereward"]
         return json.dumps(key, sort_keys=True)
 
     def study_name(self) -> str:
@@ -239,7 +242,7 @@ class Search:
         if spec.objective != "eye":
             from .objectives import make_objective
             self.objective = make_objective(spec.objective, references=spec.references, clip_dir=spec.clip_dir,
-                                            aesthetic=spec.aesthetic)
+                                            aesthetic=spec.aesthetic, imagereward=spec.imagereward)
         self.storage = storage or storage_url()
         name = spec.study_name()
         try:

@@ -34,6 +34,8 @@ def add_parser(sub) -> None:
     s.add_argument("--reference", nargs="+", default=[], help="images to look like (objective like)")
     s.add_argument("--clip-dir", help="a local CLIP model folder (transformers layout)")
     s.add_argument("--aesthetic-head", help="the LAION aesthetic predictor's MLP weights (.pth/.safetensors)")
+    s.add_argument("--imagereward", metavar="DIR", help="a folder with THUDM's ImageReward.pt and bert-base-uncased's "
+                                                        "vocab.txt: the scorer adds its reward")
     s.add_argument("--prompt", action="append", help="prompt of every trial (repeatable)")
     s.add_argument("--seeds", nargs="+", type=int, default=[1])
     s.add_argument("--steps", type=int, default=20)
@@ -76,7 +78,7 @@ def spec_from_args(ws, args):
     return SearchSpec(recipe, space, gen, prompts=args.prompt or ["a photo of a cat"], seeds=args.seeds,
                       objective=args.objective, sampler=args.optimizer, trials=args.trials, batch=args.batch,
                       study=args.study, seed=args.seed, references=refs, clip_dir=args.clip_dir,
-                      aesthetic=args.aesthetic_head)
+                      aesthetic=args.aesthetic_head, imagereward=args.imagereward)
 
 
 def run_search(args) -> None:
