@@ -69,6 +69,13 @@ def test_safetensors_weights_and_default_med_config(tmp_path, expected, images):
         ImageReward(d)
 
 
+def test_scorer_moves_its_models_to_the_workstation_device():
+    from merger.sweeps.objectives import Scorer
+    reward = ImageReward(DATA)
+    Scorer(None, reward=reward).to("meta")
+    assert {p.device.type for m in (reward.vision, reward.text, reward.head) for p in m.parameters()} == {"meta"}
+
+
 def test_real_model_shapes_give_vit_l():
     """ImageReward v1.0 is BLIP's ViT-L/16 at 224 px: 24 blocks, 16 heads of 64."""
     shapes = {"embeddings.class_embedding": (1, 1, 1024), "embeddings.patch_embedding.weight": (1024, 3, 16, 16),

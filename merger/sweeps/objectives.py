@@ -52,6 +52,10 @@ class Clip:
             raise MergeError(f"could not load the CLIP model in {folder}: {str(e).splitlines()[0]}") from None
         self.size = self.model.config.vision_config.image_size
 
+    def to(self, device) -> "Clip":
+        self.model.to(device)
+        return self
+
     def _tensor(self, images) -> torch.Tensor:
         from PIL import Image
         out = []
@@ -67,15 +71,15 @@ class Clip:
 
     @torch.no_grad()
     def image_embeds(self, images) -> torch.Tensor:
-        e = self.model.get_image_features(pixel_values=self._tensor(images))
-        e = getattr(e, "pooler_output", e)
+        e = self.model.get_image_features(pixel_values=self._tensor(images).to(self.model.device))
+        e = getattr(e, "pooler_output", e).float().cpu()
         return e / e.norm(dim=-1, keepdim=True)
 
     @torch.no_grad()
     def text_embeds(self, texts: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        tok = self.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(self.model.device)
         e = self.model.get_text_features(**tok)
-        e = getattr(e, "pooler_output", e)
+        e = getattr(e, "pooler_output", e).float().cpu()
         return e / e.norm(dim=-1, keepdim=True)
 
 
@@ -115,6 +119,12 @@ class LooksLike:
         self.refs, self.clip = list(references), clip
         self.target = clip.image_embeds(self.refs).mean(0) if clip else None
 
+    def to(self, device) -> "LooksLike":
+        """Run the CLIP model on ``device`` (the workstation's); results stay on the CPU."""
+        if self.clip is not None:
+            self.clip.to(device)
+        return self
+
     def __call__(self, images, prompts) -> float:
         if self.clip is not None:
             return float((self.clip.image_embeds(images) @ self.target).mean())
@@ -135,6 +145,14 @@ class Scorer:
         if clip is None and reward is None:
             raise MergeError("the scorer needs CLIP (--clip-dir) or ImageReward (--imagereward)")
         self.clip, self.head, self.clip_weight, self.reward = clip, head, clip_weight, reward
+
+    def to(self, device) -> "Scorer":
+        """Run CLIP and ImageReward on ``device`` (the workstation's); the small aesthetic head
+        and the sums stay on the CPU."""
+        for part in (self.clip, self.reward):
+            if part is not None:
+                part.to(device)
+        return self
 
     @torch.no_grad()
     def __call__(self, images, prompts) -> float:

@@ -242,7 +242,8 @@ class Search:
         if spec.objective != "eye":
             from .objectives import make_objective
             self.objective = make_objective(spec.objective, references=spec.references, clip_dir=spec.clip_dir,
-                                            aesthetic=spec.aesthetic, imagereward=spec.imagereward)
+                                            aesthetic=spec.aesthetic, imagereward=spec.imagereward
+                                            ).to(ws.pipeline.device)
         self.storage = storage or storage_url()
         name = spec.study_name()
         try:
