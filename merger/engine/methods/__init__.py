@@ -4,7 +4,9 @@ registered with :func:`method`, and imported automatically.
 A recipe with a ``method`` names a BASE (``model_a``) and models M1…Mn (``models``). For each
 merged key the engine stacks the task vectors τᵢ = Mᵢ − BASE in float32 into one tensor of shape
 ``(n, *shape)`` and calls ``fn(taus, args, generator)``, which returns merge(τ₁…τₙ) in float32
-as a new tensor (it may overwrite ``taus``, a reused per-thread buffer). The result is BASE + λ·merge(τ), with λ the key's α (scalar, MBW
+as a new tensor (it may overwrite ``taus``, a reused per-thread buffer). A method may also give a
+``fused`` function that computes the whole key from the inputs in one compiled loop
+(:mod:`..compiled`); the engine tries it first. The result is BASE + λ·merge(τ), with λ the key's α (scalar, MBW
 vector or elemental) and the method's second parameter (density or drop) the key's β.
 """
 from __future__ import annotations
@@ -50,6 +52,9 @@ class Method:
     min_models: int = 1
     defaults: dict = field(default_factory=dict)
     reads: tuple[str, ...] = ()      # recipe fields that change its result (besides λ and weights)
+    # optional fused path: fused(base, models, λ, args, out_dtype) -> BASE + λ·merge(τ) straight
+    # from the inputs (any float dtypes), or None to take the stacked path; results equal fn's
+    fused: Callable | None = None
 
 
 REGISTRY: dict[str, Method] = {}

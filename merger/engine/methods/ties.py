@@ -1,36 +1,66 @@
 """ties: TIES-merging (Yadav et al. 2023, arXiv 2306.01708): trim, elect sign, disjoint mean."""
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
 
+from ..compiled import compiled, usable
 from ..tensor_ops import scratch
 from . import MethodArgs, method
 
-SMALL = 1 << 17        # below this many elements kthvalue is used directly
-SAMPLE = 1 << 16       # sample size for bracketing the k-th value of larger tensors
+SMALL = 1 << 17        # at most this many elements are selected from directly
+SAMPLE = 1 << 15       # sample size bracketing the k-th value of larger tensors (2^15 beat 2^14, 2^16)
 CHUNK = 1 << 19        # elements per model per step of the elementwise combination (2^19 beat
 #                        2^13..2^18 and 2^20 on 2 cores: per-op overhead outweighs cache residency)
 
 
-def kth_smallest(x: torch.Tensor, kth: int) -> torch.Tensor:
-    """The ``kth`` smallest value (1-based) of the 1-D tensor ``x``, exactly ``x.kthvalue(kth)``.
+def select(x: torch.Tensor, kths: list[int]) -> list[float]:
+    """The ``kths`` smallest values (1-based) of the 1-D tensor ``x``, as ``x.kthvalue(k)``: on
+    the CPU one ``numpy.partition`` (introselect) for all of them, 2-4x faster than ``kthvalue``."""
+    if x.device.type == "cpu":
+        part = np.partition(x.detach().numpy(), [k - 1 for k in kths])
+        return [float(part[k - 1]) for k in kths]
+    return [float(x.kthvalue(k).values) for k in kths]
 
-    Large tensors avoid a full selection: a fixed sample brackets the answer in [lo, hi]; one
-    pass counts the values below lo, one gathers those inside, and ``kthvalue`` runs on that
-    small set (about 2% of the values). If the bracket misses (vanishingly rare, e.g. heavy
-    ties), it falls back to the full ``kthvalue``. About 5x faster than ``kthvalue`` on 15M."""
-    n = x.numel()
-    if n <= SMALL:
-        return x.kthvalue(kth).values
-    gen = torch.Generator(device=x.device).manual_seed(n)
-    sample = x[torch.randint(0, n, (SAMPLE,), generator=gen, device=x.device)]
+
+def _sample_index(n: int, device) -> torch.Tensor:
+    """SAMPLE positions drawn with a generator seeded by ``n`` (the same for every tensor of that
+    size), sorted so that reading them from a memory-mapped file walks its pages in order."""
+    return _sample_index_cpu(n, SAMPLE).to(device)
+
+
+@functools.lru_cache(maxsize=32)           # a model has few distinct sizes; 0.5 MB each
+def _sample_index_cpu(n: int, size: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(n)
+    return torch.randint(0, n, (size,), generator=gen).sort().values
+
+
+def _bracket(sample: torch.Tensor, kth: int, n: int) -> tuple[float | None, float | None]:
+    """[lo, hi] from a sample of |τ| that holds the k-th smallest of all ``n`` values with
+    overwhelming probability (6 standard deviations of the sample quantile, plus 32); None for
+    an open end."""
     q = kth / n
     margin = 6 * math.sqrt(SAMPLE * q * (1 - q)) + 32
     lo_i, hi_i = int(q * SAMPLE - margin), int(q * SAMPLE + margin)
-    lo = sample.kthvalue(lo_i + 1).values if lo_i > 0 else None          # two selections on the
-    hi = sample.kthvalue(hi_i + 1).values if hi_i < SAMPLE - 1 else None  # sample: no sort
+    ends = [i + 1 for i in (lo_i, hi_i) if 0 < i < SAMPLE - 1]
+    vals = dict(zip(ends, select(sample, ends)))
+    return vals.get(lo_i + 1), vals.get(hi_i + 1)
+
+
+def kth_smallest(x: torch.Tensor, kth: int) -> float:
+    """The ``kth`` smallest value (1-based) of the 1-D tensor ``x``, exactly ``x.kthvalue(kth)``.
+
+    Large tensors avoid a full selection: a fixed sample brackets the answer in [lo, hi]; one
+    pass counts the values below lo, one gathers those inside, and the selection runs on that
+    small set (about 2% of the values). If the bracket misses (vanishingly rare, e.g. heavy
+    ties), it falls back to a selection over all values."""
+    n = x.numel()
+    if n <= SMALL:
+        return select(x, [kth])[0]
+    lo, hi = _bracket(x[_sample_index(n, x.device)], kth, n)
     mask = scratch("kth_mask", n, torch.bool, x.device)
     below = int(torch.count_nonzero(torch.lt(x, lo, out=mask))) if lo is not None else 0
     if lo is not None and hi is not None:      # lo <= x <= hi  is  (x <= hi) xor (x < lo)
@@ -42,9 +72,7 @@ def kth_smallest(x: torch.Tensor, kth: int) -> torch.Tensor:
     else:
         inside = x
     r = kth - below
-    if 1 <= r <= inside.numel():
-        return inside.kthvalue(r).values
-    return x.kthvalue(kth).values
+    return select(inside if 1 <= r <= inside.numel() else x, [r if 1 <= r <= inside.numel() else kth])[0]
 
 
 def thresholds(taus: torch.Tensor, density: float) -> torch.Tensor | None:
@@ -62,6 +90,98 @@ def thresholds(taus: torch.Tensor, density: float) -> torch.Tensor | None:
         mag = torch.abs(flat[i], out=scratch("trim_mag", flat.shape[1], torch.float32, taus.device))
         out[i] = kth_smallest(mag, kth)
     return out
+
+
+def input_thresholds(base: torch.Tensor, models: list[torch.Tensor], density: float) -> torch.Tensor | None:
+    """:func:`thresholds` of τᵢ = Mᵢ − BASE straight from the inputs, without the stacked float32
+    task vectors: the same exact k-th smallest |τᵢ| (same sample, same bracket), with |τ| made a
+    cache-sized chunk at a time (one mixed-dtype subtraction, so τ is the float32 difference as
+    in the stacked path), counted below the bracket and gathered inside it."""
+    flat_b = base.reshape(-1)
+    total = flat_b.numel()
+    kth = max(int((1 - density) * total), 1)
+    if kth == 1:
+        return None
+    out = torch.empty(len(models), 1, dtype=torch.float32)
+    if total <= SMALL:
+        b = flat_b.float()
+        for i, m in enumerate(models):
+            out[i] = select((m.reshape(-1).float() - b).abs_(), [kth])[0]
+        return out
+    idx = _sample_index(total, "cpu")
+    sb = flat_b[idx].float()
+    brackets = [_bracket((m.reshape(-1)[idx].float() - sb).abs_(), kth, total) for m in models]
+    below, inside = [0] * len(models), [[] for _ in models]
+    step = min(CHUNK, total)
+    t = scratch("it_mag", step, torch.float32)
+    b = scratch("it_base", step, torch.float32)
+    k1, k2 = scratch("it_m1", step, torch.bool), scratch("it_m2", step, torch.bool)
+    for start in range(0, total, step):
+        c = min(step, total - start)
+        bc = b[:c].copy_(flat_b[start:start + c])
+        for i, m in enumerate(models):
+            lo, hi = brackets[i]
+            a = torch.sub(m.reshape(-1)[start:start + c], bc, out=t[:c]).abs_()
+            sel = k2[:c]
+            if lo is not None:
+                below[i] += int(torch.count_nonzero(torch.lt(a, lo, out=k1[:c])))
+                if hi is not None:
+                    torch.le(a, hi, out=sel).logical_xor_(k1[:c])
+                else:
+                    torch.ge(a, lo, out=sel)
+            elif hi is not None:
+                torch.le(a, hi, out=sel)
+            else:
+                sel.fill_(True)
+            inside[i].append(a[sel])
+    for i, m in enumerate(models):
+        vals = torch.cat(inside[i])
+        r = kth - below[i]
+        out[i] = (select(vals, [r])[0] if 1 <= r <= vals.numel()       # else the bracket missed:
+                  else select((m.reshape(-1).float() - flat_b.float()).abs_(), [kth])[0])   # select all
+    return out
+
+
+def _combine(base, models: list[torch.Tensor], thr, w, lam, count: bool, out_dtype: torch.dtype):
+    """BASE + λ·disjoint_mean(trim(τ)) as one expression for ``torch.compile``: the same float32
+    operations, in the same order, as :func:`disjoint_mean` and the engine's ``mul_(λ).add_(BASE)``."""
+    b = base.float()
+    taus = []
+    for i, m in enumerate(models):
+        t = m.float() - b
+        if thr is not None:
+            t = torch.where(t.abs() >= thr[i], t, 0.0)
+        taus.append(t)
+    s = None
+    for i, t in enumerate(taus):
+        v = torch.sign(t) if count else (t if w is None else t * w[i])
+        s = v if s is None else s + v
+    s = torch.sign(s)
+    num = den = None
+    for i, t in enumerate(taus):
+        r = torch.relu(t * s)
+        rn, rd = (r, torch.sign(r)) if w is None else (r * w[i], torch.sign(r) * w[i])
+        num = rn if num is None else num + rn
+        den = rd if den is None else den + rd
+    d = (num * s) / den
+    d = torch.where(torch.isfinite(d), d, 0.0)
+    return (d * lam + b).to(out_dtype)
+
+
+_combine_compiled = compiled(_combine)
+
+
+def ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtype) -> torch.Tensor | None:
+    """The whole TIES key from the inputs (exact thresholds, then one compiled pass), or None
+    where fused kernels are unavailable (:func:`..compiled.usable`)."""
+    if not usable(base):
+        return None
+    thr = input_thresholds(base, models, args.density)
+    w = args.weight_tensor(len(models))
+    res = _combine_compiled(base.reshape(-1), [m.reshape(-1) for m in models],
+                            None if thr is None else thr.reshape(-1), None if bool((w == 1).all()) else w,
+                            torch.tensor(float(lam)), args.sign == "count", out_dtype)
+    return None if res is None else res.reshape(base.shape)
 
 
 def disjoint_mean(taus: torch.Tensor, weights: torch.Tensor, sign: str,
@@ -110,7 +230,7 @@ def disjoint_mean(taus: torch.Tensor, weights: torch.Tensor, sign: str,
 
 @method("ties", second="density", defaults={"density": 0.2}, reads=("density", "sign"),
         reference="Yadav et al. 2023, 'TIES-Merging', arXiv 2306.01708; sd-mecha merge_methods/ties.py ties_sum",
-        formula="BASE + λ·disjoint_mean(elect(trim_k(τ₁…τₙ)))")
+        formula="BASE + λ·disjoint_mean(elect(trim_k(τ₁…τₙ)))", fused=ties_fused)
 def ties(taus: torch.Tensor, args: MethodArgs, generator) -> torch.Tensor:
     """Trim each τᵢ to its top-k (k = density) by magnitude (:func:`thresholds`), elect the sign
     per element and average the agreeing entries (:func:`disjoint_mean`)."""

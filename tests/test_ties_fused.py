@@ -1,0 +1,112 @@
+"""TIES's fused CPU path (exact thresholds from the inputs + one compiled pass) gives bit for bit
+what the stacked eager path gives, equals sd-mecha, survives a missed bracket, and falls back to
+eager torch when nothing can be compiled."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from sd_mecha.extensions.builtin.merge_methods import ties as mecha
+
+import merger.engine.compiled as compiled_mod
+import merger.engine.methods.ties as ties_mod
+from merger.engine import merge
+from merger.engine.methods import REGISTRY, MethodArgs, get_method
+from merger.files.checkpoint_io import Checkpoint
+from merger.recipe import Recipe
+
+BIG = 300_000          # above the sample bracket's threshold (2^17)
+MID = 70_000           # fused, thresholds selected directly
+
+
+def inputs(numel: int, n: int, dtype, base_dtype=None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(numel, generator=g) * 0.05).to(base_dtype or dtype)
+    models = [(base.float() + torch.randn(numel, generator=g) * 0.01 * (i + 1)).to(dtype) for i in range(n)]
+    return base, models
+
+
+def stacked(base, models, lam, args):
+    b = base.float()
+    taus = torch.stack([m.float() - b for m in models])
+    return get_method("ties").fn(taus, args, None).mul_(lam).add_(b).to(base.dtype), taus
+
+
+@pytest.mark.parametrize("numel,n,dtype,base_dtype,sign,weights,density", [
+    (BIG, 4, torch.float16, None, "count", (), 0.2),
+    (BIG, 3, torch.bfloat16, None, "sum", (1.0, 0.5, 2.0), 0.5),
+    (MID, 2, torch.float16, torch.float32, "sum", (1.0, -0.5), 0.3),
+    (BIG, 2, torch.float16, None, "count", (), 1.0),
+])
+def test_fused_equals_the_stacked_path_bit_for_bit(numel, n, dtype, base_dtype, sign, weights, density):
+    base, models = inputs(numel, n, dtype, base_dtype)
+    args = MethodArgs(weights=weights, density=density, sign=sign)
+    want, taus = stacked(base, models, 0.7, args)
+    thr = ties_mod.thresholds(taus, density)
+    got_thr = ties_mod.input_thresholds(base, models, density)
+    assert (thr is None and got_thr is None) or torch.equal(thr, got_thr)
+    got = ties_mod.ties_fused(base, models, 0.7, args, base.dtype)
+    assert got is not None and got.dtype == base.dtype
+    assert torch.equal(got, want)
+    f32 = ties_mod.ties_fused(base, models, 0.7, args, torch.float32)      # keys that Adjust changes
+    assert f32.dtype == torch.float32 and torch.equal(f32.to(base.dtype), want)
+
+
+@pytest.mark.parametrize("vote_sgn,sign", [(False, "count"), (True, "sum")])
+def test_fused_equals_sd_mecha(vote_sgn, sign):
+    base, models = inputs(BIG, 4, torch.float32)
+    taus = torch.stack([m - base for m in models])
+    ref = base + mecha.ties_sum.__wrapped__(*taus.clone(), k=0.2, vote_sgn=vote_sgn)
+    got = ties_mod.ties_fused(base, models, 1.0, MethodArgs(weights=(), density=0.2, sign=sign), torch.float32)
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_a_missed_bracket_still_gives_the_exact_threshold(monkeypatch):
+    base, models = inputs(BIG, 2, torch.float16)
+    want = ties_mod.input_thresholds(base, models, 0.3)
+    monkeypatch.setattr(ties_mod, "_bracket", lambda sample, kth, n: (10.0, 20.0))   # above every |τ|
+    assert torch.equal(ties_mod.input_thresholds(base, models, 0.3), want)
+    monkeypatch.setattr(ties_mod, "_bracket", lambda sample, kth, n: (0.0, 1e-12))   # below the answer
+    assert torch.equal(ties_mod.input_thresholds(base, models, 0.3), want)
+
+
+def test_engine_takes_the_fused_path_and_matches_eager(monkeypatch):
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    cks = []
+    for i in range(4):
+        g = torch.Generator().manual_seed(40 + i)
+        tensors = {key: (torch.randn(640, 320, 3, 3, generator=g) * 0.05).half(),
+                   "model.diffusion_model.out.2.bias": torch.randn(4, generator=g).half()}
+        cks.append(Checkpoint(Path(f"m{i}.safetensors"), tensors))
+    recipe = Recipe(model_a="m0.safetensors", method="ties", models=["m1.safetensors", "m2.safetensors",
+                                                                     "m3.safetensors"], alpha=0.8, density=0.2)
+    calls = []
+    real = ties_mod.ties_fused
+
+    def spy(*a):
+        out = real(*a)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setitem(REGISTRY, "ties", dataclasses.replace(REGISTRY["ties"], fused=spy))
+    fused = merge(recipe, cks[0], models=cks[1:]).tensors[key]
+    assert sorted(calls) == [False, True]           # the big key; the 4-element bias stays eager
+    monkeypatch.setenv("SDMW_COMPILE", "0")
+    eager = merge(recipe, cks[0], models=cks[1:]).tensors[key]
+    assert sorted(calls) == [False, False, False, True] and torch.equal(fused, eager)
+
+
+def test_without_a_compiler_one_note_then_eager(monkeypatch, capsys):
+    def broken(fn, **kw):
+        def call(*a):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return call
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(compiled_mod, "_broken", [])
+    fn = compiled_mod.compiled(lambda x: x + 1)
+    assert fn(torch.ones(3)) is None and fn(torch.ones(3)) is None
+    assert capsys.readouterr().err.count("fused CPU kernels are off") == 1
+    base, models = inputs(BIG, 2, torch.float16)
+    assert not compiled_mod.usable(base)
+    assert ties_mod.ties_fused(base, models, 1.0, MethodArgs(weights=(), density=0.2), base.dtype) is None
