@@ -240,6 +240,23 @@ def test_methods_merge_fp8_flux_models_per_block():
     assert res[single].dtype == E4M3 and torch.equal(res[single].float(), want.float())
 
 
+def test_fp8_results_beyond_the_format_saturate_in_e4m3fn_and_are_reported_in_e5m2():
+    """add difference A + (B − C)·α of float8 models, finite in float32 but beyond the format:
+    torch's cast to e4m3fn saturates at 448 (as any torch-based merger's result), while e5m2's
+    overflows to Inf, which the in-cache check of the rounded chunk reports."""
+    key = PREFIX + "double_blocks.2.txt_mlp.2.weight"
+    for dtype, (va, vb), want in ((E4M3, (400.0, 200.0), 448.0), (E5M2, (40000.0, 30000.0), None)):
+        a8, b8, c8 = flux(1, dtype), flux(2, dtype), flux(3, dtype)
+        for ck, v in ((a8, va), (b8, vb), (c8, 0.0)):
+            ck.tensors[key] = torch.full_like(ck.tensors[key], v, dtype=torch.float32).to(dtype)
+        recipe = Recipe("a", "b", "c", mode="add_difference", alpha=1.0)
+        if want is None:
+            with pytest.raises(MergeError, match=r"double_blocks\.2\.txt_mlp\.2\.weight"):
+                merge(recipe, a8, b8, c8)
+        else:
+            assert (merge(recipe, a8, b8, c8).tensors[key].float() == want).all()
+
+
 def test_nan_in_a_fp8_input_is_reported_before_merging():
     a8 = flux(1, E4M3)
     key = PREFIX + "double_blocks.2.txt_mlp.2.weight"

@@ -97,6 +97,12 @@ def test_engine_takes_the_fused_path_and_matches_eager(monkeypatch):
     assert sorted(calls) == [False, False, False, True] and torch.equal(fused, eager)
 
 
+def test_float8_inputs_take_the_stacked_path():
+    base, models = inputs(BIG, 2, torch.float16)
+    e4 = [m.to(torch.float8_e4m3fn) for m in models]
+    assert ties_mod.ties_fused(base, e4, 1.0, MethodArgs(weights=(), density=0.2), base.dtype) is None
+
+
 def test_without_a_compiler_one_note_then_eager(monkeypatch, capsys):
     def broken(fn, **kw):
         def call(*a):

@@ -33,6 +33,9 @@ def check_inputs(plan: MergePlan) -> None:
     _Runner(plan, check_finite=True)
 
 
+SATURATING = (torch.float8_e4m3fn, torch.float32)   # casts that never make a finite value non-finite
+
+
 def _nonfinite(t: torch.Tensor) -> bool:
     """NaN or ±Inf anywhere (one ``aminmax`` pass: NaN propagates, Inf is the min or max;
     about memory speed, 15x faster than an fp32 sum)."""
@@ -146,11 +149,16 @@ class _Runner:
                     else:
                         args.append(None)
                 val = self.cm.fn(*args, alpha, beta, mode=self.plan.recipe.mode, out=bufs[3][: o.numel()], ctx=ctx)
+                # checked while the chunk is in cache, so _finish need not scan the result again:
+                # NaN/Inf before the cast (torch's cast to e4m3fn saturates, even Inf becomes
+                # 448), and after it for the float8 formats whose cast can overflow to Inf (e5m2)
                 if self.check_finite and _nonfinite(val):
                     self._overflow(job.key)
                 o.copy_(val)
+                if self.check_finite and o.dtype not in SATURATING and _nonfinite(o):
+                    self._overflow(job.key)
             chunked(res, tuple(x for x in (a, b, c) if x is not None), body, chunk=CHUNK)
-            return self._finish(job, res)
+            return self._finish(job, res, checked=res.dtype == a.dtype)
         up = [None if x is None else x.to(work) for x in (a, b, c)]
         alpha, beta = job.ratios
         if job.channels is None:
@@ -164,14 +172,15 @@ class _Runner:
             self._overflow(job.key)
         return self._finish(job, val)
 
-    def _finish(self, job: KeyJob, res: torch.Tensor) -> torch.Tensor:
-        """Adjust, A's dtype, and the overflow check common to every merged key."""
+    def _finish(self, job: KeyJob, res: torch.Tensor, checked: bool = False) -> torch.Tensor:
+        """Adjust, A's dtype, and the overflow check common to every merged key (``checked``:
+        the caller already checked ``res`` in A's dtype)."""
         if job.adjust is not None:
             res = apply_adjust(res, job.adjust)
         dtype = self.plan.a.tensors[job.key].dtype
         if res.dtype != dtype:
             res = res.to(dtype)
-        if self.check_finite and _nonfinite(res):
+        if self.check_finite and not checked and _nonfinite(res):
             self._overflow(job.key)
         return res
 

@@ -146,8 +146,7 @@ def empty_module(make, device: str, dtype: torch.dtype, storage: torch.dtype | N
 def _build_components(spec: Spec, device: str, dtype: torch.dtype, t5_tokenizer=None):
     if spec.arch == "flux":
         from .flux_pipeline import build_flux
-        return build_flux(spec.params(), device, dtype, t5_tokenizer,
-                          lambda make, dev, dt: empty_module(make, dev, dt))
+        return build_flux(spec.params(), device, dtype, t5_tokenizer, empty_module)
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.schedulers import EulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..compiled import compiled, usable
-from ..tensor_ops import scratch
+from ..tensor_ops import is_fp8, scratch
 from . import MethodArgs, method
 
 SMALL = 1 << 17        # at most this many elements are selected from directly
@@ -173,8 +173,9 @@ _combine_compiled = compiled(_combine)
 
 def ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtype) -> torch.Tensor | None:
     """The whole TIES key from the inputs (exact thresholds, then one compiled pass), or None
-    where fused kernels are unavailable (:func:`..compiled.usable`)."""
-    if not usable(base):
+    where fused kernels are unavailable (:func:`..compiled.usable`) or an input is float8 (torch
+    has no mixed float8 arithmetic; those keys take the stacked path, which upcasts them)."""
+    if not usable(base) or any(is_fp8(x.dtype) for x in (base, *models)):
         return None
     thr = input_thresholds(base, models, args.density)
     w = args.weight_tensor(len(models))
