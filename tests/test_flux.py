@@ -12,7 +12,7 @@ import pytest
 import safetensors.torch as st
 import torch
 
-from merger.arch import detect_arch, detect_arch_of_file
+from merger.arch import detect_arch_of_file
 from merger.blocks import BLOCKS_FLUX, block_of
 from merger.engine import merge, plan_merge
 from merger.errors import MergeError
