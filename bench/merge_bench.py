@@ -21,6 +21,7 @@ The TIES row merges a base and four fine-tunes (density 0.2, sign by count as sd
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import sys
@@ -229,6 +230,15 @@ def bench_ties(layout: dict, repeat: int, with_mecha: bool) -> None:
         t_ours = best(ours, repeat)
         print(f"  {'ours, load (mmap) + merge from the files':42} {t_ours:7.2f} s  {t_ours / ties_bound:5.1f}x bound  "
               f"peak RSS {peak_gib():.1f} GiB")
+        held = [load_checkpoint(p) for p in paths]            # the workstation's case: models stay loaded
+        merge(recipe, held[0], models=held[1:])
+
+        def alpha_changed():
+            return merge(dataclasses.replace(recipe, alpha=0.5), held[0], models=held[1:])
+        t_alpha = best(alpha_changed, repeat)
+        print(f"  {'ours, α changed, same loaded models':42} {t_alpha:7.2f} s  {t_alpha / ties_bound:5.1f}x bound  "
+              f"(thresholds kept)")
+        del held
         if not with_mecha:
             return
         import sd_mecha

@@ -87,6 +87,27 @@ def test_workstation_merge_recall_and_save(demo_ws):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_workstation_ties_alpha_change_reuses_thresholds(demo_ws, monkeypatch):
+    """In the resident workstation, a TIES re-merge that changes only α keeps the thresholds of
+    the loaded models (the demo models' token embedding takes the fused path); the pipeline then
+    holds exactly the merge computed from freshly loaded files."""
+    import merger.engine.methods.ties as ties_mod
+    counted = []
+    real = ties_mod.input_thresholds
+    monkeypatch.setattr(ties_mod, "input_thresholds", lambda *a: counted.append(1) or real(*a))
+    ws = demo_ws
+    ws.merge(ws.recipe(A, models=[B, C], method="ties", alpha=1.0, density=0.3))
+    first = len(counted)
+    recipe = ws.recipe(A, models=[B, C], method="ties", alpha=0.45, density=0.3)
+    ws.merge(recipe)
+    assert first >= 1 and len(counted) == first
+    key = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
+    ck = {n: load_checkpoint(ws.dirs.resolve("ckpt", n)) for n in (A, B, C)}
+    want = merge(recipe, ck[A], models=[ck[B], ck[C]]).tensors[key]
+    held = {k: v for k, v in ws.pipeline.state_dict().items() if k == key}
+    assert held and torch.equal(held[key].to(want.dtype), want)
+
+
 def test_changed_model_file_refused_on_recall(demo_ws):
     recipe = demo_ws.recipe(A, models=[B, C], method="ties")
     recipe.model_hashes[1] = "0000000000"

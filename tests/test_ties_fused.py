@@ -116,3 +116,38 @@ def test_without_a_compiler_one_note_then_eager(monkeypatch, capsys):
     base, models = inputs(BIG, 2, torch.float16)
     assert not compiled_mod.usable(base)
     assert ties_mod.ties_fused(base, models, 1.0, MethodArgs(weights=(), density=0.2), base.dtype) is None
+
+
+def test_thresholds_are_kept_for_the_same_models_and_density(monkeypatch):
+    """Changing only α (or weights, or the sign rule) reuses the thresholds of the same loaded
+    models; another density, or a model loaded again as a new object, computes them anew — and
+    every result equals a merge from fresh objects."""
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+
+    def load(seed_base=40):
+        out = []
+        for i in range(3):
+            g = torch.Generator().manual_seed(seed_base + i)
+            out.append(Checkpoint(Path(f"m{i}.safetensors"),
+                                  {key: (torch.randn(640, 320, 3, 3, generator=g) * 0.05).half()}))
+        return out
+    cks = load()
+    counted = []
+    real = ties_mod.input_thresholds
+    monkeypatch.setattr(ties_mod, "input_thresholds", lambda *a: counted.append(1) or real(*a))
+
+    def run(cks, **kw):
+        r = Recipe(model_a="m0.safetensors", method="ties", models=["m1.safetensors", "m2.safetensors"], **kw)
+        return merge(r, cks[0], models=cks[1:]).tensors[key]
+    run(cks, alpha=1.0, density=0.2)
+    assert len(counted) == 1
+    again = run(cks, alpha=0.4, density=0.2, sign="count", weights=[1.0, 2.0])
+    assert len(counted) == 1                                   # kept: only λ, weights and sign changed
+    assert torch.equal(again, run(load(), alpha=0.4, density=0.2, sign="count", weights=[1.0, 2.0]))
+    assert len(counted) == 2                                   # new objects: computed
+    run(cks, alpha=0.4, density=0.5)
+    assert len(counted) == 3                                   # another density: computed
+    other = load(seed_base=40)
+    other[2] = load(seed_base=90)[2]                           # same names, another model 2
+    assert torch.equal(run([cks[0], cks[1], other[2]], alpha=1.0, density=0.2),
+                       run(load(40)[:2] + [other[2]], alpha=1.0, density=0.2))

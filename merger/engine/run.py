@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -184,6 +185,22 @@ class _Runner:
             self._overflow(job.key)
         return res
 
+    def _memo(self, key: str) -> dict:
+        """A dict in which a fused method keeps, per key and set of models, what does not depend
+        on λ (TIES: its thresholds), so that changing only α re-merges at the speed of one pass.
+        Held by the base Checkpoint and valid while the very same model objects are loaded (a
+        reloaded file is a new object, so nothing stale is ever used; loaded tensors are never
+        changed in place)."""
+        store = self.plan.a.__dict__.setdefault("_method_memo", {})
+        ids = (key, tuple(id(ck) for ck in self.plan.models))
+        entry = store.get(ids)
+        if entry is None or any(ref() is not ck for ref, ck in zip(entry[0], self.plan.models)):
+            if len(store) > 50_000:                   # forget model sets that are gone
+                for k in [k for k, (refs, _) in store.items() if any(r() is None for r in refs)]:
+                    del store[k]
+            entry = store[ids] = ([weakref.ref(ck) for ck in self.plan.models], {})
+        return entry[1]
+
     def _compute_method(self, job: KeyJob, out: torch.Tensor | None) -> torch.Tensor:
         """BASE + λ·method(τ₁…τₙ) for one key, τᵢ = Mᵢ − BASE stacked in float32 (the per-key
         scratch: n × the key's size; nothing else of the N models is held). An inpainting base
@@ -194,7 +211,7 @@ class _Runner:
         args = with_second(self.method, self.method_args, second)
         if self.method.fused is not None and job.channels is None:
             res = self.method.fused(base, [self._fetch(ck.tensors[job.key]) for ck in p.models], lam, args,
-                                    torch.float32 if job.adjust is not None else base.dtype)
+                                    torch.float32 if job.adjust is not None else base.dtype, self._memo(job.key))
             if res is not None:
                 return res
         part = (lambda x: x) if job.channels is None else (lambda x: x[:, :job.channels])  # noqa: E731

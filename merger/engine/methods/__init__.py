@@ -52,8 +52,9 @@ class Method:
     min_models: int = 1
     defaults: dict = field(default_factory=dict)
     reads: tuple[str, ...] = ()      # recipe fields that change its result (besides λ and weights)
-    # optional fused path: fused(base, models, λ, args, out_dtype) -> BASE + λ·merge(τ) straight
-    # from the inputs (any float dtypes), or None to take the stacked path; results equal fn's
+    # optional fused path: fused(base, models, λ, args, out_dtype, memo) -> BASE + λ·merge(τ) straight
+    # from the inputs (any float dtypes), or None to take the stacked path; results equal fn's.
+    # ``memo`` (a dict per key and model set, or None) keeps what does not depend on λ.
     fused: Callable | None = None
 
 

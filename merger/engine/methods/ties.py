@@ -171,13 +171,22 @@ def _combine(base, models: list[torch.Tensor], thr, w, lam, count: bool, out_dty
 _combine_compiled = compiled(_combine)
 
 
-def ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtype) -> torch.Tensor | None:
+def ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtype,
+               memo: dict | None = None) -> torch.Tensor | None:
     """The whole TIES key from the inputs (exact thresholds, then one compiled pass), or None
     where fused kernels are unavailable (:func:`..compiled.usable`) or an input is float8 (torch
-    has no mixed float8 arithmetic; those keys take the stacked path, which upcasts them)."""
+    has no mixed float8 arithmetic; those keys take the stacked path, which upcasts them).
+    The thresholds depend on the models and the density only: ``memo`` keeps them for the next
+    merge of the same models with another λ, weights or sign rule."""
     if not usable(base) or any(is_fp8(x.dtype) for x in (base, *models)):
         return None
-    thr = input_thresholds(base, models, args.density)
+    tag = ("thresholds", args.density)
+    if memo is not None and tag in memo:
+        thr = memo[tag]
+    else:
+        thr = input_thresholds(base, models, args.density)
+        if memo is not None:
+            memo[tag] = thr
     w = args.weight_tensor(len(models))
     res = _combine_compiled(base.reshape(-1), [m.reshape(-1) for m in models],
                             None if thr is None else thr.reshape(-1), None if bool((w == 1).all()) else w,
