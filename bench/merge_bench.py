@@ -238,7 +238,7 @@ def bench_ties(layout: dict, repeat: int, with_mecha: bool) -> None:
         t_alpha = best(alpha_changed, repeat)
         print(f"  {'ours, α changed, same loaded models':42} {t_alpha:7.2f} s  {t_alpha / ties_bound:5.1f}x bound  "
               f"(thresholds kept)")
-        del held
+        held.clear()
         if not with_mecha:
             return
         import sd_mecha
