@@ -61,18 +61,26 @@ def kth_smallest(x: torch.Tensor, kth: int) -> float:
     if n <= SMALL:
         return select(x, [kth])[0]
     lo, hi = _bracket(x[_sample_index(n, x.device)], kth, n)
-    mask = scratch("kth_mask", n, torch.bool, x.device)
-    below = int(torch.count_nonzero(torch.lt(x, lo, out=mask))) if lo is not None else 0
-    if lo is not None and hi is not None:      # lo <= x <= hi  is  (x <= hi) xor (x < lo)
-        inside = x[torch.le(x, hi, out=scratch("kth_mask2", n, torch.bool, x.device)).logical_xor_(mask)]
-    elif lo is not None:
-        inside = x[torch.ge(x, lo, out=mask)]
-    elif hi is not None:
-        inside = x[torch.le(x, hi, out=mask)]
-    else:
-        inside = x
+    below, inside = _split(x, lo, hi, scratch("kth_mask", n, torch.bool, x.device),
+                           scratch("kth_mask2", n, torch.bool, x.device))
     r = kth - below
-    return select(inside if 1 <= r <= inside.numel() else x, [r if 1 <= r <= inside.numel() else kth])[0]
+    if not 1 <= r <= inside.numel():           # the bracket missed: select from all
+        inside, r = x, kth
+    return select(inside, [r])[0]
+
+
+def _split(a: torch.Tensor, lo: float | None, hi: float | None, m1: torch.Tensor,
+           m2: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(how many values of ``a`` are below ``lo``, a new tensor of those in [lo, hi]); ``m1`` and
+    ``m2`` are bool scratch of ``a``'s size. lo ≤ a ≤ hi is computed as (a ≤ hi) xor (a < lo)."""
+    below = int(torch.count_nonzero(torch.lt(a, lo, out=m1))) if lo is not None else 0
+    if lo is not None and hi is not None:
+        return below, a[torch.le(a, hi, out=m2).logical_xor_(m1)]
+    if lo is not None:
+        return below, a[torch.ge(a, lo, out=m2)]
+    if hi is not None:
+        return below, a[torch.le(a, hi, out=m2)]
+    return below, a.clone()
 
 
 def thresholds(taus: torch.Tensor, density: float) -> torch.Tensor | None:
@@ -120,25 +128,15 @@ def input_thresholds(base: torch.Tensor, models: list[torch.Tensor], density: fl
         c = min(step, total - start)
         bc = b[:c].copy_(flat_b[start:start + c])
         for i, m in enumerate(models):
-            lo, hi = brackets[i]
             a = torch.sub(m.reshape(-1)[start:start + c], bc, out=t[:c]).abs_()
-            sel = k2[:c]
-            if lo is not None:
-                below[i] += int(torch.count_nonzero(torch.lt(a, lo, out=k1[:c])))
-                if hi is not None:
-                    torch.le(a, hi, out=sel).logical_xor_(k1[:c])
-                else:
-                    torch.ge(a, lo, out=sel)
-            elif hi is not None:
-                torch.le(a, hi, out=sel)
-            else:
-                sel.fill_(True)
-            inside[i].append(a[sel])
+            n_below, vals = _split(a, *brackets[i], k1[:c], k2[:c])
+            below[i] += n_below
+            inside[i].append(vals)
     for i, m in enumerate(models):
-        vals = torch.cat(inside[i])
-        r = kth - below[i]
-        out[i] = (select(vals, [r])[0] if 1 <= r <= vals.numel()       # else the bracket missed:
-                  else select((m.reshape(-1).float() - flat_b.float()).abs_(), [kth])[0])   # select all
+        vals, r = torch.cat(inside[i]), kth - below[i]
+        if not 1 <= r <= vals.numel():         # the bracket missed: select from all
+            vals, r = (m.reshape(-1).float() - flat_b.float()).abs_(), kth
+        out[i] = select(vals, [r])[0]
     return out
 
 
