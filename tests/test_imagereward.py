@@ -120,6 +120,13 @@ def test_missing_or_bad_files_are_clear_errors(tmp_path, monkeypatch):
     torch.save({"blip.visual_encoder.cls_token": torch.zeros(1, 1, 8)}, d / "ImageReward.pt")
     with pytest.raises(MergeError, match="not an ImageReward state dict"):
         ImageReward(d)
+    sd = torch.load(DATA / "ImageReward.pt", weights_only=True)
+    for broken in ({**sd, "blip.visual_encoder.extra.weight": torch.zeros(2)},        # a key no ViT has
+                   {k: v for k, v in sd.items() if k != "mlp.layers.4.weight"},         # a head layer missing
+                   {k: v for k, v in sd.items() if k != "blip.visual_encoder.pos_embed"}):
+        torch.save(broken, d / "ImageReward.pt")
+        with pytest.raises(MergeError, match="do not fit its config"):
+            ImageReward(d)
     d = copy_model(tmp_path / "e")
     (d / "vocab.txt").write_text((DATA / "vocab.txt").read_text() + "".join(f"w{i}\n" for i in range(50)))
     with pytest.raises(MergeError, match="the model knows"):

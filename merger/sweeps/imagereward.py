@@ -124,9 +124,6 @@ class ImageReward:
     """The ImageReward scorer: ``model(images, prompts)`` → one reward per (image, prompt) pair."""
 
     def __init__(self, folder: str | Path):
-        from transformers import BlipTextConfig
-        from transformers.models.blip.modeling_blip import BlipVisionModel
-        from transformers.models.blip.modeling_blip_text import BlipTextModel
         folder = Path(folder)
         if not folder.is_dir():
             raise MergeError(f"ImageReward folder not found: {folder}")
@@ -137,6 +134,20 @@ class ImageReward:
                 med.update(json.loads((folder / "med_config.json").read_text()))
             except ValueError as e:
                 raise MergeError(f"med_config.json in {folder} is not JSON: {e}") from None
+        try:
+            self._build(sd, med)
+        except (RuntimeError, KeyError, ValueError, IndexError) as e:
+            raise MergeError(f"the ImageReward weights in {folder} do not fit its config: "
+                             f"{str(e).splitlines()[0][:200]}") from None
+        self.tokenizer = _tokenizer(folder)
+        if len(self.tokenizer) > self.text.config.vocab_size:
+            raise MergeError(f"the vocabulary in {folder} has {len(self.tokenizer)} tokens; the model knows "
+                             f"{self.text.config.vocab_size} (use bert-base-uncased's vocab.txt)")
+
+    def _build(self, sd: dict, med: dict) -> None:
+        from transformers import BlipTextConfig
+        from transformers.models.blip.modeling_blip import BlipVisionModel
+        from transformers.models.blip.modeling_blip_text import BlipTextModel
         pre = "blip.visual_encoder."
         vis = {vision_key(k[len(pre):]): v for k, v in sd.items() if k.startswith(pre)}
         vcfg = vision_config({k: tuple(v.shape) for k, v in vis.items()})
@@ -155,19 +166,11 @@ class ImageReward:
         pre = "blip.text_encoder."
         text = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre) and not k.endswith("position_ids")}
         head = torch.nn.Sequential(*(torch.nn.Linear(*sd[f"mlp.layers.{i}.weight"].shape[::-1]) for i in _HEAD))
-        try:
-            self.vision.load_state_dict(vis, strict=True)
-            self.text.load_state_dict(text, strict=True)
-            head.load_state_dict({f"{j}.{p}": sd[f"mlp.layers.{i}.{p}"] for j, i in enumerate(_HEAD)
-                                  for p in ("weight", "bias")})
-        except (RuntimeError, KeyError) as e:
-            raise MergeError(f"the ImageReward weights in {folder} do not fit its config: "
-                             f"{str(e).splitlines()[0][:200]}") from None
+        self.vision.load_state_dict(vis, strict=True)
+        self.text.load_state_dict(text, strict=True)
+        head.load_state_dict({f"{j}.{p}": sd[f"mlp.layers.{i}.{p}"] for j, i in enumerate(_HEAD)
+                              for p in ("weight", "bias")})
         self.head = head.eval()
-        self.tokenizer = _tokenizer(folder)
-        if len(self.tokenizer) > tcfg.vocab_size:
-            raise MergeError(f"the vocabulary in {folder} has {len(self.tokenizer)} tokens; the model knows "
-                             f"{tcfg.vocab_size} (use bert-base-uncased's vocab.txt)")
 
     def to(self, device):
         for m in (self.vision, self.text, self.head):
