@@ -141,27 +141,47 @@ def input_thresholds(base: torch.Tensor, models: list[torch.Tensor], density: fl
 
 
 def _combine(base, models: list[torch.Tensor], thr, w, lam, count: bool, out_dtype: torch.dtype):
-    """BASE + λ·disjoint_mean(trim(τ)) as one expression for ``torch.compile``: the same float32
-    operations, in the same order, as :func:`disjoint_mean` and the engine's ``mul_(λ).add_(BASE)``."""
+    """BASE + λ·disjoint_mean(trim(τ)) as one expression for ``torch.compile``, giving bit for bit
+    what :func:`disjoint_mean` and the engine's ``mul_(λ).add_(BASE)`` give, with fewer operations:
+    the count vote Σ sgn τᵢ is #positive − #negative; relu(τᵢ·s) is |τᵢ| where τᵢ agrees with s
+    (s = ±1 flips the sign exactly) and Σ sgn relu(τᵢ·s) the number that agree. Only the sign of
+    zero sums can differ, and 0/0 gives 0 either way; the sums keep disjoint_mean's order."""
     b = base.float()
-    taus = []
+    taus, mags, pos, neg = [], [], [], []
     for i, m in enumerate(models):
         t = m.float() - b
-        if thr is not None:
-            t = torch.where(t.abs() >= thr[i], t, 0.0)
+        a = t.abs()
+        p, q = t > 0, t < 0
+        if thr is not None:                # trimmed values are 0: neither positive nor negative
+            keep = a >= thr[i]
+            p, q = p & keep, q & keep
+            if not count:
+                t = torch.where(keep, t, 0.0)
         taus.append(t)
-    s = None
-    for i, t in enumerate(taus):
-        v = torch.sign(t) if count else (t if w is None else t * w[i])
-        s = v if s is None else s + v
-    s = torch.sign(s)
+        mags.append(a)                     # read only where τᵢ agrees, so kept
+        pos.append(p)
+        neg.append(q)
+    if count:
+        vote = None
+        for p, q in zip(pos, neg):
+            v = p.float() - q.float()
+            vote = v if vote is None else vote + v
+    else:
+        vote = None
+        for i, t in enumerate(taus):
+            v = t if w is None else t * w[i]
+            vote = v if vote is None else vote + v
+    up, down = vote > 0, vote < 0
     num = den = None
-    for i, t in enumerate(taus):
-        r = torch.relu(t * s)
-        rn, rd = (r, torch.sign(r)) if w is None else (r * w[i], torch.sign(r) * w[i])
-        num = rn if num is None else num + rn
-        den = rd if den is None else den + rd
-    d = (num * s) / den
+    for i in range(len(models)):
+        agree = (up & pos[i]) | (down & neg[i])
+        r = torch.where(agree, mags[i], 0.0)
+        c = agree.float()
+        if w is not None:
+            r, c = r * w[i], c * w[i]
+        num = r if num is None else num + r
+        den = c if den is None else den + c
+    d = torch.where(up, num, -num) / den
     d = torch.where(torch.isfinite(d), d, 0.0)
     return (d * lam + b).to(out_dtype)
 
