@@ -3,7 +3,7 @@
 Eager torch runs an N-model method as a dozen passes over memory per element (convert, subtract,
 trim, sign, sums …); on a 2-core CPU those passes, not the arithmetic, are the cost. Compiled, the
 same expression becomes one loop that reads each input once and writes the result once (TIES,
-base + 4 SD1.5-sized models: 22 ms instead of 170 ms per 15 M-element key).
+base + 4 SD1.5-sized models: 17 ms instead of 170 ms per 15 M-element key).
 
 Used only for CPU tensors of at least :data:`MIN_NUMEL` elements (the GPU path is eager and
 already bound by host→device copies; small tensors are not worth a kernel call). Compiling needs
