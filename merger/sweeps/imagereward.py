@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import MergeError
+from ..pipeline.resident import empty_module
 from .objectives import CLIP_MEAN, CLIP_STD
 
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
@@ -161,8 +162,10 @@ class ImageReward:
                               pad_token_id=med["pad_token_id"], bos_token_id=None, eos_token_id=None,
                               sep_token_id=None, hidden_dropout_prob=0.0,
                               attention_probs_dropout_prob=0.0)
-        self.vision = BlipVisionModel(vcfg).eval()
-        self.text = BlipTextModel(tcfg, add_pooling_layer=False).eval()
+        # built on the meta device and given uninitialised storage: the weights come from the file
+        # (a random init of ViT-L + BERT would take seconds)
+        self.vision = empty_module(lambda: BlipVisionModel(vcfg), "cpu", torch.float32)
+        self.text = empty_module(lambda: BlipTextModel(tcfg, add_pooling_layer=False), "cpu", torch.float32)
         pre = "blip.text_encoder."
         text = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre) and not k.endswith("position_ids")}
         head = torch.nn.Sequential(*(torch.nn.Linear(*sd[f"mlp.layers.{i}.weight"].shape[::-1]) for i in _HEAD))
