@@ -114,7 +114,7 @@ def imagereward_row(folder: Path, n: int = 3) -> None:
                             ("mlp.fc1", (hidden, d)), ("mlp.fc2", (d, hidden))):
             sd[f"blip.visual_encoder.blocks.{i}.{name}.weight"] = rnd(*shape) + (1 if "norm" in name else 0)
             sd[f"blip.visual_encoder.blocks.{i}.{name}.bias"] = rnd(shape[0])
-    text = BlipTextModel(BlipTextConfig(encoder_hidden_size=d, **{k: v for k, v in MED_DEFAULTS.items()}),
+    text = BlipTextModel(BlipTextConfig(encoder_hidden_size=d, **MED_DEFAULTS),
                          add_pooling_layer=False)
     sd.update({f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()})
     for i, (o, n_in) in zip((0, 2, 4, 6, 7), ((1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16))):

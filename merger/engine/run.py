@@ -210,7 +210,9 @@ class _Runner:
         lam, second = job.ratios
         args = with_second(self.method, self.method_args, second)
         if self.method.fused is not None and job.channels is None:
-            res = self.method.fused(base, [self._fetch(ck.tensors[job.key]) for ck in p.models], lam, args,
+            # the models' tensors as stored (on the CPU): fused paths run only where the base is on
+            # the CPU too, and a GPU merge then copies each model once, in the loop below
+            res = self.method.fused(base, [ck.tensors[job.key] for ck in p.models], lam, args,
                                     torch.float32 if job.adjust is not None else base.dtype, self._memo(job.key))
             if res is not None:
                 return res

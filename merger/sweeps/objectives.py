@@ -143,7 +143,8 @@ class Scorer:
     def __init__(self, clip: Clip | None, head: torch.nn.Module | None = None, clip_weight: float = 10.0,
                  reward=None):
         if clip is None and reward is None:
-            raise MergeError("the scorer needs CLIP (--clip-dir) or ImageReward (--imagereward)")
+            raise MergeError("the scorer objective needs a CLIP model folder (--clip-dir) for CLIP score and the "
+                             "aesthetic predictor, or an ImageReward folder (--imagereward)")
         self.clip, self.head, self.clip_weight, self.reward = clip, head, clip_weight, reward
 
     def to(self, device) -> "Scorer":
@@ -177,9 +178,6 @@ def make_objective(kind: str, *, references=(), clip_dir: str | None = None, aes
         if clip is None and aesthetic:
             raise MergeError("the aesthetic predictor works on CLIP embeddings: give a CLIP model folder "
                              "(--clip-dir) too")
-        if clip is None and not imagereward:
-            raise MergeError("the scorer objective needs a CLIP model folder (--clip-dir) for CLIP score and the "
-                             "aesthetic predictor, or an ImageReward folder (--imagereward)")
         head = aesthetic_head(aesthetic, clip.model.config.projection_dim) if aesthetic else None
         reward = None
         if imagereward:

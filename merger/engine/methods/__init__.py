@@ -53,7 +53,8 @@ class Method:
     defaults: dict = field(default_factory=dict)
     reads: tuple[str, ...] = ()      # recipe fields that change its result (besides λ and weights)
     # optional fused path: fused(base, models, λ, args, out_dtype, memo) -> BASE + λ·merge(τ) straight
-    # from the inputs (any float dtypes), or None to take the stacked path; results equal fn's.
+    # from the inputs (any float dtypes; the models as stored, on the CPU), or None to take the
+    # stacked path (always where ``base`` is not on the CPU); results equal fn's.
     # ``memo`` (a dict per key and model set, or None) keeps what does not depend on λ.
     fused: Callable | None = None
 
