@@ -65,11 +65,24 @@ def test_fused_equals_sd_mecha(vote_sgn, sign):
 
 def test_a_missed_bracket_still_gives_the_exact_threshold(monkeypatch):
     base, models = inputs(BIG, 2, torch.float16)
-    want = ties_mod.input_thresholds(base, models, 0.3)
+    want = ties_mod.thresholds(torch.stack([m.float() - base.float() for m in models]), 0.3)
+    assert torch.equal(ties_mod.input_thresholds(base, models, 0.3), want)
     monkeypatch.setattr(ties_mod, "_bracket", lambda sample, kth, n: (10.0, 20.0))   # above every |τ|
     assert torch.equal(ties_mod.input_thresholds(base, models, 0.3), want)
     monkeypatch.setattr(ties_mod, "_bracket", lambda sample, kth, n: (0.0, 1e-12))   # below the answer
     assert torch.equal(ties_mod.input_thresholds(base, models, 0.3), want)
+
+
+@pytest.mark.parametrize("density", [0.999, 0.001])
+def test_open_bracket_ends_give_the_exact_threshold(density):
+    """Near density 1 (0) the sample bracket has no lower (upper) end: every |τ| counts as above
+    (below) it, and the threshold is still the exact k-th smallest."""
+    base, models = inputs(BIG, 3, torch.float16)
+    kth = max(int((1 - density) * BIG), 1)
+    lo, hi = ties_mod._bracket(torch.rand(ties_mod.SAMPLE).sort().values, kth, BIG)
+    assert (lo is None) == (density > 0.5) and (hi is None) == (density < 0.5)
+    taus = torch.stack([m.float() - base.float() for m in models])
+    assert torch.equal(ties_mod.input_thresholds(base, models, density), ties_mod.thresholds(taus, density))
 
 
 def test_engine_takes_the_fused_path_and_matches_eager(monkeypatch):
