@@ -164,3 +164,23 @@ def test_thresholds_are_kept_for_the_same_models_and_density(monkeypatch):
     other[2] = load(seed_base=90)[2]                           # same names, another model 2
     assert torch.equal(run([cks[0], cks[1], other[2]], alpha=1.0, density=0.2),
                        run(load(40)[:2] + [other[2]], alpha=1.0, density=0.2))
+
+
+def test_thresholds_work_in_a_forked_child():
+    """The worker threads of the parent do not exist in a fork; the child makes its own (with
+    the parent's pool it would wait forever). The child runs torch single-threaded: a forked
+    child's first OpenMP region after the parent's hangs in GNU libgomp, whatever this code does."""
+    import multiprocessing
+    base, models = inputs(BIG, 2, torch.float16)
+    want = ties_mod.input_thresholds(base, models, 0.3)          # the parent's workers now run
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    child = ctx.Process(target=lambda: torch.set_num_threads(1) or q.put(
+        ties_mod.input_thresholds(base, models, 0.3).tolist()))
+    child.start()
+    child.join(30)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive and child.exitcode == 0
+    assert q.get(timeout=5) == want.tolist()

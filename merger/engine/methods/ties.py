@@ -122,16 +122,24 @@ def input_thresholds(base: torch.Tensor, models: list[torch.Tensor], density: fl
         return out
     idx = _sample_index(total, "cpu")
     sb = flat_b[idx].float()
-    out[:, 0] = torch.tensor(list(_POOL.map(lambda m: _input_kth(flat_b, m.reshape(-1), idx, sb, kth), models)))
+    out[:, 0] = torch.tensor(list(_workers().map(lambda m: _input_kth(flat_b, m.reshape(-1), idx, sb, kth), models)))
     return out
 
 
-# One model per worker, so numpy's single-threaded compares, gathers and selections use every
-# core (thresholds 1.6x faster on 2 cores). torch runs single-threaded inside the workers (a
-# per-thread setting): their ops then open no OpenMP teams of their own, whose idle spinning
-# slowed the main thread's kernels 2x. Each worker keeps 2 MiB of scratch.
-_POOL = ThreadPoolExecutor(min(8, os.cpu_count() or 2), thread_name_prefix="ties-kth",
-                           initializer=lambda: torch.set_num_threads(1))
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def _workers() -> ThreadPoolExecutor:
+    """The threshold workers: one model per worker, so numpy's single-threaded compares, gathers
+    and selections use every core (thresholds 1.6x faster on 2 cores). torch runs single-threaded
+    inside them (a per-thread setting): their ops then open no OpenMP teams of their own, whose
+    idle spinning slowed the main thread's kernels 2x. Each keeps 2 MiB of scratch. Made again in
+    a forked child, where the parent's threads do not exist."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(min(8, os.cpu_count() or 2), thread_name_prefix="ties-kth",
+                                                 initializer=lambda: torch.set_num_threads(1)))
+    return _pool[1]
 
 
 def _input_kth(flat_b: torch.Tensor, flat_m: torch.Tensor, idx: torch.Tensor, sb: torch.Tensor, kth: int) -> float:
