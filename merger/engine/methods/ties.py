@@ -64,8 +64,12 @@ def kth_smallest(x: torch.Tensor, kth: int) -> float:
     if n <= SMALL:
         return select(x, [kth])[0]
     lo, hi = _bracket(x[_sample_index(n, x.device)], kth, n)
-    below, inside = _split(x, lo, hi, scratch("kth_mask", n, torch.bool, x.device),
-                           scratch("kth_mask2", n, torch.bool, x.device))
+    m1, m2 = scratch("kth_mask", n, torch.bool, x.device), scratch("kth_mask2", n, torch.bool, x.device)
+    if x.device.type == "cpu" and x.dtype == torch.float32:    # numpy's compares are faster here
+        below, vals = _np_split(x.numpy(), *_np_ends(lo, hi), m1.numpy(), m2.numpy())
+        inside = torch.from_numpy(vals)
+    else:
+        below, inside = _split(x, lo, hi, m1, m2)
     r = kth - below
     if not 1 <= r <= inside.numel():           # the bracket missed: select from all
         inside, r = x, kth
@@ -145,8 +149,7 @@ def _workers() -> ThreadPoolExecutor:
 def _input_kth(flat_b: torch.Tensor, flat_m: torch.Tensor, idx: torch.Tensor, sb: torch.Tensor, kth: int) -> float:
     """The k-th smallest |τ| = |M − BASE| of one model (:func:`input_thresholds`)."""
     total = flat_b.numel()
-    lo, hi = _bracket((flat_m[idx].float() - sb).abs_(), kth, total)
-    lo, hi = np.float32(-np.inf if lo is None else lo), np.float32(np.inf if hi is None else hi)
+    lo, hi = _np_ends(*_bracket((flat_m[idx].float() - sb).abs_(), kth, total))
     step = min(SPLIT_CHUNK, total)
     t, b = scratch("it_mag", step, torch.float32), scratch("it_base", step, torch.float32)
     m1, m2 = np.empty(step, dtype=bool), np.empty(step, dtype=bool)
@@ -161,6 +164,11 @@ def _input_kth(flat_b: torch.Tensor, flat_m: torch.Tensor, idx: torch.Tensor, sb
     if not 1 <= r <= vals.size:                # the bracket missed: select from all
         return select((flat_m.float() - flat_b.float()).abs_(), [kth])[0]
     return float(np.partition(vals, r - 1)[r - 1])
+
+
+def _np_ends(lo: float | None, hi: float | None) -> tuple[np.float32, np.float32]:
+    """A bracket's ends for :func:`_np_split`: ±inf for open ends."""
+    return np.float32(-np.inf if lo is None else lo), np.float32(np.inf if hi is None else hi)
 
 
 def _np_split(a: np.ndarray, lo: np.float32, hi: np.float32, m1: np.ndarray,
