@@ -137,7 +137,7 @@ def _workers() -> ThreadPoolExecutor:
     """The threshold workers: one model per worker, so numpy's single-threaded compares, gathers
     and selections use every core (thresholds 1.6x faster on 2 cores). torch runs single-threaded
     inside them (a per-thread setting): their ops then open no OpenMP teams of their own, whose
-    idle spinning slowed the main thread's kernels 2x. Each keeps 2 MiB of scratch. Made again in
+    idle spinning slowed the main thread's kernels 2x. Each keeps 2.5 MiB of scratch. Made again in
     a forked child, where the parent's threads do not exist."""
     global _pool
     if _pool is None or _pool[0] != os.getpid():
@@ -152,7 +152,7 @@ def _input_kth(flat_b: torch.Tensor, flat_m: torch.Tensor, idx: torch.Tensor, sb
     lo, hi = _np_ends(*_bracket((flat_m[idx].float() - sb).abs_(), kth, total))
     step = min(SPLIT_CHUNK, total)
     t, b = scratch("it_mag", step, torch.float32), scratch("it_base", step, torch.float32)
-    m1, m2 = np.empty(step, dtype=bool), np.empty(step, dtype=bool)
+    m1, m2 = (scratch(k, step, torch.bool).numpy() for k in ("it_m1", "it_m2"))
     below, inside = 0, []
     for start in range(0, total, step):
         c = min(step, total - start)
