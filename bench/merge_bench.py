@@ -238,6 +238,17 @@ def bench_ties(layout: dict, repeat: int, with_mecha: bool) -> None:
         t_alpha = best(alpha_changed, repeat)
         print(f"  {'ours, α changed, same loaded models':42} {t_alpha:7.2f} s  {t_alpha / ties_bound:5.1f}x bound  "
               f"(thresholds kept)")
+        bufs = {k: torch.empty_like(v) for k, v in held[0].tensors.items()}
+        plan = plan_merge(dataclasses.replace(recipe, alpha=0.5), held[0], models=held[1:])
+
+        def into():                     # the resident pipeline's case: results land in its buffers
+            for _ in iter_merge(plan, out_for=lambda k, like: bufs[k]):
+                pass
+        into()
+        t_into = best(into, repeat)
+        print(f"  {'ours, α changed, into preallocated buffers':42} {t_into:7.2f} s  {t_into / ties_bound:5.1f}x bound  "
+              f"(the resident-pipeline path)")
+        del bufs, plan
         held.clear()
         if not with_mecha:
             return

@@ -184,3 +184,37 @@ def test_thresholds_work_in_a_forked_child():
         child.kill()
     assert not alive and child.exitcode == 0
     assert q.get(timeout=5) == want.tolist()
+
+
+def test_fused_path_writes_into_the_callers_buffer(monkeypatch):
+    """With ``out_for`` (the resident pipeline's buffers) the compiled loop stores the key
+    straight into the buffer: same values as a fresh merge, no second copy."""
+    from merger.engine import iter_merge, plan_merge
+    from merger.engine.run import _writable_into
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    cks = []
+    for i in range(3):
+        g = torch.Generator().manual_seed(60 + i)
+        cks.append(Checkpoint(Path(f"m{i}.safetensors"),
+                              {key: (torch.randn(640, 320, 3, 3, generator=g) * 0.05).half()}))
+    recipe = Recipe(model_a="m0.safetensors", method="ties", models=["m1.safetensors", "m2.safetensors"],
+                    alpha=0.6, density=0.3)
+    fresh = merge(recipe, cks[0], models=cks[1:]).tensors[key]
+    got = []
+    real = ties_mod.ties_fused
+    monkeypatch.setitem(REGISTRY, "ties", dataclasses.replace(
+        REGISTRY["ties"], fused=lambda *a: got.append(a[-1]) or real(*a)))
+    buf = torch.full_like(fresh, float("nan"))
+    copies = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda t, *a, **k: copies.append(t is buf) or real_copy(t, *a, **k))
+    (k, value), = iter_merge(plan_merge(recipe, cks[0], models=cks[1:]), out_for=lambda k, like: buf)
+    assert got == [buf] and value is buf and True not in copies
+    assert torch.equal(buf, fresh)
+    base = cks[0].tensors[key]
+    assert _writable_into(torch.empty_like(base), base, base.dtype, [])
+    assert not _writable_into(base, base, base.dtype, [])                     # aliases the base
+    assert not _writable_into(cks[1].tensors[key], base, base.dtype, [cks[1].tensors[key]])
+    assert not _writable_into(torch.empty_like(base, dtype=torch.float32), base, base.dtype, [])
+    transposed = torch.empty(320, 640, 3, 3, dtype=base.dtype).transpose(0, 1)
+    assert not _writable_into(transposed, base, base.dtype, [])               # not contiguous

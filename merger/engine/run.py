@@ -212,8 +212,10 @@ class _Runner:
         if self.method.fused is not None and job.channels is None:
             # the models' tensors as stored (on the CPU): fused paths run only where the base is on
             # the CPU too, and a GPU merge then copies each model once, in the loop below
-            res = self.method.fused(base, [ck.tensors[job.key] for ck in p.models], lam, args,
-                                    torch.float32 if job.adjust is not None else base.dtype, self._memo(job.key))
+            models = [ck.tensors[job.key] for ck in p.models]
+            dtype = torch.float32 if job.adjust is not None else base.dtype
+            into = out if _writable_into(out, base, dtype, models) else None
+            res = self.method.fused(base, models, lam, args, dtype, self._memo(job.key), into)
             if res is not None:
                 return res
         part = (lambda x: x) if job.channels is None else (lambda x: x[:, :job.channels])  # noqa: E731
@@ -262,6 +264,17 @@ class _Runner:
         arithmetic (ratios) made it."""
         raise MergeError(f"the merge produced NaN/Inf values in {key} "
                          f"(calcmode {self.cm.name}; check the ratios)")
+
+
+def _writable_into(out: torch.Tensor | None, base: torch.Tensor, dtype: torch.dtype,
+                   inputs: list[torch.Tensor]) -> bool:
+    """Whether a fused method may write a key straight into the caller's ``out``: a contiguous
+    buffer of the result's shape, dtype and device that shares memory with none of the inputs."""
+    if out is None or out.dtype != dtype or out.shape != base.shape or out.device != base.device \
+            or not out.is_contiguous():
+        return False
+    ptr = out.untyped_storage().data_ptr()
+    return all(t.untyped_storage().data_ptr() != ptr for t in (base, *inputs))
 
 
 def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Progress | None = None,

@@ -52,10 +52,12 @@ class Method:
     min_models: int = 1
     defaults: dict = field(default_factory=dict)
     reads: tuple[str, ...] = ()      # recipe fields that change its result (besides λ and weights)
-    # optional fused path: fused(base, models, λ, args, out_dtype, memo) -> BASE + λ·merge(τ) straight
-    # from the inputs (any float dtypes; the models as stored, on the CPU), or None to take the
-    # stacked path (always where ``base`` is not on the CPU); results equal fn's.
-    # ``memo`` (a dict per key and model set, or None) keeps what does not depend on λ.
+    # optional fused path: fused(base, models, λ, args, out_dtype, memo, out) -> BASE + λ·merge(τ)
+    # straight from the inputs (any float dtypes; the models as stored, on the CPU), or None to take
+    # the stacked path (always where ``base`` is not on the CPU); results equal fn's.
+    # ``memo`` (a dict per key and model set, or None) keeps what does not depend on λ; ``out``
+    # (None, or a contiguous buffer of base's shape and out_dtype that aliases no input) receives
+    # the result, which is then ``out`` itself.
     fused: Callable | None = None
 
 
