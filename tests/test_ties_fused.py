@@ -116,7 +116,7 @@ def test_float8_inputs_take_the_stacked_path():
     assert ties_mod.ties_fused(base, e4, 1.0, MethodArgs(weights=(), density=0.2), base.dtype) is None
 
 
-def test_without_a_compiler_one_note_then_eager(monkeypatch, capsys):
+def test_without_a_compiler_one_note_then_numba(monkeypatch, capsys):
     def broken(fn, **kw):
         def call(*a):
             raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
@@ -125,10 +125,14 @@ def test_without_a_compiler_one_note_then_eager(monkeypatch, capsys):
     monkeypatch.setattr(compiled_mod, "_broken", [])
     fn = compiled_mod.compiled(lambda x: x + 1)
     assert fn(torch.ones(3)) is None and fn(torch.ones(3)) is None
-    assert capsys.readouterr().err.count("fused CPU kernels are off") == 1
+    assert capsys.readouterr().err.count("compiled CPU kernels are off") == 1
     base, models = inputs(BIG, 2, torch.float16)
-    assert not compiled_mod.usable(base)
-    assert ties_mod.ties_fused(base, models, 1.0, MethodArgs(weights=(), density=0.2), base.dtype) is None
+    assert not compiled_mod.usable(base) and compiled_mod.usable(base, compiler=False)
+    args = MethodArgs(weights=(), density=0.2)
+    got = ties_mod.ties_fused(base, models, 1.0, args, base.dtype)      # numba's kernel: no compiler
+    assert got is not None and torch.equal(got, stacked(base, models, 1.0, args)[0])
+    monkeypatch.setattr(ties_mod.ties_kth, "available", lambda: False)     # nor numba: the stacked path
+    assert ties_mod.ties_fused(base, models, 1.0, args, base.dtype) is None
 
 
 def test_thresholds_are_kept_for_the_same_models_and_density(monkeypatch):

@@ -8,7 +8,9 @@ base + 4 SD1.5-sized models: 17 ms instead of 170 ms per 15 M-element key).
 Used only for CPU tensors of at least :data:`MIN_NUMEL` elements (the GPU path is eager and
 already bound by host→device copies; small tensors are not worth a kernel call). Compiling needs
 a C++ compiler: where there is none, or compilation fails for any other reason, one warning is
-printed and every later call takes the eager path. ``SDMW_COMPILE=0`` turns it off.
+printed and every later call takes the fallback: numba's kernels (:mod:`.kernels`, which need
+no compiler) where a method has them, else eager torch. ``SDMW_COMPILE=0`` turns every fused
+kernel off (the eager reference path).
 """
 from __future__ import annotations
 
@@ -22,9 +24,10 @@ MIN_NUMEL = 1 << 16
 _broken: list[str] = []          # why compiling failed in this process (then never tried again)
 
 
-def usable(t: torch.Tensor) -> bool:
-    """Whether a fused kernel should run on (a key shaped like) ``t``."""
-    return (t.device.type == "cpu" and t.numel() >= MIN_NUMEL and not _broken
+def usable(t: torch.Tensor, compiler: bool = True) -> bool:
+    """Whether a fused kernel should run on (a key shaped like) ``t``; ``compiler=False``: one
+    that needs no C++ compiler (numba's, :mod:`.kernels`), so compilation failures do not count."""
+    return (t.device.type == "cpu" and t.numel() >= MIN_NUMEL and not (compiler and _broken)
             and os.environ.get("SDMW_COMPILE", "1") != "0")
 
 
@@ -47,6 +50,7 @@ def compiled(fn: Callable) -> Callable:
             return holder[0](*args)
         except Exception as e:  # noqa: BLE001 - no compiler, unsupported platform …: stay eager
             _broken.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-            print(f"note: fused CPU kernels are off ({_broken[0]}); merging with eager torch", file=sys.stderr)
+            print(f"note: compiled CPU kernels are off ({_broken[0]}); merging with numba's kernels where "
+                  "there are some, else eager torch", file=sys.stderr)
             return None
     return call

@@ -11,6 +11,7 @@ import torch
 
 from ..compiled import compiled, usable
 from ..tensor_ops import is_fp8, scratch
+from ..kernels import ties_combine, ties_kth
 from . import MethodArgs, method
 
 SMALL = 1 << 17        # at most this many elements are selected from directly
@@ -22,7 +23,11 @@ CHUNK = 1 << 19        # elements per model per step of the elementwise combinat
 
 def select(x: torch.Tensor, kths: list[int]) -> list[float]:
     """The ``kths`` smallest values (1-based) of the 1-D tensor ``x``, as ``x.kthvalue(k)``: on
-    the CPU one ``numpy.partition`` (introselect) for all of them, 2-4x faster than ``kthvalue``."""
+    the CPU a histogram selection (:func:`.ties_kth.kth_value`) for float32, else one
+    ``numpy.partition`` (introselect) for all of them, 2-4x faster than ``kthvalue``."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and ties_kth.available():
+        a = x.detach().contiguous().numpy()
+        return [ties_kth.kth_value(a, k) for k in kths]
     if x.device.type == "cpu":
         part = np.partition(x.detach().numpy(), [k - 1 for k in kths])
         return [float(part[k - 1]) for k in kths]
@@ -126,19 +131,59 @@ def input_thresholds(base: torch.Tensor, models: list[torch.Tensor], density: fl
         return out
     idx = _sample_index(total, "cpu")
     sb = flat_b[idx].float()
-    out[:, 0] = torch.tensor(list(_workers().map(lambda m: _input_kth(flat_b, m.reshape(-1), idx, sb, kth), models)))
+    flat_ms = [m.reshape(-1) for m in models]
+    found = _numba_kths(flat_b, flat_ms, idx, sb, kth)
+    if found is None:
+        found = list(_workers().map(lambda m: _input_kth(flat_b, m, idx, sb, kth), flat_ms))
+    out[:, 0] = torch.tensor(found)
     return out
+
+
+def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], idx: torch.Tensor, sb: torch.Tensor,
+                kth: int) -> list[float] | None:
+    """The k-th smallest |τᵢ| of every model from one pass over the inputs split between the
+    workers (:mod:`.ties_kth`), or None where that does not apply (numba missing, a dtype other
+    than float16/bfloat16/float32, models of different dtypes, a store overflowed)."""
+    if not ties_kth.available() or len({m.dtype for m in flat_ms}) != 1:
+        return None
+    b, ms = ties_kth.as_numpy(flat_b), [ties_kth.as_numpy(m) for m in flat_ms]
+    if b is None or any(m is None for m in ms):
+        return None
+    total = b.size
+
+    def bracket(m: torch.Tensor) -> tuple[np.float32, np.float32, float]:
+        sample = (m[idx].float() - sb).abs_()
+        lo, hi = _np_ends(*_bracket(sample, kth, total))
+        return lo, hi, float(((sample >= float(lo)) & (sample <= float(hi))).sum()) / sample.numel()
+    pool = _workers()
+    ends = list(pool.map(bracket, flat_ms))
+    lo, hi = (np.array([e[j] for e in ends], np.float32) for j in (0, 1))
+    frac = max(e[2] for e in ends)
+    step = -(-total // pool._max_workers // ties_kth.BLOCK) * ties_kth.BLOCK
+    parts = [(s, min(s + step, total)) for s in range(0, total, step)]
+    room = int(step * frac * 1.25 + 8 * math.sqrt(step * frac) + 1024)   # the sample's share, +7 sd
+    got = ties_kth.split(b, tuple(ms), lo, hi, parts, room, pool.map)
+    if got is None:
+        return None
+    below, vals = got
+
+    def pick(i: int) -> float:
+        r = kth - int(below[i])
+        if not 1 <= r <= vals[i].size:         # the bracket missed: select from all
+            return select((flat_ms[i].float() - flat_b.float()).abs_(), [kth])[0]
+        return ties_kth.kth_value(vals[i], r)
+    return list(pool.map(pick, range(len(ms))))
 
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
 def _workers() -> ThreadPoolExecutor:
-    """The threshold workers: one model per worker, so numpy's single-threaded compares, gathers
-    and selections use every core (thresholds 1.6x faster on 2 cores). torch runs single-threaded
-    inside them (a per-thread setting): their ops then open no OpenMP teams of their own, whose
-    idle spinning slowed the main thread's kernels 2x. Each keeps 2.5 MiB of scratch. Made again in
-    a forked child, where the parent's threads do not exist."""
+    """The threshold workers: numba's kernels (:mod:`..kernels`) get a share of the elements
+    each, the fallback path one model each, so that every core works (numpy is single-threaded).
+    torch runs single-threaded inside them (a per-thread setting): their ops then open no OpenMP
+    teams of their own, whose idle spinning slowed the main thread's kernels 2x. Made again in a
+    forked child, where the parent's threads do not exist."""
     global _pool
     if _pool is None or _pool[0] != os.getpid():
         _pool = (os.getpid(), ThreadPoolExecutor(min(8, os.cpu_count() or 2), thread_name_prefix="ties-kth",
@@ -242,13 +287,17 @@ _combine_into_compiled = compiled(_combine_into)
 
 def ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtype,
                memo: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
-    """The whole TIES key from the inputs (exact thresholds, then one compiled pass), or None
-    where fused kernels are unavailable (:func:`..compiled.usable`) or an input is float8 (torch
-    has no mixed float8 arithmetic; those keys take the stacked path, which upcasts them).
+    """The whole TIES key from the inputs (exact thresholds, then one fused pass), or None where
+    fused kernels are off or do not apply (:func:`..compiled.usable`: small keys, other devices,
+    ``SDMW_COMPILE=0``) or an input is float8 (torch has no mixed float8 arithmetic; those keys
+    take the stacked path, which upcasts them).
+
+    The fused pass is inductor's compiled :func:`_combine`; where nothing can be compiled (no C++
+    compiler) it is numba's :mod:`..kernels.ties_combine`, which gives the same bits.
     The thresholds depend on the models and the density only: ``memo`` keeps them for the next
     merge of the same models with another λ, weights or sign rule. ``out`` (the resident
     pipeline's buffer for this key) receives the result."""
-    if not usable(base) or any(is_fp8(x.dtype) for x in (base, *models)):
+    if not usable(base, compiler=False) or any(is_fp8(x.dtype) for x in (base, *models)):
         return None
     tag = ("thresholds", args.density)
     if memo is not None and tag in memo:
@@ -258,12 +307,35 @@ def ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtyp
         if memo is not None:
             memo[tag] = thr
     w = args.weight_tensor(len(models))
-    rest = (base.reshape(-1), [m.reshape(-1) for m in models], None if thr is None else thr.reshape(-1),
-            None if bool((w == 1).all()) else w, torch.tensor(float(lam)), args.sign == "count", out_dtype)
-    if out is not None:
-        return None if _combine_into_compiled(out.view(-1), *rest) is None else out
-    res = _combine_compiled(*rest)
-    return None if res is None else res.reshape(base.shape)
+    if usable(base):
+        rest = (base.reshape(-1), [m.reshape(-1) for m in models], None if thr is None else thr.reshape(-1),
+                None if bool((w == 1).all()) else w, torch.tensor(float(lam)), args.sign == "count", out_dtype)
+        if out is not None:
+            if _combine_into_compiled(out.view(-1), *rest) is not None:
+                return out
+        else:
+            res = _combine_compiled(*rest)
+            if res is not None:
+                return res.reshape(base.shape)
+    return _numba_combine(base, models, thr, w, lam, args.sign == "count", out_dtype, out)
+
+
+def _numba_combine(base, models, thr, w, lam, count: bool, out_dtype, out) -> torch.Tensor | None:
+    """:mod:`..kernels.ties_combine` over the workers into ``out`` or a new tensor; None where
+    an input's or the output's dtype has no kernel view, or numba is missing."""
+    if not ties_kth.available():
+        return None
+    res = out if out is not None else torch.empty(base.shape, dtype=out_dtype)
+    views = [ties_kth.as_numpy(x) for x in (base, *models, res)]
+    if any(v is None for v in views) or len({m.dtype for m in models}) != 1:
+        return None
+    n, total = len(models), views[0].size
+    thr_np = np.full(n, -np.inf, np.float32) if thr is None else thr.reshape(-1).numpy().astype(np.float32)
+    pool = _workers()
+    step = -(-total // pool._max_workers // 64) * 64
+    parts = [(s, min(s + step, total)) for s in range(0, total, step)]
+    ties_combine.combine(views[0], tuple(views[1:-1]), thr_np, w.tolist(), lam, count, views[-1], parts, pool.map)
+    return res
 
 
 def disjoint_mean(taus: torch.Tensor, weights: torch.Tensor, sign: str,

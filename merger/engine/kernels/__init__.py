@@ -1,0 +1,42 @@
+"""CPU kernels written with numba for loops torch cannot express well.
+
+numba compiles these Python loops with its own LLVM (no C compiler needed on the user's machine)
+to vectorized machine code; compiled kernels are cached on disk (``cache=True``), so only the
+first use of a signature pays the compile (about 1-3 s). Each kernel releases the GIL
+(``nogil``), and the callers split the elements between their worker threads.
+
+Tensors cross over as zero-copy numpy views whose dtype names the stored format
+(:func:`as_numpy`): float16 as ``uint16``, bfloat16 as ``int16``, float32 as itself;
+:mod:`.convert` reads and writes those exactly as torch's conversions do.
+
+- :mod:`.ties_kth`: TIES's exact per-model thresholds in one pass over the inputs.
+- :mod:`.ties_combine`: TIES's trim, sign election and disjoint mean, written once per element.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+try:  # pinned in requirements.txt; without it the callers keep their torch paths
+    import numba  # noqa: F401
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    HAVE_NUMBA = False
+
+_VIEWS = {torch.float16: np.uint16, torch.bfloat16: np.int16, torch.float32: np.float32}
+
+
+def available() -> bool:
+    return HAVE_NUMBA
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray | None:
+    """The contiguous CPU tensor ``t``, flat, as the numpy view that names its dtype for the
+    kernels (float16 → uint16, bfloat16 → int16, float32 → float32); None for other dtypes,
+    other devices or strided tensors."""
+    view = _VIEWS.get(t.dtype)
+    if view is None or t.device.type != "cpu" or not t.is_contiguous():
+        return None
+    if t.dtype == torch.float32:
+        return t.reshape(-1).numpy()
+    return t.reshape(-1).view(torch.int16).numpy().view(view)

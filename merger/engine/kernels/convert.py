@@ -1,0 +1,94 @@
+"""Exact conversions between the stored formats and float32, as numba intrinsics whose LLVM
+vectorizes: the value's numpy view names its format (float16 as uint16, bfloat16 as int16,
+float32 as itself; :func:`..as_numpy`)."""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+
+@intrinsic
+def f32(typingctx, x):
+    """float32 of one stored value: uint16 = float16 bits, int16 = bfloat16 bits (the high
+    half of a float32), float32 unchanged. Exact for every value (subnormals, inf, NaN).
+
+    Float16 is widened with integer operations and selects, which LLVM vectorizes; its own
+    ``fpext half`` was converted one element at a time here (6x slower). Normal values move
+    their exponent and mantissa into float32's fields, subnormals are m·2⁻²⁴ (an exact int
+    to float conversion and scaling, no subnormal arithmetic, so immune to flush-to-zero),
+    inf and NaN keep their payload under an all-ones exponent."""
+    i32 = ir.IntType(32)
+
+    def const(v):
+        return ir.Constant(i32, v)
+    if x == types.uint16:
+        def gen(context, builder, sig, args):
+            f32 = ir.FloatType()
+            h = builder.zext(args[0], i32)
+            em = builder.and_(h, const(0x7FFF))
+            sh = builder.shl(em, const(13))
+            normal = builder.add(sh, const((127 - 15) << 23))
+            special = builder.or_(sh, const(0x7F800000))
+            bits = builder.select(builder.icmp_unsigned(">=", em, const(0x7C00)), special, normal)
+            sub = builder.fmul(builder.uitofp(em, f32), ir.Constant(f32, 2.0 ** -24))
+            mag = builder.select(builder.icmp_unsigned("<", em, const(0x400)), builder.bitcast(sub, i32), bits)
+            sign = builder.shl(builder.and_(h, const(0x8000)), const(16))
+            return builder.bitcast(builder.or_(mag, sign), f32)
+    elif x == types.int16:
+        def gen(context, builder, sig, args):
+            return builder.bitcast(builder.shl(builder.zext(args[0], i32), const(16)), ir.FloatType())
+    elif x == types.float32:
+        def gen(context, builder, sig, args):
+            return args[0]
+    else:
+        return None
+    return types.float32(x), gen
+
+
+
+def _f16_bits(builder, v):
+    """float32 ``v`` → float16 bits (i16), round to nearest even as torch: F. Giesen's
+    branch-free float_to_half_fast3_rtne (overflow → ±inf, NaN → 0x7E00, subnormal halves by one
+    float addition of 0.5, which leaves the rounded mantissa in the low bits)."""
+    i32, f32t = ir.IntType(32), ir.FloatType()
+
+    def const(x):
+        return ir.Constant(i32, x)
+    u0 = builder.bitcast(v, i32)
+    sign = builder.and_(u0, const(0x80000000))
+    u = builder.xor(u0, sign)
+    big = builder.select(builder.icmp_unsigned(">", u, const(0x7F800000)), const(0x7E00), const(0x7C00))
+    tiny = builder.sub(builder.bitcast(builder.fadd(builder.bitcast(u, f32t), ir.Constant(f32t, 0.5)), i32),
+                       const(0x3F000000))
+    odd = builder.and_(builder.lshr(u, const(13)), const(1))
+    normal = builder.lshr(builder.add(builder.add(u, const(0xC8000FFF)), odd), const(13))
+    o = builder.select(builder.icmp_unsigned("<", u, const(0x38800000)), tiny, normal)
+    o = builder.select(builder.icmp_unsigned(">=", u, const(0x47800000)), big, o)
+    return builder.trunc(builder.or_(o, builder.lshr(sign, const(16))), ir.IntType(16))
+
+
+def _bf16_bits(builder, v):
+    """float32 ``v`` → bfloat16 bits (i16), round to nearest even as torch; NaN → 0x7FC0."""
+    i32 = ir.IntType(32)
+    u = builder.bitcast(v, i32)
+    odd = builder.and_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 1))
+    r = builder.lshr(builder.add(builder.add(u, ir.Constant(i32, 0x7FFF)), odd), ir.Constant(i32, 16))
+    r = builder.select(builder.fcmp_unordered("uno", v, v), ir.Constant(i32, 0x7FC0), r)
+    return builder.trunc(r, ir.IntType(16))
+
+
+@intrinsic
+def narrow(typingctx, v, out):
+    """float32 ``v`` as a value of the array ``out``'s format (its numpy view's dtype: uint16 =
+    float16 bits, int16 = bfloat16 bits, float32), rounded as torch's ``.to(dtype)``."""
+    if v != types.float32 or not isinstance(out, types.Array):
+        return None
+    kind = out.dtype
+    conv = {types.uint16: _f16_bits, types.int16: _bf16_bits, types.float32: lambda builder, x: x}.get(kind)
+    if conv is None:
+        return None
+
+    def gen(context, builder, sig, args):
+        return conv(builder, args[0])
+    return kind(v, out), gen

@@ -1,0 +1,182 @@
+"""TIES's exact per-model thresholds on the CPU in one streamed pass over the inputs (numba).
+
+For each model i the threshold is the k-th smallest |τᵢ| = |float32(Mᵢ) − float32(BASE)| over a
+key. A fixed sample gives each model a bracket [loᵢ, hiᵢ] holding that value (``ties._bracket``);
+then one pass over the key, split between the worker threads, reads BASE and every Mᵢ once per
+element and, per model, counts the |τᵢ| below loᵢ and stores those inside [loᵢ, hiᵢ] (about 3% of
+them) with a vector compress. A histogram selection over the stored values gives the exact k-th.
+
+Why numba: the pass is a loop torch cannot express (compaction: inductor cannot write a
+data-dependent number of values) and numpy needs several passes and bool arrays for. Measured
+here (2 cores), per 15 M-element fp16 key and 4 models: 14 ms for the pass, against 65 ms for
+the chunked torch + numpy path it replaces (which stays as the fallback); over SD1.5's keys,
+thresholds 2.6 s instead of 6.0 s. numba brings its own LLVM, so no C compiler is needed.
+
+The inputs come as the numpy views of :func:`..kernels.as_numpy`; their conversions
+(:mod:`.convert`) are exact, so |τ| is bit for bit torch's mixed-dtype subtraction.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import HAVE_NUMBA, as_numpy, available  # noqa: F401  (ties.py imports them from here)
+
+BLOCK = 256          # |τ| values made per model before they are compressed (L1-resident)
+LANES = 16           # values per compress step; a model's store buffer has LANES spare slots
+HIST_BITS = 12       # histogram selection: 4096 bins over the float order keys per round
+
+if HAVE_NUMBA:
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.extending import intrinsic
+
+    from .convert import f32 as _f32
+
+    @intrinsic
+    def _compress(typingctx, src, off, dst, at, lo, hi):
+        """Store the values of ``src[off:off+16]`` inside [lo, hi] at ``dst[at:]`` in order, as one
+        vector compress (LLVM's ``vector.compress``: vcompressps with AVX-512, a shuffle sequence
+        elsewhere), and return how many there were. Writes all 16 slots: ``dst`` needs 16 spare."""
+        sig = types.int64(src, types.int64, dst, types.int64, types.float32, types.float32)
+
+        def gen(context, builder, sig, args):
+            s, o, d, k, lo_v, hi_v = args
+            sa = context.make_array(sig.args[0])(context, builder, s)
+            da = context.make_array(sig.args[2])(context, builder, d)
+            vty = ir.VectorType(ir.FloatType(), LANES)
+            mty = ir.VectorType(ir.IntType(1), LANES)
+            v = builder.load(builder.bitcast(builder.gep(sa.data, [o]), vty.as_pointer()), align=4)
+
+            def splat(x):
+                one = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+                zeros = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+                return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), zeros)
+            mask = builder.and_(builder.fcmp_ordered(">=", v, splat(lo_v)), builder.fcmp_ordered("<=", v, splat(hi_v)))
+            mod = builder.module
+            name = f"llvm.experimental.vector.compress.v{LANES}f32"
+            fn = mod.globals.get(name) or ir.Function(mod, ir.FunctionType(vty, [vty, mty, vty]), name=name)
+            packed = builder.call(fn, [v, mask, ir.Constant(vty, ir.Undefined)])
+            builder.store(packed, builder.bitcast(builder.gep(da.data, [k]), vty.as_pointer()), align=4)
+            i16 = ir.IntType(LANES)
+            pop = mod.globals.get(f"llvm.ctpop.i{LANES}") or ir.Function(
+                mod, ir.FunctionType(i16, [i16]), name=f"llvm.ctpop.i{LANES}")
+            return builder.zext(builder.call(pop, [builder.bitcast(mask, i16)]), ir.IntType(64))
+        return sig, gen
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _to_f32(x, out):
+        for j in range(x.size):
+            out[j] = _f32(x[j])
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _abs_diff_below(m, b, a, lo):
+        """a[:n] = |m − b[:n]| for the n values of the slice ``m``; how many are below lo.
+
+        The hot loops take slices and index them from 0: indexing with ``o + j`` kept LLVM from
+        proving the index non-negative (numba wraps negative indices), and the loop ran 5x slower
+        unvectorized. They are separate functions for the same reason."""
+        below = 0
+        for j in range(m.size):
+            v = abs(_f32(m[j]) - b[j])
+            a[j] = v
+            below += v < lo
+        return below
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _keep_inside(a, c, lo, hi, dst, k, cap):
+        """Store the values of a[:c] inside [lo, hi] at dst[k:] while below ``cap``; the new k
+        (which counts past ``cap`` on overflow)."""
+        if c == BLOCK and k + BLOCK <= cap:
+            for j in range(0, BLOCK, LANES):
+                k += _compress(a, j, dst, k, lo, hi)
+            return k
+        for j in range(c):
+            v = a[j]
+            if v >= lo and v <= hi:
+                if k < cap:
+                    dst[k] = v
+                k += 1
+        return k
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _split_range(base, models, start, stop, lo, hi, store, below, inside):
+        """Over elements [start, stop) (a multiple of BLOCK long, or the key's tail): per model i,
+        add to ``below[i]`` how many |τᵢ| are below ``lo[i]`` and to ``inside[i]`` how many are in
+        [lo[i], hi[i]], storing those in ``store[i]`` while it has room (the caller compares)."""
+        n = len(models)
+        cap = store.shape[1] - LANES
+        b = np.empty(BLOCK, np.float32)
+        a = np.empty(BLOCK, np.float32)
+        for o in range(start, stop, BLOCK):
+            c = min(BLOCK, stop - o)
+            _to_f32(base[o:o + c], b)
+            for i in range(n):
+                below[i] += _abs_diff_below(models[i][o:o + c], b, a, lo[i])
+                inside[i] = _keep_inside(a, c, lo[i], hi[i], store[i], inside[i], cap)
+
+    @njit(nogil=True, boundscheck=False, cache=True)
+    def _kth_key(vals, r):
+        """The order key (below) of the r-th smallest (1-based) of the float32 ``vals``: rounds
+        of a 4096-bin histogram over the keys keep only the bin holding it, until one key or a
+        few values are left. Exact; 4-7x faster than ``np.partition`` on 32 K-400 K values."""
+        u = vals.view(np.uint32)
+        cur = np.empty(u.size, np.uint32)
+        for j in range(u.size):            # ordered like the floats: negatives flipped, sign set
+            x = u[j]
+            cur[j] = ~x if x >> 31 else x | np.uint32(0x80000000)
+        while True:
+            lo_b = cur.min()
+            span = np.uint64(cur.max() - lo_b)
+            if span == 0:
+                return lo_b
+            if cur.size <= 64:
+                return np.sort(cur)[r - 1]
+            shift = 0
+            while (span >> np.uint64(shift)) >= (1 << HIST_BITS):
+                shift += 1
+            counts = np.zeros((1 << HIST_BITS) + 1, np.int64)
+            for x in cur:
+                counts[(x - lo_b) >> shift] += 1
+            seen = 0
+            pick = 0
+            for pick in range(counts.size):
+                if seen + counts[pick] >= r:
+                    break
+                seen += counts[pick]
+            nxt = np.empty(counts[pick], np.uint32)
+            k = 0
+            for x in cur:
+                if (x - lo_b) >> shift == pick:
+                    nxt[k] = x
+                    k += 1
+            r -= seen
+            cur = nxt
+
+
+def kth_value(vals: np.ndarray, r: int) -> float:
+    """The r-th smallest (1-based) of the float32 array ``vals`` (no NaN), as ``np.partition``
+    or ``torch.kthvalue`` give it (:func:`_kth_key`)."""
+    key = int(_kth_key(vals, r))
+    bits = key & 0x7FFFFFFF if key >> 31 else ~key & 0xFFFFFFFF
+    return float(np.uint32(bits).view(np.float32))
+
+
+def split(base: np.ndarray, models: tuple, lo: np.ndarray, hi: np.ndarray, parts: list[tuple[int, int]],
+          room: int, run) -> tuple[np.ndarray, list[np.ndarray]] | None:
+    """Per model: how many |τᵢ| are below ``lo[i]``, and the values inside [lo[i], hi[i]]
+    (unordered). ``parts`` split the elements between the workers (``run`` maps a function over
+    them), each storing at most ``room`` values per model; None when one overflowed (the caller
+    then takes its exact fallback)."""
+    n = len(models)
+
+    def one(part):
+        store = np.empty((n, room + LANES), np.float32)
+        below, inside = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        _split_range(base, models, part[0], part[1], lo, hi, store, below, inside)
+        return store, below, inside
+    done = list(run(one, parts))
+    if any(int(inside.max()) > room for _, _, inside in done):
+        return None
+    below = sum(b for _, b, _ in done)
+    vals = [np.concatenate([store[i, :inside[i]] for store, _, inside in done]) for i in range(n)]
+    return below, vals

@@ -1,0 +1,129 @@
+"""numba's CPU kernels (merger/engine/kernels): exact format conversions, the exact k-th value,
+TIES's one-pass thresholds (also when a store overflows) and its combination, bit for bit
+against torch and the stacked reference path."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from numba import njit
+
+import merger.engine.compiled as compiled_mod
+import merger.engine.methods.ties as ties_mod
+from merger.engine.kernels import as_numpy, ties_kth
+from merger.engine.kernels.convert import f32, narrow
+from merger.engine.methods import MethodArgs, get_method
+
+FORMATS = (torch.float16, torch.bfloat16)
+
+
+@njit
+def _widen_all(x, out):
+    for j in range(x.size):
+        out[j] = f32(x[j])
+
+
+@njit
+def _narrow_all(x, out):
+    for j in range(x.size):
+        out[j] = narrow(x[j], out)
+
+
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_widening_is_torchs_for_every_bit_pattern(dtype):
+    t = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    got = np.empty(65536, np.float32)
+    _widen_all(as_numpy(t), got)
+    want = t.float().numpy()
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))   # ±0, subnormals, inf
+
+
+@pytest.mark.parametrize("dtype", FORMATS)
+def test_narrowing_rounds_as_torch(dtype):
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (1_000_000,), dtype=torch.int64, generator=g).to(torch.int32)
+    edges = [0.0, -0.0, 65504.0, 65519.99, 65520.0, -65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 2.0**-14,
+             2.0**-14 - 2.0**-26, 1e-8, float("inf"), -float("inf"), 3.4e38, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11,
+             1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, 1e-40]
+    x = torch.cat([bits.view(torch.float32), torch.tensor(edges), torch.randn(200_000, generator=g),
+                   torch.randn(100_000, generator=g) * 1e-6]).numpy()
+    got = as_numpy(torch.empty(x.size, dtype=dtype)).copy()
+    _narrow_all(x, got)
+    want = as_numpy(torch.from_numpy(x).to(dtype))
+    nan = np.isnan(x)
+    assert np.array_equal(got[~nan], want[~nan])
+    back = torch.from_numpy(got[nan].view(np.int16)).view(dtype)
+    assert torch.isnan(back).all()               # NaN stays NaN (its payload is not torch's)
+
+
+def test_kth_value_is_the_sorted_value():
+    rng = np.random.default_rng(0)
+    cases = [rng.standard_normal(5000), rng.integers(-3, 3, 3000), rng.standard_normal(2000) * 1e-40,
+             np.abs(rng.standard_normal(100_000)) * 1e3, np.full(700, 0.25), [-np.inf, 1.0, np.inf, -0.0, 0.0],
+             rng.standard_normal(40)]
+    for vals in cases:
+        v = np.asarray(vals, np.float32)
+        srt = np.sort(v)
+        for r in {1, v.size, (v.size + 1) // 2, *rng.integers(1, v.size + 1, 5).tolist()}:
+            assert ties_kth.kth_value(v, int(r)) == srt[r - 1]
+
+
+def _pair(numel, n, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(numel, generator=g) * 0.05).to(dtype)
+    models = [(base.float() + torch.randn(numel, generator=g) * 0.01 * (i + 1)).to(dtype) for i in range(n)]
+    return base, models
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_one_pass_thresholds_are_exact(dtype, monkeypatch):
+    base, models = _pair(300_001, 3, dtype)          # odd length: the last part ends mid-block
+    taus = torch.stack([m.float() - base.float() for m in models])
+    calls = []
+    real = ties_mod._numba_kths
+    monkeypatch.setattr(ties_mod, "_numba_kths", lambda *a: calls.append(1) or real(*a))
+    for density in (0.2, 0.5, 0.999, 0.001):
+        assert torch.equal(ties_mod.input_thresholds(base, models, density), ties_mod.thresholds(taus, density))
+    assert len(calls) == 4
+
+
+def test_an_overflowing_store_falls_back_exactly(monkeypatch):
+    """The sample's share sizes each worker's store; far more values inside the bracket than
+    that (a misleading sample) must not write past it, and the threshold stays exact."""
+    base, models = _pair(300_000, 2, torch.float16)
+    want = ties_mod.thresholds(torch.stack([m.float() - base.float() for m in models]), 0.3)
+    b, ms = as_numpy(base), tuple(as_numpy(m) for m in models)
+    lo, hi = np.zeros(2, np.float32), np.full(2, np.inf, np.float32)       # everything is inside
+    assert ties_kth.split(b, ms, lo, hi, [(0, 150_016), (150_016, 300_000)], 1000, map) is None
+    monkeypatch.setattr(ties_kth, "split", lambda *a: None)
+    assert torch.equal(ties_mod.input_thresholds(base, models, 0.3), want)
+
+
+@pytest.mark.parametrize("dtype,out_dtype,sign,weights,density", [
+    (torch.float16, torch.float16, "count", (), 0.2),
+    (torch.bfloat16, torch.bfloat16, "sum", (1.0, 0.5, 2.0), 0.5),
+    (torch.float16, torch.float32, "sum", (1.0, -0.5, 0.25), 1.0),
+    (torch.float32, torch.float32, "count", (2.0, 1.0, 1.0), 0.3),
+])
+def test_numba_combination_equals_the_stacked_path(dtype, out_dtype, sign, weights, density, monkeypatch):
+    """Without inductor (no C++ compiler), TIES keys take numba's combination: the same bits."""
+    monkeypatch.setattr(compiled_mod, "_broken", ["no compiler"])
+    base, models = _pair(200_003, 3, dtype, seed=3)
+    args = MethodArgs(weights=weights, density=density, sign=sign)
+    b = base.float()
+    taus = torch.stack([m.float() - b for m in models])
+    want = get_method("ties").fn(taus, args, None).mul_(0.7).add_(b).to(out_dtype)
+    got = ties_mod.ties_fused(base, models, 0.7, args, out_dtype)
+    assert got is not None and got.dtype == out_dtype and torch.equal(got, want)
+    into = torch.empty(base.shape, dtype=out_dtype)
+    assert ties_mod.ties_fused(base, models, 0.7, args, out_dtype, None, into) is into
+    assert torch.equal(into, want)
+
+
+def test_only_kernel_formats_take_the_kernels():
+    assert as_numpy(torch.zeros(4, dtype=torch.float64)) is None
+    assert as_numpy(torch.zeros(4, 4)[:, 0]) is None                         # strided
+    assert as_numpy(torch.zeros(4, dtype=torch.float16)).dtype == np.uint16
+    assert as_numpy(torch.zeros(4, dtype=torch.bfloat16)).dtype == np.int16
