@@ -131,7 +131,7 @@ def test_without_a_compiler_one_note_then_numba(monkeypatch, capsys):
     args = MethodArgs(weights=(), density=0.2)
     got = ties_mod.ties_fused(base, models, 1.0, args, base.dtype)      # numba's kernel: no compiler
     assert got is not None and torch.equal(got, stacked(base, models, 1.0, args)[0])
-    monkeypatch.setattr(ties_mod.ties_kth, "available", lambda: False)     # nor numba: the stacked path
+    monkeypatch.setattr(ties_mod.kernels, "available", lambda: False)     # nor numba: the stacked path
     assert ties_mod.ties_fused(base, models, 1.0, args, base.dtype) is None
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import HAVE_NUMBA, as_numpy, available  # noqa: F401  (ties.py imports them from here)
+from . import HAVE_NUMBA
 
 BLOCK = 256          # |τ| values made per model before they are compressed (L1-resident)
 LANES = 16           # values per compress step; a model's store buffer has LANES spare slots

@@ -11,6 +11,7 @@ import torch
 
 from ..compiled import compiled, usable
 from ..tensor_ops import is_fp8, scratch
+from .. import kernels
 from ..kernels import ties_combine, ties_kth
 from . import MethodArgs, method
 
@@ -25,7 +26,7 @@ def select(x: torch.Tensor, kths: list[int]) -> list[float]:
     """The ``kths`` smallest values (1-based) of the 1-D tensor ``x``, as ``x.kthvalue(k)``: on
     the CPU a histogram selection (:func:`.ties_kth.kth_value`) for float32, else one
     ``numpy.partition`` (introselect) for all of them, 2-4x faster than ``kthvalue``."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and ties_kth.available():
+    if x.device.type == "cpu" and x.dtype == torch.float32 and kernels.available():
         a = x.detach().contiguous().numpy()
         return [ties_kth.kth_value(a, k) for k in kths]
     if x.device.type == "cpu":
@@ -144,9 +145,9 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], idx: torch.Te
     """The k-th smallest |τᵢ| of every model from one pass over the inputs split between the
     workers (:mod:`.ties_kth`), or None where that does not apply (numba missing, a dtype other
     than float16/bfloat16/float32, models of different dtypes, a store overflowed)."""
-    if not ties_kth.available() or len({m.dtype for m in flat_ms}) != 1:
+    if not kernels.available() or len({m.dtype for m in flat_ms}) != 1:
         return None
-    b, ms = ties_kth.as_numpy(flat_b), [ties_kth.as_numpy(m) for m in flat_ms]
+    b, ms = kernels.as_numpy(flat_b), [kernels.as_numpy(m) for m in flat_ms]
     if b is None or any(m is None for m in ms):
         return None
     total = b.size
@@ -159,8 +160,8 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], idx: torch.Te
     ends = list(pool.map(bracket, flat_ms))
     lo, hi = (np.array([e[j] for e in ends], np.float32) for j in (0, 1))
     frac = max(e[2] for e in ends)
-    step = -(-total // pool._max_workers // ties_kth.BLOCK) * ties_kth.BLOCK
-    parts = [(s, min(s + step, total)) for s in range(0, total, step)]
+    parts = _parts(total, ties_kth.BLOCK)
+    step = parts[0][1]
     room = int(step * frac * 1.25 + 8 * math.sqrt(step * frac) + 1024)   # the sample's share, +7 sd
     got = ties_kth.split(b, tuple(ms), lo, hi, parts, room, pool.map)
     if got is None:
@@ -173,6 +174,12 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], idx: torch.Te
             return select((flat_ms[i].float() - flat_b.float()).abs_(), [kth])[0]
         return ties_kth.kth_value(vals[i], r)
     return list(pool.map(pick, range(len(ms))))
+
+
+def _parts(total: int, align: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of ``total`` elements, one per worker, starts a multiple of ``align``."""
+    step = -(-total // _workers()._max_workers // align) * align
+    return [(s, min(s + step, total)) for s in range(0, total, step)]
 
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None
@@ -323,18 +330,16 @@ def ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtyp
 def _numba_combine(base, models, thr, w, lam, count: bool, out_dtype, out) -> torch.Tensor | None:
     """:mod:`..kernels.ties_combine` over the workers into ``out`` or a new tensor; None where
     an input's or the output's dtype has no kernel view, or numba is missing."""
-    if not ties_kth.available():
+    if not kernels.available():
         return None
     res = out if out is not None else torch.empty(base.shape, dtype=out_dtype)
-    views = [ties_kth.as_numpy(x) for x in (base, *models, res)]
+    views = [kernels.as_numpy(x) for x in (base, *models, res)]
     if any(v is None for v in views) or len({m.dtype for m in models}) != 1:
         return None
     n, total = len(models), views[0].size
     thr_np = np.full(n, -np.inf, np.float32) if thr is None else thr.reshape(-1).numpy().astype(np.float32)
-    pool = _workers()
-    step = -(-total // pool._max_workers // 64) * 64
-    parts = [(s, min(s + step, total)) for s in range(0, total, step)]
-    ties_combine.combine(views[0], tuple(views[1:-1]), thr_np, w.tolist(), lam, count, views[-1], parts, pool.map)
+    ties_combine.combine(views[0], tuple(views[1:-1]), thr_np, w.tolist(), lam, count, views[-1],
+                         _parts(total, 64), _workers().map)
     return res
 
 
