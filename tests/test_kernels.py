@@ -127,3 +127,16 @@ def test_only_kernel_formats_take_the_kernels():
     assert as_numpy(torch.zeros(4, 4)[:, 0]) is None                         # strided
     assert as_numpy(torch.zeros(4, dtype=torch.float16)).dtype == np.uint16
     assert as_numpy(torch.zeros(4, dtype=torch.bfloat16)).dtype == np.int16
+
+
+def test_kernels_are_exact_when_compiled_for_a_cpu_without_avx512(tmp_path):
+    """The compress step is LLVM's generic ``vector.compress``: AVX-512 has an instruction for
+    it, other CPUs (AVX2 here, as most desktop CPUs) get LLVM's expansion. The same tests,
+    compiled for Haswell in a child process, must pass too."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "not without_avx512"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

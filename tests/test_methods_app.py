@@ -94,7 +94,7 @@ def test_workstation_ties_alpha_change_reuses_thresholds(demo_ws, monkeypatch):
     import merger.engine.methods.ties as ties_mod
     counted = []
     real = ties_mod.input_thresholds
-    monkeypatch.setattr(ties_mod, "input_thresholds", lambda *a: counted.append(1) or real(*a))
+    monkeypatch.setattr(ties_mod, "input_thresholds", lambda *a, **k: counted.append(1) or real(*a, **k))
     ws = demo_ws
     ws.merge(ws.recipe(A, models=[B, C], method="ties", alpha=1.0, density=0.3))
     first = len(counted)

@@ -14,6 +14,7 @@ import merger.engine.compiled as compiled_mod
 import merger.engine.methods.ties as ties_mod
 from merger.engine import merge
 from merger.engine.methods import REGISTRY, MethodArgs, get_method
+from merger.errors import MergeStopped
 from merger.files.checkpoint_io import Checkpoint
 from merger.recipe import Recipe
 
@@ -151,7 +152,7 @@ def test_thresholds_are_kept_for_the_same_models_and_density(monkeypatch):
     cks = load()
     counted = []
     real = ties_mod.input_thresholds
-    monkeypatch.setattr(ties_mod, "input_thresholds", lambda *a: counted.append(1) or real(*a))
+    monkeypatch.setattr(ties_mod, "input_thresholds", lambda *a, **k: counted.append(1) or real(*a, **k))
 
     def run(cks, **kw):
         r = Recipe(model_a="m0.safetensors", method="ties", models=["m1.safetensors", "m2.safetensors"], **kw)
@@ -222,3 +223,42 @@ def test_fused_path_writes_into_the_callers_buffer(monkeypatch):
     assert not _writable_into(torch.empty_like(base, dtype=torch.float32), base, base.dtype, [])
     transposed = torch.empty(320, 640, 3, 3, dtype=base.dtype).transpose(0, 1)
     assert not _writable_into(transposed, base, base.dtype, [])               # not contiguous
+
+
+def _three_models(keys):
+    cks = []
+    for i in range(3):
+        g = torch.Generator().manual_seed(70 + i)
+        cks.append(Checkpoint(Path(f"m{i}.safetensors"),
+                              {k: (torch.randn(*shape, generator=g) * 0.05).half() for k, shape in keys.items()}))
+    return cks, Recipe(model_a="m0.safetensors", method="ties", models=["m1.safetensors", "m2.safetensors"],
+                       alpha=0.8, density=0.3)
+
+
+def test_every_keys_thresholds_come_before_the_first_combination(monkeypatch):
+    """A TIES merge on the CPU computes the thresholds of all its fused keys first, whole keys on
+    the workers (largest first), then combines them with those; results equal the eager path."""
+    from merger.engine import iter_merge, plan_merge
+    keys = {"model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (640, 320, 3, 3),
+            "model.diffusion_model.middle_block.1.proj_in.weight": (1280, 1280),
+            "model.diffusion_model.out.2.bias": (4,)}
+    cks, recipe = _three_models(keys)
+    events = []
+    real_thr, real_fused = ties_mod.input_thresholds, ties_mod.ties_fused
+    monkeypatch.setattr(ties_mod, "input_thresholds",
+                        lambda b, *a, **k: events.append(("thresholds", b.numel(), k.get("parallel", True)))
+                        or real_thr(b, *a, **k))
+    monkeypatch.setitem(REGISTRY, "ties", dataclasses.replace(
+        REGISTRY["ties"], fused=lambda *a: events.append(("combine",)) or real_fused(*a)))
+    got = merge(recipe, cks[0], models=cks[1:]).tensors
+    assert events[:2] == [("thresholds", 640 * 320 * 9, False), ("thresholds", 1280 * 1280, False)]
+    assert {e[0] for e in events[2:]} == {"combine"}       # the fused keys found their thresholds
+    monkeypatch.setenv("SDMW_COMPILE", "0")
+    eager = merge(recipe, cks[0], models=cks[1:]).tensors
+    assert all(torch.equal(got[k], eager[k]) for k in keys)
+    events.clear()
+    monkeypatch.delenv("SDMW_COMPILE")
+    stopped = iter_merge(plan_merge(recipe, cks[0], models=cks[1:]), should_stop=lambda: True)
+    with pytest.raises(MergeStopped):
+        next(stopped)
+    assert events == []                                      # Stop: no threshold pass started

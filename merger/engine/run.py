@@ -91,6 +91,19 @@ class _Runner:
                     if t.is_floating_point()) if ratios else float("inf")
         return 5 * top < limit
 
+    def prefetches(self) -> bool:
+        """Whether the method fills its memos up front: on the CPU, and not where each key's
+        inputs are read once as it is merged (``per_key``: inputs larger than RAM)."""
+        return self.method is not None and self.method.prefetch is not None and self.device is None \
+            and not self.per_key
+
+    def prefetch(self, should_stop: Callable[[], bool] | None) -> None:
+        p = self.plan
+        items = [(p.a.tensors[j.key], [ck.tensors[j.key] for ck in p.models],
+                  with_second(self.method, self.method_args, j.ratios[1]), self._memo(j.key))
+                 for j in p.jobs if j.ratios is not None and j.channels is None]
+        self.method.prefetch(items, should_stop)
+
     def _check_key(self, key: str) -> None:
         """``per_key``: NaN/Inf in this key's inputs is the same clear error as the up-front check."""
         for n, ck in self._inputs():
@@ -298,6 +311,10 @@ def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Prog
             progress(0, len(plan.jobs), "computing similarities")
         runner.ctx.stats = cm.prepare(plan.a.tensors, plan.b.tensors)
     total = len(plan.jobs)
+    if runner.prefetches():
+        if progress:
+            progress(0, total, f"{runner.method.name}: preparing")
+        runner.prefetch(should_stop)
     # methods (calcmode normal) run keys in turn: their ops use every core, and in parallel
     # threads they ran 1.4x slower on 2 cores
     pool = ThreadPoolExecutor(os.cpu_count() or 2) if cm.parallel else None

@@ -59,6 +59,9 @@ class Method:
     # (None, or a contiguous buffer of base's shape and out_dtype that aliases no input) receives
     # the result, which is then ``out`` itself.
     fused: Callable | None = None
+    # optional: prefetch(items, should_stop) fills the memos of the keys ``fused`` will compute,
+    # items = [(base, models, args, memo)], before the first key (TIES: every key's thresholds)
+    prefetch: Callable | None = None
 
 
 REGISTRY: dict[str, Method] = {}
