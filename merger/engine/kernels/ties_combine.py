@@ -8,7 +8,7 @@ BASE where that ratio is not finite (nothing agrees). Bit for bit what ``ties.di
 and the engine's ``mul_(λ).add_(BASE)`` give: the same float32 operations in the same order
 (sums folded from model 0, no fused multiply-add), then torch's rounding to the output dtype.
 
-One loop over the elements, which LLVM vectorizes (16 floats at a time here), with the loop
+One loop over the elements, which LLVM vectorizes (32 floats per step here: two AVX-512 vectors), with the loop
 over the models unrolled inside it; the callers split the elements between their worker
 threads. It is the fallback for inductor's compiled expression (``ties._combine``) where there
 is no C++ compiler, and about as fast: over SD1.5's large keys (4 models, thresholds known,
