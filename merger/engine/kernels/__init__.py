@@ -14,6 +14,9 @@ Tensors cross over as zero-copy numpy views whose dtype names the stored format
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -40,3 +43,25 @@ def as_numpy(t: torch.Tensor) -> np.ndarray | None:
     if t.dtype == torch.float32:
         return t.reshape(-1).numpy()
     return t.reshape(-1).view(torch.int16).numpy().view(view)
+
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+
+
+def workers() -> ThreadPoolExecutor:
+    """The kernels' worker threads, one per core (at most 8): each kernel call gets a share of
+    the elements (:func:`parts`) or a whole tensor. torch runs single-threaded inside them (a
+    per-thread setting): their torch ops then open no OpenMP teams of their own, whose idle
+    spinning slowed the main thread's kernels 2x. Made again in a forked child, where the
+    parent's threads do not exist."""
+    global _pool
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(min(8, os.cpu_count() or 2), thread_name_prefix="kernels",
+                                                 initializer=lambda: torch.set_num_threads(1)))
+    return _pool[1]
+
+
+def parts(total: int, align: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of ``total`` elements, one per worker, starts a multiple of ``align``."""
+    step = -(-total // workers()._max_workers // align) * align
+    return [(s, min(s + step, total)) for s in range(0, total, step)]

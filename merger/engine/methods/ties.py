@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -134,8 +132,8 @@ def input_thresholds(base: torch.Tensor, models: list[torch.Tensor], density: fl
     idx = _sample_index(total, "cpu")
     sb = flat_b[idx].float()
     flat_ms = [m.reshape(-1) for m in models]
-    run = _workers().map if parallel else map
-    found = _numba_kths(flat_b, flat_ms, idx, sb, kth, run, _parts(total, ties_kth.BLOCK) if parallel else [(0, total)])
+    run = kernels.workers().map if parallel else map
+    found = _numba_kths(flat_b, flat_ms, idx, sb, kth, run, kernels.parts(total, ties_kth.BLOCK) if parallel else [(0, total)])
     if found is None:
         found = list(run(lambda m: _input_kth(flat_b, m, idx, sb, kth), flat_ms))
     out[:, 0] = torch.tensor(found)
@@ -174,28 +172,6 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], idx: torch.Te
             return select((flat_ms[i].float() - flat_b.float()).abs_(), [kth])[0]
         return ties_kth.kth_value(vals[i], r)
     return list(run(pick, range(len(ms))))
-
-
-def _parts(total: int, align: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges of ``total`` elements, one per worker, starts a multiple of ``align``."""
-    step = -(-total // _workers()._max_workers // align) * align
-    return [(s, min(s + step, total)) for s in range(0, total, step)]
-
-
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _workers() -> ThreadPoolExecutor:
-    """The threshold workers: numba's kernels (:mod:`..kernels`) get a share of the elements
-    each, the fallback path one model each, so that every core works (numpy is single-threaded).
-    torch runs single-threaded inside them (a per-thread setting): their ops then open no OpenMP
-    teams of their own, whose idle spinning slowed the main thread's kernels 2x. Made again in a
-    forked child, where the parent's threads do not exist."""
-    global _pool
-    if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(min(8, os.cpu_count() or 2), thread_name_prefix="ties-kth",
-                                                 initializer=lambda: torch.set_num_threads(1)))
-    return _pool[1]
 
 
 def _input_kth(flat_b: torch.Tensor, flat_m: torch.Tensor, idx: torch.Tensor, sb: torch.Tensor, kth: int) -> float:
@@ -347,7 +323,7 @@ def ties_prefetch(items: list[tuple[torch.Tensor, list[torch.Tensor], MethodArgs
         base, models, density, memo = item
         if should_stop is None or not should_stop():
             memo[("thresholds", density)] = input_thresholds(base, models, density, parallel=False)
-    for _ in _workers().map(one, todo):
+    for _ in kernels.workers().map(one, todo):
         pass
 
 
@@ -363,7 +339,7 @@ def _numba_combine(base, models, thr, w, lam, count: bool, out_dtype, out) -> to
     n, total = len(models), views[0].size
     thr_np = np.full(n, -np.inf, np.float32) if thr is None else thr.reshape(-1).numpy().astype(np.float32)
     ties_combine.combine(views[0], tuple(views[1:-1]), thr_np, w.tolist(), lam, count, views[-1],
-                         _parts(total, 64), _workers().map)
+                         kernels.parts(total, 64), kernels.workers().map)
     return res
 
 
