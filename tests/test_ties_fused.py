@@ -262,3 +262,38 @@ def test_every_keys_thresholds_come_before_the_first_combination(monkeypatch):
     with pytest.raises(MergeStopped):
         next(stopped)
     assert events == []                                      # Stop: no threshold pass started
+
+
+def test_results_that_cannot_overflow_are_not_scanned_and_those_that_can_are(monkeypatch):
+    """TIES with positive weights: |BASE + λ·merge| ≤ (1 + 2|λ|)·max|input|, so the engine skips
+    the scan of each result where that is inside the dtype's range; near its edge, or with a
+    negative weight (no such bound), results are scanned and an overflow is the clear error."""
+    import merger.engine.run as run_mod
+    from merger.errors import MergeError
+    scans = []
+    real = run_mod._nonfinite
+    monkeypatch.setattr(run_mod, "_nonfinite", lambda t: scans.append(1) or real(t))
+    key = "model.diffusion_model.out.2.weight"
+
+    def models(scale):
+        out = []
+        for i in range(3):
+            g = torch.Generator().manual_seed(5 + i)
+            out.append(Checkpoint(Path(f"m{i}.safetensors"), {key: (torch.randn(4, 320, 3, 3, generator=g) * scale).half()}))
+        return out
+
+    def run(cks, **kw):
+        r = Recipe(model_a="m0.safetensors", method="ties", models=["m1.safetensors", "m2.safetensors"], **kw)
+        return merge(r, cks[0], models=cks[1:]).tensors[key]
+    run(models(0.05), alpha=1.0, density=0.5)
+    assert scans == []
+    run(models(0.05), alpha=1.0, density=0.5, weights=[1.0, -0.5])
+    assert scans                                       # a negative weight: no bound, scanned
+    scans.clear()
+    big = models(0.05)
+    big[0].tensors[key].fill_(30000.0)                 # (1 + 2)·30000 is past float16's 65504
+    big[1].tensors[key].fill_(-30000.0)
+    big[2].tensors[key].fill_(-30000.0)
+    with pytest.raises(MergeError, match="produced NaN/Inf"):
+        run(big, alpha=2.0, density=1.0)               # 30000 + 2·(−60000): −inf in float16
+    assert scans

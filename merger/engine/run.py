@@ -80,16 +80,26 @@ class _Runner:
 
     def _cannot_overflow(self) -> bool:
         """True when the result provably stays finite, so it need not be scanned: the normal
-        formulas with |α|, |β| ≤ 1 give |result| ≤ 5·max|input|, checked against the dtype's range."""
-        if self.cm.name != "normal" or self.plan.recipe.adjust or self.method:
+        formulas with |α|, |β| ≤ 1 give |result| ≤ 5·max|input|; a method whose merge of the task
+        vectors is at most g·max|τᵢ| (``Method.growth``) gives |BASE + λ·merge| ≤ (1 + 2g·|λ|)·max|input|,
+        as |τᵢ| ≤ 2·max|input|. Checked against the dtypes' range, with 1% to spare."""
+        if self.cm.name != "normal" or self.plan.recipe.adjust:
             return False
         ratios = [abs(x) for j in self.plan.jobs if j.ratios is not None for x in j.ratios]
-        if any(x > 1 for x in ratios):
+        if self.method:
+            g = self.method.growth(self.method_args) if self.method.growth else None
+            if g is None:
+                return False
+            lams = [abs(j.ratios[0]) for j in self.plan.jobs if j.ratios is not None]
+            factor = 1 + 2 * g * max(lams, default=0.0)
+        elif any(x > 1 for x in ratios):
             return False
+        else:
+            factor = 5
         top = max((ck.value_stats()[1] for _, ck in self._inputs()), default=0.0)
         limit = min(torch.finfo(t.dtype).max for _, ck in self._inputs() for t in ck.tensors.values()
                     if t.is_floating_point()) if ratios else float("inf")
-        return 5 * top < limit
+        return factor * top * 1.01 < limit
 
     def prefetches(self) -> bool:
         """Whether the method fills its memos up front: on the CPU, and not where each key's

@@ -62,6 +62,9 @@ class Method:
     # optional: prefetch(items, should_stop) fills the memos of the keys ``fused`` will compute,
     # items = [(base, models, args, memo)], before the first key (TIES: every key's thresholds)
     prefetch: Callable | None = None
+    # optional: growth(args) -> g with |merge(τ₁…τₙ)| ≤ g·maxᵢ|τᵢ| element by element, or None where
+    # no such bound holds; lets the engine skip scanning results that cannot overflow
+    growth: Callable | None = None
 
 
 REGISTRY: dict[str, Method] = {}

@@ -390,7 +390,9 @@ def disjoint_mean(taus: torch.Tensor, weights: torch.Tensor, sign: str,
 @method("ties", second="density", defaults={"density": 0.2}, reads=("density", "sign"),
         reference="Yadav et al. 2023, 'TIES-Merging', arXiv 2306.01708; sd-mecha merge_methods/ties.py ties_sum",
         formula="BASE + λ·disjoint_mean(elect(trim_k(τ₁…τₙ)))", fused=ties_fused,
-        prefetch=ties_prefetch)
+        prefetch=ties_prefetch,
+        # with positive weights the disjoint mean is a weighted mean of agreeing |τᵢ|: ≤ max|τᵢ|
+        growth=lambda args: 1.0 if all(w > 0 for w in args.weights) else None)
 def ties(taus: torch.Tensor, args: MethodArgs, generator) -> torch.Tensor:
     """Trim each τᵢ to its top-k (k = density) by magnitude (:func:`thresholds`), elect the sign
     per element and average the agreeing entries (:func:`disjoint_mean`)."""
