@@ -26,7 +26,7 @@ try:  # pinned in requirements.txt; without it the callers keep their torch path
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
 
-_VIEWS = {torch.float16: np.uint16, torch.bfloat16: np.int16, torch.float32: np.float32}
+VIEWS = {torch.float16: np.uint16, torch.bfloat16: np.int16, torch.float32: np.float32}
 
 
 def available() -> bool:
@@ -37,7 +37,7 @@ def as_numpy(t: torch.Tensor) -> np.ndarray | None:
     """The contiguous CPU tensor ``t``, flat, as the numpy view that names its dtype for the
     kernels (float16 → uint16, bfloat16 → int16, float32 → float32); None for other dtypes,
     other devices or strided tensors."""
-    view = _VIEWS.get(t.dtype)
+    view = VIEWS.get(t.dtype)
     if view is None or t.device.type != "cpu" or not t.is_contiguous():
         return None
     if t.dtype == torch.float32:

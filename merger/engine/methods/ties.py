@@ -330,15 +330,18 @@ def ties_prefetch(items: list[tuple[torch.Tensor, list[torch.Tensor], MethodArgs
 def _numba_combine(base, models, thr, w, lam, count: bool, out_dtype, out) -> torch.Tensor | None:
     """:mod:`..kernels.ties_combine` over the workers into ``out`` or a new tensor; None where
     an input's or the output's dtype has no kernel view, or numba is missing."""
-    if not kernels.available():
+    if not kernels.available() or len({m.dtype for m in models}) != 1 or out_dtype not in kernels.VIEWS:
+        return None
+    views = [kernels.as_numpy(x) for x in (base, *models)]
+    if any(v is None for v in views):
         return None
     res = out if out is not None else torch.empty(base.shape, dtype=out_dtype)
-    views = [kernels.as_numpy(x) for x in (base, *models, res)]
-    if any(v is None for v in views) or len({m.dtype for m in models}) != 1:
+    into = kernels.as_numpy(res)
+    if into is None:
         return None
     n, total = len(models), views[0].size
     thr_np = np.full(n, -np.inf, np.float32) if thr is None else thr.reshape(-1).numpy().astype(np.float32)
-    ties_combine.combine(views[0], tuple(views[1:-1]), thr_np, w.tolist(), lam, count, views[-1],
+    ties_combine.combine(views[0], tuple(views[1:]), thr_np, w.tolist(), lam, count, into,
                          kernels.parts(total, 64), kernels.workers().map)
     return res
 
