@@ -4,6 +4,7 @@ fp16, generate; compared with the CPU merge of the same files, and timed.
     python bench/gpu_check.py                 # SD1.5 shapes (needs a CUDA GPU)
     python bench/gpu_check.py --xl            # also SDXL shapes (7 GB per model)
     python bench/gpu_check.py --tiny          # tiny demo shapes: a dry run of this script (CPU ok)
+    python bench/gpu_check.py --profile       # also: GPU TIES with its inputs already on the GPU, and a profile
 
 Models are random fp16 values with the real key names and shapes, written as .safetensors files
 into a temporary model folder. Printed, each measured in this run:
@@ -93,7 +94,7 @@ def max_diff(x: dict, y: dict) -> float:
     return worst
 
 
-def check_merges(paths: dict[str, Path], dev: str, mecha: bool, gbytes: float) -> None:
+def check_merges(paths: dict[str, Path], dev: str, mecha: bool, gbytes: float, profile: bool = False) -> None:
     A, B, C = (load_checkpoint(paths[n]) for n in "abc")
     ms = [load_checkpoint(paths[n]) for n in ("m1", "m2", "m3", "m4")]
     cases = [
@@ -113,6 +114,8 @@ def check_merges(paths: dict[str, Path], dev: str, mecha: bool, gbytes: float) -
         gc.collect()
         if dev == "cuda":
             torch.cuda.empty_cache()
+    if profile:
+        profile_ties(cases[2][1], A, ms, dev)
     if not mecha:
         return
     try:
@@ -137,6 +140,23 @@ def check_merges(paths: dict[str, Path], dev: str, mecha: bool, gbytes: float) -
     diff = max_diff({k: ours[k] for k in keys}, theirs)
     print(f"  sd-mecha {getattr(sd_mecha, '__version__', '')} ties_sum on {dev}: {t_m:.2f} s; ours {t_o:.2f} s "
           f"-> ours {t_m / t_o:.1f}x faster; max |ours - sd-mecha| {diff:.2e} over {len(keys)} keys")
+
+
+def profile_ties(recipe: Recipe, A, ms, dev: str) -> None:
+    """Where a GPU TIES merge spends its time: the same merge with every input already on the
+    device (the arithmetic alone, no host->device copies), and the top ops of a profiled run."""
+    from merger.files.checkpoint_io import Checkpoint
+    on_dev = [Checkpoint(ck.path, {k: v.to(dev) for k, v in ck.tensors.items()}) for ck in (A, *ms)]
+    t, _ = timed(lambda: merge(recipe, on_dev[0], models=on_dev[1:], device=dev).tensors, dev, 2)
+    print(f"  TIES with every input already on {dev} (arithmetic only): {t:.2f} s")
+    on_dev.clear()
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=acts) as prof:
+        merge(recipe, A, models=ms, device=dev)
+        sync(dev)
+    for key in ("self_cpu_time_total",) + (("self_cuda_time_total",) if dev == "cuda" else ()):
+        print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=40))
 
 
 def check_every_calcmode(folder: Path, dev: str) -> None:
@@ -241,6 +261,7 @@ def main() -> None:
     ap.add_argument("--no-mecha", action="store_true")
     ap.add_argument("--skip-merges", action="store_true", help="skip the full-size merge timings")
     ap.add_argument("--dir", help="scratch folder (default: a temporary one)")
+    ap.add_argument("--profile", action="store_true", help="also break a GPU TIES merge's time down")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if dev == "cuda" else "no GPU"
@@ -258,7 +279,7 @@ def main() -> None:
             print(f"  bandwidth, {k}: {v:.1f} GB/s")
         check_every_calcmode(folder, dev)
         if not args.skip_merges:
-            check_merges(paths, dev, not args.no_mecha, gbytes)
+            check_merges(paths, dev, not args.no_mecha, gbytes, args.profile)
         reset_peak()
         check_workstation(folder, dev, args.tiny, False)
         if args.xl:

@@ -51,6 +51,7 @@ class _Runner:
 
     def __init__(self, plan: MergePlan, check_finite: bool, device: str | None = None, per_key: bool = False):
         self.plan, self.device, self.per_key = plan, device, per_key
+        self._moved: dict[str, dict[int, torch.Tensor]] = {}     # per key: its inputs on the device
         self.cm = get_calcmode(plan.recipe.calcmode)
         self.ctx = CalcContext(gamma=plan.recipe.gamma)
         self.method = get_method(plan.recipe.method) if plan.recipe.method else None
@@ -127,9 +128,9 @@ class _Runner:
         if self.method is not None:
             return self._finish(job, self._compute_method(job, out))
         p, r = self.plan, self.plan.recipe
-        a = self._fetch(p.a.tensors[job.key])
-        b = self._fetch(p.b.tensors[job.key]) if p.b is not None and job.key in p.b.tensors else None
-        c = self._fetch(p.c.tensors[job.key]) if p.c is not None and r.uses_c() else None
+        a = self._fetch(p.a.tensors[job.key], job.key)
+        b = self._fetch(p.b.tensors[job.key], job.key) if p.b is not None and job.key in p.b.tensors else None
+        c = self._fetch(p.c.tensors[job.key], job.key) if p.c is not None and r.uses_c() else None
         alpha, beta = job.ratios
         ctx = CalcContext(key=job.key, gamma=self.ctx.gamma, stats=self.ctx.stats)
         if any(x is not None and is_fp8(x.dtype) for x in (a, b, c)):
@@ -229,7 +230,7 @@ class _Runner:
         scratch: n × the key's size; nothing else of the N models is held). An inpainting base
         merges its first ``channels`` input channels and keeps the rest."""
         p = self.plan
-        base = self._fetch(p.a.tensors[job.key])
+        base = self._fetch(p.a.tensors[job.key], job.key)
         lam, second = job.ratios
         args = with_second(self.method, self.method_args, second)
         if self.method.fused is not None and job.channels is None:
@@ -246,7 +247,7 @@ class _Runner:
         n = len(p.models)
         taus = scratch("taus", n * b.numel(), torch.float32, b.device).view((n,) + tuple(b.shape))
         for i, ck in enumerate(p.models):      # convert, then subtract in float32 (exact τ; 2x faster
-            taus[i].copy_(part(self._fetch(ck.tensors[job.key])))   # than one mixed-dtype sub)
+            taus[i].copy_(part(self._fetch(ck.tensors[job.key], job.key)))   # than one mixed-dtype sub)
             taus[i].sub_(b)
         gen = None
         if self.method.random:
@@ -277,10 +278,21 @@ class _Runner:
             o.copy_(res)
         return chunked(out, tuple(x for x in (a, b, c) if x is not None), body, chunk=CHUNK)
 
-    def _fetch(self, t: torch.Tensor) -> torch.Tensor:
-        """Inputs move to the merge device key by key (the models stay cached on the CPU)."""
-        return t if self.device is None or t.device.type == torch.device(self.device).type \
-            else t.to(self.device, non_blocking=True)
+    def _fetch(self, t: torch.Tensor, key: str) -> torch.Tensor:
+        """Inputs move to the merge device key by key (the models stay cached on the CPU), each
+        once per key: the output's template and the first input are the same tensor of A (copied
+        twice before, 1.5 copies per input of a weight sum instead of 1)."""
+        if self.device is None or t.device.type == torch.device(self.device).type:
+            return t
+        moved = self._moved.setdefault(key, {})
+        found = moved.get(id(t))
+        if found is None:
+            found = moved[id(t)] = t.to(self.device, non_blocking=True)
+        return found
+
+    def done(self, key: str) -> None:
+        """The merge loop has handed ``key`` on: its inputs' device copies are dropped."""
+        self._moved.pop(key, None)
 
     def _overflow(self, key: str):
         """A non-finite result: the inputs of merged keys were checked at start, so the
@@ -338,7 +350,7 @@ def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Prog
                     jk = plan.jobs[k]
                     if k not in pending and jk.ratios is not None:
                         pending[k] = pool.submit(runner.compute, jk, None)
-            like = runner._fetch(plan.source(job).tensors[job.key])
+            like = runner._fetch(plan.source(job).tensors[job.key], job.key)
             out = out_for(job.key, like) if out_for is not None else None
             if job.ratios is None:
                 value = like
@@ -351,6 +363,7 @@ def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Prog
             if out is not None and value is not out:
                 out.copy_(value)
                 value = out
+            runner.done(job.key)
             if progress:
                 progress(i + 1, total, job.key)
             yield job.key, value

@@ -18,6 +18,7 @@ SAMPLE = 1 << 15       # sample size bracketing the k-th value of larger tensors
 SPLIT_CHUNK = 1 << 18  # elements of |τ| per step of the threshold pass (2^18 beat 2^17, 2^19, 2^20)
 CHUNK = 1 << 19        # elements per model per step of the elementwise combination (2^19 beat
 #                        2^13..2^18 and 2^20 on 2 cores: per-op overhead outweighs cache residency)
+GPU_CHUNK = 1 << 22    # on a GPU, where each op's launch, not the cache, is the cost
 
 
 def select(x: torch.Tensor, kths: list[int]) -> list[float]:
@@ -366,11 +367,12 @@ def disjoint_mean(taus: torch.Tensor, weights: torch.Tensor, sign: str,
     unit = bool((weights == 1).all())
     # |τ| > the float just below the threshold  <=>  |τ| >= threshold (sd-mecha keeps ties)
     lam = None if trim is None else [float(torch.nextafter(x, x.new_tensor(-1.0))) for x in trim.reshape(-1)]
-    size = n * min(CHUNK, total)
+    step = CHUNK if dev.type == "cpu" else GPU_CHUNK
+    size = n * min(step, total)
     work, wtd, kept = (scratch(f"dm_{k}", size, torch.float32, dev) for k in ("work", "wtd", "kept"))
-    s_buf, num_buf, den_buf = (scratch(f"dm_{k}", CHUNK, torch.float32, dev) for k in ("s", "num", "den"))
-    for start in range(0, total, CHUNK):
-        t = flat[:, start:start + CHUNK]
+    s_buf, num_buf, den_buf = (scratch(f"dm_{k}", step, torch.float32, dev) for k in ("s", "num", "den"))
+    for start in range(0, total, step):
+        t = flat[:, start:start + step]
         c = t.shape[1]
         a, v = work[:n * c].view(n, c), wtd[:n * c].view(n, c)
         s, num, den = s_buf[:c], num_buf[:c], den_buf[:c]
