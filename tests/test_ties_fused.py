@@ -297,3 +297,45 @@ def test_results_that_cannot_overflow_are_not_scanned_and_those_that_can_are(mon
     with pytest.raises(MergeError, match="produced NaN/Inf"):
         run(big, alpha=2.0, density=1.0)               # 30000 + 2·(−60000): −inf in float16
     assert scans
+
+
+@pytest.mark.parametrize("numel,dtype,sign,weights,density", [
+    (BIG, torch.float16, "count", (), 0.2),
+    (BIG, torch.bfloat16, "sum", (1.0, 0.5, 2.0), 0.5),
+    (MID, torch.float32, "count", (1.0, -0.5, 1.0), 0.2),
+    (1000, torch.float16, "sum", (), 1.0),          # density 1: nothing trimmed (thresholds None)
+])
+def test_the_gpu_path_with_prefetched_thresholds_is_the_stacked_path(numel, dtype, sign, weights, density):
+    """A merge on a GPU takes each key's thresholds from the CPU prefetch and then runs the
+    stacked path's operations (``_stacked_with``): bit for bit the stacked path's result."""
+    base, models = inputs(numel, 3, dtype, seed=7)
+    args = MethodArgs(weights=weights, density=density, sign=sign)
+    thr = ties_mod.input_thresholds(base, models, density)
+    got = ties_mod._stacked_with(base, models, thr, 0.7, args, dtype)
+    assert torch.equal(got, stacked(base, models, 0.7, args)[0])
+
+
+def test_a_merge_on_a_gpu_selects_no_thresholds_there(monkeypatch):
+    """On another device (here ``meta``, which has no values: any selection there would fail),
+    every key's thresholds come from the CPU prefetch, into the memo, and every key runs the
+    device branch; the memo then serves the next merge of the same models."""
+    from tests.conftest import tiny
+    base, m1, m2 = (tiny(seed=s, dtype=torch.float16) for s in (11, 12, 13))
+    recipe = Recipe("a", method="ties", models=["1", "2"], alpha=0.8, density=0.3)
+    ran = []
+    real = ties_mod._stacked_with
+
+    def spy(*a):
+        ran.append(a[0].device.type)
+        return real(*a)
+    monkeypatch.setattr(ties_mod, "_stacked_with", spy)
+    res = merge(recipe, base, models=[m1, m2], device="meta")
+    merged = res.plan.merged_keys
+    assert {t.device.type for t in res.tensors.values()} == {"meta"}
+    assert ran == ["meta"] * len(merged)
+    memo = base.__dict__["_method_memo"]
+    assert sum(("thresholds", 0.3) in entry for _, entry in memo.values()) == len(merged)
+    prefetched = []
+    monkeypatch.setattr(ties_mod, "input_thresholds", lambda *a, **k: prefetched.append(1))
+    merge(dataclasses.replace(recipe, alpha=0.4), base, models=[m1, m2], device="meta")
+    assert not prefetched and len(ran) == 2 * len(merged)

@@ -103,17 +103,18 @@ class _Runner:
         return factor * top * 1.01 < limit
 
     def prefetches(self) -> bool:
-        """Whether the method fills its memos up front: on the CPU, and not where each key's
-        inputs are read once as it is merged (``per_key``: inputs larger than RAM)."""
-        return self.method is not None and self.method.prefetch is not None and self.device is None \
-            and not self.per_key
+        """Whether the method fills its memos up front (on the CPU, also for a merge on a GPU),
+        not where each key's inputs are read once as it is merged (``per_key``: inputs larger
+        than RAM)."""
+        return self.method is not None and self.method.prefetch is not None and not self.per_key
 
     def prefetch(self, should_stop: Callable[[], bool] | None) -> None:
         p = self.plan
         items = [(p.a.tensors[j.key], [ck.tensors[j.key] for ck in p.models],
                   with_second(self.method, self.method_args, j.ratios[1]), self._memo(j.key))
                  for j in p.jobs if j.ratios is not None and j.channels is None]
-        self.method.prefetch(items, should_stop)
+        on_device = self.device is not None and torch.device(self.device).type != "cpu"
+        self.method.prefetch(items, should_stop, every_size=on_device)
 
     def _check_key(self, key: str) -> None:
         """``per_key``: NaN/Inf in this key's inputs is the same clear error as the up-front check."""

@@ -54,13 +54,16 @@ class Method:
     reads: tuple[str, ...] = ()      # recipe fields that change its result (besides λ and weights)
     # optional fused path: fused(base, models, λ, args, out_dtype, memo, out) -> BASE + λ·merge(τ)
     # straight from the inputs (any float dtypes; the models as stored, on the CPU), or None to take
-    # the stacked path (always where ``base`` is not on the CPU); results equal fn's.
+    # the stacked path; results equal fn's. Where ``base`` is on another device (a GPU) it may use
+    # only what the prefetch put in the memo.
     # ``memo`` (a dict per key and model set, or None) keeps what does not depend on λ; ``out``
     # (None, or a contiguous buffer of base's shape and out_dtype that aliases no input) receives
     # the result, which is then ``out`` itself.
     fused: Callable | None = None
-    # optional: prefetch(items, should_stop) fills the memos of the keys ``fused`` will compute,
-    # items = [(base, models, args, memo)], before the first key (TIES: every key's thresholds)
+    # optional: prefetch(items, should_stop, every_size) fills the memos of the keys ``fused`` will
+    # compute, items = [(base, models, args, memo)] with the inputs on the CPU, before the first key
+    # (TIES: every key's thresholds); ``every_size``: also keys too small for a fused CPU kernel,
+    # as a merge on a GPU asks (its fused path takes every key whose memo is filled)
     prefetch: Callable | None = None
     # optional: growth(args) -> g with |merge(τ₁…τₙ)| ≤ g·maxᵢ|τᵢ| element by element, or None where
     # no such bound holds; lets the engine skip scanning results that cannot overflow
