@@ -104,11 +104,17 @@ def test_engine_takes_the_fused_path_and_matches_eager(monkeypatch):
         calls.append(out is not None)
         return out
     monkeypatch.setitem(REGISTRY, "ties", dataclasses.replace(REGISTRY["ties"], fused=spy))
-    fused = merge(recipe, cks[0], models=cks[1:]).tensors[key]
-    assert sorted(calls) == [False, True]           # the big key; the 4-element bias stays eager
+    fused = merge(recipe, cks[0], models=cks[1:]).tensors
+    assert calls == [True, True]                    # the big key compiled, the 4-element bias by numba
     monkeypatch.setenv("SDMW_COMPILE", "0")
-    eager = merge(recipe, cks[0], models=cks[1:]).tensors[key]
-    assert sorted(calls) == [False, False, False, True] and torch.equal(fused, eager)
+    eager = merge(recipe, cks[0], models=cks[1:]).tensors
+    assert calls == [True, True, False, False]
+    assert all(torch.equal(fused[k], eager[k]) for k in eager)
+    monkeypatch.delenv("SDMW_COMPILE")
+    monkeypatch.setattr(ties_mod.kernels, "available", lambda: False)     # no numba: the bias is eager
+    calls.clear()
+    merge(recipe, cks[0], models=cks[1:])
+    assert sorted(calls) == [False, True]
 
 
 def test_float8_inputs_take_the_stacked_path():
@@ -251,8 +257,9 @@ def test_every_keys_thresholds_come_before_the_first_combination(monkeypatch):
     monkeypatch.setitem(REGISTRY, "ties", dataclasses.replace(
         REGISTRY["ties"], fused=lambda *a: events.append(("combine",)) or real_fused(*a)))
     got = merge(recipe, cks[0], models=cks[1:]).tensors
-    assert events[:2] == [("thresholds", 640 * 320 * 9, False), ("thresholds", 1280 * 1280, False)]
-    assert {e[0] for e in events[2:]} == {"combine"}       # the fused keys found their thresholds
+    assert events[:3] == [("thresholds", 640 * 320 * 9, False), ("thresholds", 1280 * 1280, False),
+                          ("thresholds", 4, False)]
+    assert {e[0] for e in events[3:]} == {"combine"}       # the fused keys found their thresholds
     monkeypatch.setenv("SDMW_COMPILE", "0")
     eager = merge(recipe, cks[0], models=cks[1:]).tensors
     assert all(torch.equal(got[k], eager[k]) for k in keys)
@@ -339,3 +346,20 @@ def test_a_merge_on_a_gpu_selects_no_thresholds_there(monkeypatch):
     monkeypatch.setattr(ties_mod, "input_thresholds", lambda *a, **k: prefetched.append(1))
     merge(dataclasses.replace(recipe, alpha=0.4), base, models=[m1, m2], device="meta")
     assert not prefetched and len(ran) == 2 * len(merged)
+
+
+@pytest.mark.parametrize("numel,n,dtype,sign,weights,density", [
+    (5, 2, torch.float16, "count", (), 0.2),
+    (777, 3, torch.bfloat16, "sum", (1.0, 0.5, 2.0), 0.5),
+    (4096, 4, torch.float32, "count", (1.0, -0.5, 1.0, 1.0), 0.2),
+    (3000, 2, torch.float16, "sum", (), 1.0),
+])
+def test_small_keys_by_numba_equal_the_stacked_path(numel, n, dtype, sign, weights, density):
+    """Keys under MIN_NUMEL elements (most of a model's keys, few of its values) go to numba's
+    combination on the calling thread: bit for bit the stacked path."""
+    base, models = inputs(numel, n, dtype, seed=3)
+    args = MethodArgs(weights=weights, density=density, sign=sign)
+    memo: dict = {}
+    got = ties_mod.ties_fused(base, models, 0.6, args, dtype, memo)
+    assert got is not None and ("thresholds", density) in memo
+    assert torch.equal(got, stacked(base, models, 0.6, args)[0])

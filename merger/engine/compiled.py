@@ -24,11 +24,15 @@ MIN_NUMEL = 1 << 16
 _broken: list[str] = []          # why compiling failed in this process (then never tried again)
 
 
+def enabled() -> bool:
+    """Fused kernels are on (``SDMW_COMPILE=0`` turns them all off: the eager reference path)."""
+    return os.environ.get("SDMW_COMPILE", "1") != "0"
+
+
 def usable(t: torch.Tensor, compiler: bool = True) -> bool:
     """Whether a fused kernel should run on (a key shaped like) ``t``; ``compiler=False``: one
     that needs no C++ compiler (numba's, :mod:`.kernels`), so compilation failures do not count."""
-    return (t.device.type == "cpu" and t.numel() >= MIN_NUMEL and not (compiler and _broken)
-            and os.environ.get("SDMW_COMPILE", "1") != "0")
+    return t.device.type == "cpu" and t.numel() >= MIN_NUMEL and not (compiler and _broken) and enabled()
 
 
 def compiled(fn: Callable) -> Callable:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from ..compiled import compiled, usable
+from ..compiled import MIN_NUMEL, compiled, enabled, usable
 from ..tensor_ops import is_fp8, scratch
 from .. import kernels
 from ..kernels import ties_combine, ties_kth
@@ -272,12 +272,14 @@ _combine_into_compiled = compiled(_combine_into)
 def ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtype,
                memo: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """The whole TIES key from the inputs (exact thresholds, then one fused pass), or None where
-    fused kernels are off or do not apply (:func:`..compiled.usable`: small keys, other devices,
+    fused kernels are off or do not apply (:func:`_fusable`: small keys without numba,
     ``SDMW_COMPILE=0``) or an input is float8 (torch has no mixed float8 arithmetic; those keys
-    take the stacked path, which upcasts them).
+    take the stacked path, which upcasts them). On another device (a GPU) it runs only where the
+    prefetch left the key's thresholds in ``memo`` (:func:`_stacked_with`).
 
-    The fused pass is inductor's compiled :func:`_combine`; where nothing can be compiled (no C++
-    compiler) it is numba's :mod:`..kernels.ties_combine`, which gives the same bits.
+    The fused pass is inductor's compiled :func:`_combine`; for keys under ``MIN_NUMEL`` elements,
+    and where nothing can be compiled (no C++ compiler), it is numba's
+    :mod:`..kernels.ties_combine`, which gives the same bits.
     The thresholds depend on the models and the density only: ``memo`` keeps them for the next
     merge of the same models with another λ, weights or sign rule. ``out`` (the resident
     pipeline's buffer for this key) receives the result."""
@@ -325,7 +327,14 @@ def _stacked_with(base, models, thr, lam: float, args: MethodArgs, out_dtype: to
 
 
 def _fusable(base: torch.Tensor, models: list[torch.Tensor]) -> bool:
-    return usable(base, compiler=False) and not any(is_fp8(x.dtype) for x in (base, *models))
+    """Whether :func:`ties_fused` computes this CPU key: large keys (compiled, else numba), and
+    keys under ``MIN_NUMEL`` elements with numba's kernel on the calling thread (one call instead
+    of the stacked path's two dozen ops and a selection per model, every merge)."""
+    if any(is_fp8(x.dtype) for x in (base, *models)):
+        return False
+    if usable(base, compiler=False):
+        return True
+    return base.device.type == "cpu" and 0 < base.numel() < MIN_NUMEL and enabled() and kernels.available()
 
 
 def ties_prefetch(items: list[tuple[torch.Tensor, list[torch.Tensor], MethodArgs, dict]],
@@ -368,8 +377,11 @@ def _numba_combine(base, models, thr, w, lam, count: bool, out_dtype, out) -> to
         return None
     n, total = len(models), views[0].size
     thr_np = np.full(n, -np.inf, np.float32) if thr is None else thr.reshape(-1).numpy().astype(np.float32)
-    ties_combine.combine(views[0], tuple(views[1:]), thr_np, w.tolist(), lam, count, into,
-                         kernels.parts(total, 64), kernels.workers().map)
+    if total < MIN_NUMEL:               # a small key: handing it to the workers costs more
+        ties_combine.combine(views[0], tuple(views[1:]), thr_np, w.tolist(), lam, count, into, [(0, total)], map)
+    else:
+        ties_combine.combine(views[0], tuple(views[1:]), thr_np, w.tolist(), lam, count, into,
+                             kernels.parts(total, 64), kernels.workers().map)
     return res
 
 
