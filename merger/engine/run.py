@@ -21,7 +21,7 @@ from ..files.checkpoint_io import Checkpoint
 from ..recipe import Recipe
 from .adjust import apply_adjust
 from .calcmodes import CalcContext, get_calcmode
-from .methods import get_method, method_args, with_second
+from .methods import get_method, method_args, stack_taus, with_second
 from .plan import KeyJob, MergePlan, plan_merge
 from .tensor_ops import CHUNK, aminmax, chunked, is_fp8, release_scratch, same_dtype, scratch, work_dtype
 
@@ -235,8 +235,8 @@ class _Runner:
         lam, second = job.ratios
         args = with_second(self.method, self.method_args, second)
         if self.method.fused is not None and job.channels is None:
-            # the models' tensors as stored (on the CPU): fused paths run only where the base is on
-            # the CPU too, and a GPU merge then copies each model once, in the loop below
+            # the models' tensors as stored (on the CPU): a fused path copies them to the base's
+            # device itself where it runs there (TIES on a GPU, its thresholds prefetched)
             models = [ck.tensors[job.key] for ck in p.models]
             dtype = torch.float32 if job.adjust is not None else base.dtype
             into = out if _writable_into(out, base, dtype, models) else None
@@ -245,11 +245,7 @@ class _Runner:
                 return res
         part = (lambda x: x) if job.channels is None else (lambda x: x[:, :job.channels])  # noqa: E731
         b = part(base).float()
-        n = len(p.models)
-        taus = scratch("taus", n * b.numel(), torch.float32, b.device).view((n,) + tuple(b.shape))
-        for i, ck in enumerate(p.models):      # convert, then subtract in float32 (exact τ; 2x faster
-            taus[i].copy_(part(self._fetch(ck.tensors[job.key], job.key)))   # than one mixed-dtype sub)
-            taus[i].sub_(b)
+        taus = stack_taus(b, len(p.models), (part(self._fetch(ck.tensors[job.key], job.key)) for ck in p.models))
         gen = None
         if self.method.random:
             gen = torch.Generator(device=b.device).manual_seed(p.recipe.seed)

