@@ -16,7 +16,7 @@ from .errors import MergeError, run_cli
 from .presets import parse_vector
 from .recipe import MODES, Recipe
 from .files.diffusers_format import is_diffusers_folder
-from .files.saving import SAVE_DTYPES, SaveOptions, auto_filename, save_merge
+from .files.saving import SAVE_DTYPES, SaveOptions, auto_filename, exists_error, save_merge
 
 
 def _floats(text: str, n: int, what: str) -> list[float]:
@@ -211,7 +211,7 @@ def save_merge_diffusers(plan, out: Path, options: SaveOptions, progress) -> Pat
     from .files.diffusers_format import save_diffusers
     from .files.saving import load_vae
     if out.exists() and not options.overwrite:
-        raise MergeError(f"{out} already exists (use --overwrite to replace it)")
+        raise exists_error(out)
     tensors = dict(iter_merge(plan, progress=progress))
     if options.vae:
         tensors.update(load_vae(options.vae))

@@ -20,7 +20,8 @@ from .files.paths import data_dir
 from .pipeline.resident import ResidentPipeline
 from .pipeline.pnginfo import draw_merge_id, save_png
 from .recipe import Recipe
-from .files.saving import SaveOptions, auto_filename, model_label, recipe_metadata, save_merge, save_tensors
+from .files.saving import (SaveOptions, auto_filename, exists_error, model_label, recipe_metadata, save_merge,
+                           save_tensors)
 
 
 DEFAULT_MAX_CELLS = 500
@@ -307,8 +308,7 @@ class Workstation:
         """The output file for a LoRA operation, refused before any work if it exists."""
         path = self.dirs.new_file("lora", name, ".safetensors")
         if path.exists() and not overwrite:
-            raise MergeError(f"{path.name} already exists in the LoRA folder (tick overwrite to replace it, "
-                             f"or choose another output name)")
+            raise exists_error(path.name, " in the LoRA folder")
         return path
 
     @staticmethod

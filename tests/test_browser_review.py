@@ -264,7 +264,7 @@ def test_lora_tab_shows_list_and_metadata_at_once_and_keeps_its_own_output(page,
     meta = read_safetensors_header(app["dirs"].lora / "browser-merged-lora.safetensors")[0]["__metadata__"]
     assert meta["ss_network_dim"] and meta["ss_network_alpha"] and meta["ss_base_model_version"] == "sd_v1"
     msg = click_and_wait(page, "#lora_m_go", ("saved", "Error"), sel="#lora_status textarea")
-    assert "already exists" in msg and "tick overwrite" in msg, msg
+    assert "already exists" in msg and "tick Overwrite in the app" in msg, msg
     page.check("#lora_overwrite input")
     msg = click_and_wait(page, "#lora_m_go", ("saved", "Error"), sel="#lora_status textarea")
     assert msg.startswith("saved"), msg

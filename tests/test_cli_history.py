@@ -76,6 +76,7 @@ def test_cli_existing_output_refused(models, tmp_path):
     r = cli("merge", "--model-a", models["a"], "--model-b", models["b"], "--mode", "weight_sum",
             "--output", out, "--no-history")
     assert r.returncode == 1 and "already exists" in r.stderr and out.read_bytes() == b"x"
+    assert "pass --overwrite to replace it" in r.stderr          # the CLI user is told their flag
 
 
 def test_cli_elements(models):

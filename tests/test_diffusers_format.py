@@ -128,4 +128,4 @@ def test_cli_save_format_diffusers_loads_in_diffusers(dirs, tmp_path, arch):
     again = subprocess.run([sys.executable, "-m", "merger", "merge", "--model-a", str(a), "--model-b", str(b),
                             "--mode", "weight_sum", "--save-format", "diffusers", "--output", str(out),
                             "--no-history", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 1 and "already exists" in again.stderr
+    assert again.returncode == 1 and "already exists" in again.stderr and "--overwrite" in again.stderr

@@ -430,7 +430,7 @@ def test_extract_from_two_loras_and_metadata_modes(ws, base, tmp_path):
     copy.write_bytes((ws.dirs.lora / "demo-sd1-tiny-lora.safetensors").read_bytes())
     out = ws.extract_from_loras("demo-sd1-tiny-lora", "copy", 0.5, 0.0, rank=4, name="same")
     assert load_lora(out.path).dims()[0] == 4
-    with pytest.raises(MergeError, match="same.safetensors already exists in the LoRA folder .tick overwrite"):
+    with pytest.raises(MergeError, match="same.safetensors already exists in the LoRA folder .overwrite is off: tick Overwrite"):
         ws.extract_from_loras("demo-sd1-tiny-lora", "copy", 0.5, 0.0, rank=4, name="same")
     assert ws.extract_from_loras("demo-sd1-tiny-lora", "copy", 0.5, 0.0, rank=4, name="same", overwrite=True).path
     out = ws.merge_lora_files("demo-sd1-tiny-lora:1", "svd", new_rank=2, name="m", metadata="use first LoRA",

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MergeError
+from .saving import exists_error
 
 COMPONENT_FILES = {
     "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
@@ -169,7 +170,7 @@ def save_diffusers(path: Path, tensors: dict[str, torch.Tensor], overwrite: bool
                          "the diffusers folder format is not written for Flux yet")
     spec = spec_for(tensors, path.name, prediction_type)
     if path.exists() and not overwrite:
-        raise MergeError(f"{path} already exists (use overwrite to replace it)")
+        raise exists_error(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

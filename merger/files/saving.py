@@ -47,6 +47,12 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 
 # ----------------------------------------------------------------------------- atomic files
+def exists_error(name: object, where: str = "") -> MergeError:
+    """The refusal to replace an existing file, worded for the app and the command line alike."""
+    return MergeError(f"{name} already exists{where} (overwrite is off: tick Overwrite in the app or pass "
+                      f"--overwrite to replace it, or choose another name)")
+
+
 def atomic_write(path: Path, write: Callable[[object], None], overwrite: bool) -> Path:
     """Write via a temp file in the same folder, fsync, then move into place.
 
@@ -54,7 +60,7 @@ def atomic_write(path: Path, write: Callable[[object], None], overwrite: bool) -
     move is a hard link, which fails rather than replace a file created meanwhile."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise MergeError(f"{path} already exists (tick overwrite to replace it)")
+        raise exists_error(path)
     if not path.parent.is_dir():
         raise MergeError(f"folder does not exist: {path.parent}")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")   # see TEMP_NAME
@@ -69,10 +75,10 @@ def atomic_write(path: Path, write: Callable[[object], None], overwrite: bool) -
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                raise MergeError(f"{path} already exists (tick overwrite to replace it)") from None
+                raise exists_error(path) from None
             except OSError:  # file systems without hard links
                 if path.exists():
-                    raise MergeError(f"{path} already exists (tick overwrite to replace it)") from None
+                    raise exists_error(path) from None
                 os.replace(tmp, path)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -260,7 +266,7 @@ def save_stream(path: str | os.PathLike, spec: Spec, items: Iterable[tuple[str, 
     if options.fmt != "ckpt":
         raise MergeError(f"unknown save format {options.fmt!r}")
     if path.exists() and not options.overwrite:
-        raise MergeError(f"{path} already exists (tick overwrite to replace it)")
+        raise exists_error(path)
     state = {k: v.contiguous() for k, v in tf.stream(items)}
     return atomic_write(path, lambda f: torch.save({"state_dict": state}, f), options.overwrite)
 
