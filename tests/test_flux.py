@@ -367,9 +367,11 @@ def test_the_key_map_fills_a_tiny_diffusers_transformer_exactly():
     assert torch.equal(hd["norm_out.linear.weight"], torch.cat([ada[32:], ada[:32]]))
 
 
-def test_a_nan_found_while_streaming_a_save_leaves_no_file(tmp_path):
-    """Streamed saves check each key's inputs as they are read (inputs larger than RAM are read
-    once): a NaN in a late tensor of B is the usual error, and the temp file is removed."""
+def test_a_nan_found_while_streaming_a_save_leaves_no_file(tmp_path, monkeypatch):
+    """Streamed saves check each key's inputs as they are read (inputs larger than half the RAM
+    are read once): a NaN in a late tensor of B is the usual error, and the temp file is removed."""
+    from merger.files import saving
+    monkeypatch.setattr(saving, "physical_ram", lambda: 1 << 20)       # these inputs exceed half of it
     a = flux(1, E4M3)
     b = flux(2, E4M3)
     key = PREFIX + "single_blocks.30.linear2.weight"

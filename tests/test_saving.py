@@ -158,3 +158,30 @@ def test_saved_merge_loads_in_diffusers_single_file_loader(models, tmp_path):
         assert torch.equal(got.detach().reshape(exp.shape), exp)
     n_unet = sum(v.numel() for k, v in want.items() if k.startswith(p))
     assert sum(t.numel() for t in pipe.unet.parameters()) == n_unet
+
+
+@pytest.mark.parametrize("ram,once", [(1 << 40, False), (1 << 20, True), (None, True)])
+def test_a_save_checks_inputs_first_unless_they_exceed_half_the_ram(monkeypatch, tmp_path, ram, once):
+    """Inputs that fit in half the RAM are checked before anything is written and a method
+    prepares every key first (TIES's thresholds); larger ones (full Flux models), or where the
+    OS does not say, stream: each key's inputs checked as they are read, read once."""
+    import dataclasses
+    from merger.engine.methods import REGISTRY
+    from tests.conftest import tiny
+    base, m1, m2 = (tiny(seed=s, dtype=torch.float16) for s in (1, 2, 3))
+    plan = plan_merge(Recipe("a", method="ties", models=["1", "2"], alpha=0.8), base, models=[m1, m2])
+    monkeypatch.setattr(saving, "physical_ram", lambda: ram)
+    assert saving.reads_inputs_once(plan) is once
+    prepared = []
+    real = REGISTRY["ties"].prefetch
+    monkeypatch.setitem(REGISTRY, "ties", dataclasses.replace(
+        REGISTRY["ties"], prefetch=lambda *a, **k: prepared.append(1) or real(*a, **k)))
+    out = save_merge(plan, tmp_path / "out.safetensors", SaveOptions())
+    assert bool(prepared) is not once
+    want = merge(plan.recipe, base, models=[m1, m2]).tensors
+    got = st.load_file(str(out))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_the_machines_ram_is_known_here():
+    assert saving.physical_ram() > 1 << 30

@@ -283,6 +283,26 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     return save_stream(path, spec, tensors.items(), options, metadata, progress)
 
 
+def physical_ram() -> int | None:
+    """Bytes of RAM in this machine, or None where the OS does not say (then saves stream)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def reads_inputs_once(plan) -> bool:
+    """Whether a save merges with its inputs checked key by key as they are read, rather than
+    all checked first: where they exceed half the RAM (full Flux models), so that each is read
+    from disk once; a NaN found midway then drops the temp file. Below that, the inputs are
+    checked before anything is written (and the check is kept with the loaded models), and a
+    method prepares every key first (TIES: all thresholds on the workers; saving SD1.5 + 4
+    models took 6.1 s against 7.3 s key by key, 2 cores, in one process)."""
+    ram = physical_ram()
+    inputs = [ck for ck in (plan.a, plan.b, plan.c, *plan.models) if ck is not None]
+    return ram is None or sum(ck.nbytes for ck in inputs) > ram // 2
+
+
 def save_merge(plan, path: str | os.PathLike, options: SaveOptions,
                paths: Mapping[str, str | os.PathLike] | None = None,
                progress=None, should_stop=None, post=None) -> Path:
@@ -295,9 +315,8 @@ def save_merge(plan, path: str | os.PathLike, options: SaveOptions,
     if getattr(plan.a, "bare_flux", False) and not options.bare:   # saved in model A's layout
         from dataclasses import replace
         options = replace(options, bare=True)
-    # inputs checked key by key: a NaN found midway drops the temp file, and inputs larger than
-    # RAM (full Flux models) are read once
-    items = iter_merge(plan, progress=progress, should_stop=should_stop, alloc=alloc, per_key_checks=True)
+    items = iter_merge(plan, progress=progress, should_stop=should_stop, alloc=alloc,
+                       per_key_checks=reads_inputs_once(plan))
     if post is not None:
         items = ((k, post(k, v)) for k, v in items)
     try:
