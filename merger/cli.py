@@ -181,6 +181,9 @@ def run_merge(args) -> Path | None:
 
     def progress(done, total, key):
         if bar is not None:
+            phase = key if done == 0 and key else "merging"     # a step before the first key, named
+            if bar.desc.rstrip(": ") != phase:
+                bar.set_description(phase)
             bar.update(done - bar.n)
     t0 = time.perf_counter()
     try:

@@ -42,6 +42,17 @@ def test_cli_method_merge_matches_engine_and_history(models, tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
+def test_cli_bar_names_the_step_before_the_first_key(models, tmp_path):
+    """TIES computes every key's thresholds before the first key is merged: the console bar
+    says so instead of standing still at 'merging'."""
+    r = cli("merge", "--method", "ties", "--base", models["a"], "--models", models["b"], models["c"],
+            "--output", tmp_path / "t.safetensors", "--no-history")
+    assert r.returncode == 0, r.stderr
+    bar = r.stderr.replace("\r", "\n")
+    assert "ties: preparing" in bar and "merging: 100%" in bar, bar[-500:]
+    assert bar.index("ties: preparing") < bar.index("merging: 100%")
+
+
 def test_cli_random_method_is_repeatable_by_seed(models, tmp_path):
     outs = []
     for i in range(2):
