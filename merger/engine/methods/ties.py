@@ -285,7 +285,7 @@ def ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtyp
     pipeline's buffer for this key) receives the result."""
     tag = ("thresholds", args.density)
     if base.device.type != "cpu":
-        if memo is None or tag not in memo or any(is_fp8(x.dtype) for x in (base, *models)):
+        if memo is None or tag not in memo or _any_fp8(base, models):
             return None
         return _stacked_with(base, models, memo[tag], lam, args, out_dtype)
     if not _fusable(base, models):
@@ -326,7 +326,7 @@ def _fusable(base: torch.Tensor, models: list[torch.Tensor]) -> bool:
     """Whether :func:`ties_fused` computes this CPU key: large keys (compiled, else numba), and
     keys under ``MIN_NUMEL`` elements with numba's kernel on the calling thread (one call instead
     of the stacked path's two dozen ops and a selection per model, every merge)."""
-    if any(is_fp8(x.dtype) for x in (base, *models)):
+    if _any_fp8(base, models):
         return False
     if usable(base, compiler=False):
         return True
@@ -356,7 +356,11 @@ def ties_prefetch(items: list[tuple[torch.Tensor, list[torch.Tensor], MethodArgs
 
 
 def _host_inputs(base: torch.Tensor, models: list[torch.Tensor]) -> bool:
-    return all(x.device.type == "cpu" and not is_fp8(x.dtype) for x in (base, *models))
+    return all(x.device.type == "cpu" for x in (base, *models)) and not _any_fp8(base, models)
+
+
+def _any_fp8(base: torch.Tensor, models: list[torch.Tensor]) -> bool:
+    return any(is_fp8(x.dtype) for x in (base, *models))
 
 
 def _numba_combine(base, models, thr, w, lam, count: bool, out_dtype, out) -> torch.Tensor | None:
@@ -374,10 +378,10 @@ def _numba_combine(base, models, thr, w, lam, count: bool, out_dtype, out) -> to
     n, total = len(models), views[0].size
     thr_np = np.full(n, -np.inf, np.float32) if thr is None else thr.reshape(-1).numpy().astype(np.float32)
     if total < MIN_NUMEL:               # a small key: handing it to the workers costs more
-        ties_combine.combine(views[0], tuple(views[1:]), thr_np, w.tolist(), lam, count, into, [(0, total)], map)
+        parts, run = [(0, total)], map
     else:
-        ties_combine.combine(views[0], tuple(views[1:]), thr_np, w.tolist(), lam, count, into,
-                             kernels.parts(total, 64), kernels.workers().map)
+        parts, run = kernels.parts(total, 64), kernels.workers().map
+    ties_combine.combine(views[0], tuple(views[1:]), thr_np, w.tolist(), lam, count, into, parts, run)
     return res
 
 
