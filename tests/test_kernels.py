@@ -132,7 +132,8 @@ def test_only_kernel_formats_take_the_kernels():
 def test_kernels_are_exact_when_compiled_for_a_cpu_without_avx512(tmp_path):
     """The compress step is LLVM's generic ``vector.compress``: AVX-512 has an instruction for
     it, other CPUs (AVX2 here, as most desktop CPUs) get LLVM's expansion. The same tests,
-    compiled for Haswell in a child process, must pass too."""
+    compiled for Haswell in a child process, must pass too; there float16 takes the integer
+    conversions (``NUMBA_CPU_NAME`` is set), here the CPU's own (``HARDWARE_HALF``)."""
     import os
     import subprocess
     import sys

@@ -1,5 +1,5 @@
-"""TIES's fused CPU path (exact thresholds from the inputs + one compiled pass) gives bit for bit
-what the stacked eager path gives, equals sd-mecha, survives a missed bracket, and falls back to
+"""TIES's fused CPU path (exact thresholds from the inputs + one fused pass: numba's, or inductor's
+where numba is missing) gives bit for bit what the stacked eager path gives, equals sd-mecha, survives a missed bracket, and falls back to
 eager torch when nothing can be compiled."""
 from __future__ import annotations
 
@@ -41,7 +41,11 @@ def stacked(base, models, lam, args):
     (MID, 2, torch.float16, torch.float32, "sum", (1.0, -0.5), 0.3),
     (BIG, 2, torch.float16, None, "count", (), 1.0),
 ])
-def test_fused_equals_the_stacked_path_bit_for_bit(numel, n, dtype, base_dtype, sign, weights, density):
+@pytest.mark.parametrize("combination", ["numba", "inductor"])
+def test_fused_equals_the_stacked_path_bit_for_bit(numel, n, dtype, base_dtype, sign, weights, density, combination,
+                                                   monkeypatch):
+    if combination == "inductor":            # as where numba's combination does not apply
+        monkeypatch.setattr(ties_mod, "_numba_combine", lambda *a: None)
     base, models = inputs(numel, n, dtype, base_dtype)
     args = MethodArgs(weights=weights, density=density, sign=sign)
     want, taus = stacked(base, models, 0.7, args)
@@ -105,13 +109,13 @@ def test_engine_takes_the_fused_path_and_matches_eager(monkeypatch):
         return out
     monkeypatch.setitem(REGISTRY, "ties", dataclasses.replace(REGISTRY["ties"], fused=spy))
     fused = merge(recipe, cks[0], models=cks[1:]).tensors
-    assert calls == [True, True]                    # the big key compiled, the 4-element bias by numba
+    assert calls == [True, True]                    # both by numba's kernels
     monkeypatch.setenv("SDMW_COMPILE", "0")
     eager = merge(recipe, cks[0], models=cks[1:]).tensors
     assert calls == [True, True, False, False]
     assert all(torch.equal(fused[k], eager[k]) for k in eager)
     monkeypatch.delenv("SDMW_COMPILE")
-    monkeypatch.setattr(ties_mod.kernels, "available", lambda: False)     # no numba: the bias is eager
+    monkeypatch.setattr(ties_mod.kernels, "available", lambda: False)     # no numba: the big key compiled, the bias eager
     calls.clear()
     merge(recipe, cks[0], models=cks[1:])
     assert sorted(calls) == [False, True]

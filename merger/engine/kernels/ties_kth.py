@@ -115,6 +115,15 @@ if HAVE_NUMBA:
                 below[i] += _abs_diff_below(models[i][o:o + c], b, a, lo[i])
                 inside[i] = _keep_inside(a, c, lo[i], hi[i], store[i], inside[i], cap)
 
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _sample_abs(base, models, idx, out):
+        """out[i, p] = |τᵢ| at element idx[p] (BASE read once per position)."""
+        for p in range(idx.size):
+            j = idx[p]
+            b = _f32(base[j])
+            for i in range(len(models)):
+                out[i, p] = abs(_f32(models[i][j]) - b)
+
     @njit(nogil=True, boundscheck=False, cache=True)
     def _kth_key(vals, r):
         """The order key (below) of the r-th smallest (1-based) of the float32 ``vals``: rounds
@@ -160,6 +169,16 @@ def kth_value(vals: np.ndarray, r: int) -> float:
     key = int(_kth_key(vals, r))
     bits = key & 0x7FFFFFFF if key >> 31 else ~key & 0xFFFFFFFF
     return float(np.uint32(bits).view(np.float32))
+
+
+def samples(base: np.ndarray, models: tuple, idx: np.ndarray) -> np.ndarray:
+    """Per model (rows), |τᵢ| at the sample positions ``idx``, from the views of
+    :func:`..as_numpy`: one gather over the inputs (the torch way, a gather, a conversion, a
+    subtraction and an absolute value per model, took 2.5 ms per SD1.5 key here; this and the
+    bracket's selections 1.0 ms)."""
+    out = np.empty((len(models), idx.size), np.float32)
+    _sample_abs(base, models, idx, out)
+    return out
 
 
 def split(base: np.ndarray, models: tuple, lo: np.ndarray, hi: np.ndarray, parts: list[tuple[int, int]],

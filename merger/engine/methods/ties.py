@@ -40,22 +40,33 @@ def _sample_index(n: int, device) -> torch.Tensor:
     return _sample_index_cpu(n, SAMPLE).to(device)
 
 
+@functools.lru_cache(maxsize=32)
+def _sample_index_np(n: int) -> np.ndarray:
+    return _sample_index_cpu(n, SAMPLE).numpy()
+
+
 @functools.lru_cache(maxsize=32)           # a model has few distinct sizes; 0.5 MB each
 def _sample_index_cpu(n: int, size: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(n)
     return torch.randint(0, n, (size,), generator=gen).sort().values
 
 
-def _bracket(sample: torch.Tensor, kth: int, n: int) -> tuple[float | None, float | None]:
-    """[lo, hi] from a sample of |τ| that holds the k-th smallest of all ``n`` values with
+def _ranks(kth: int, n: int) -> tuple[int | None, int | None]:
+    """The 1-based sample ranks of a bracket that holds the k-th smallest of all ``n`` values with
     overwhelming probability (6 standard deviations of the sample quantile, plus 32); None for
     an open end."""
     q = kth / n
     margin = 6 * math.sqrt(SAMPLE * q * (1 - q)) + 32
     lo_i, hi_i = int(q * SAMPLE - margin), int(q * SAMPLE + margin)
-    ends = [i + 1 for i in (lo_i, hi_i) if 0 < i < SAMPLE - 1]
+    return (lo_i + 1 if 0 < lo_i < SAMPLE - 1 else None), (hi_i + 1 if 0 < hi_i < SAMPLE - 1 else None)
+
+
+def _bracket(sample: torch.Tensor, kth: int, n: int) -> tuple[float | None, float | None]:
+    """[lo, hi] from a sample of |τ| at :func:`_ranks`; None for an open end."""
+    ranks = _ranks(kth, n)
+    ends = [r for r in ranks if r is not None]
     vals = dict(zip(ends, select(sample, ends)))
-    return vals.get(lo_i + 1), vals.get(hi_i + 1)
+    return vals.get(ranks[0]), vals.get(ranks[1])
 
 
 def kth_smallest(x: torch.Tensor, kth: int) -> float:
@@ -130,39 +141,31 @@ def input_thresholds(base: torch.Tensor, models: list[torch.Tensor], density: fl
         for i, m in enumerate(models):
             out[i] = select((m.reshape(-1).float() - b).abs_(), [kth])[0]
         return out
-    idx = _sample_index(total, "cpu")
-    sb = flat_b[idx].float()
     flat_ms = [m.reshape(-1) for m in models]
     run = kernels.workers().map if parallel else map
-    found = _numba_kths(flat_b, flat_ms, idx, sb, kth, run, kernels.parts(total, ties_kth.BLOCK) if parallel else [(0, total)])
+    found = _numba_kths(flat_b, flat_ms, kth, run, kernels.parts(total, ties_kth.BLOCK) if parallel else [(0, total)])
     if found is None:
+        idx = _sample_index(total, "cpu")
+        sb = flat_b[idx].float()
         found = list(run(lambda m: _input_kth(flat_b, m, idx, sb, kth), flat_ms))
     out[:, 0] = torch.tensor(found)
     return out
 
 
-def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], idx: torch.Tensor, sb: torch.Tensor,
-                kth: int, run, parts: list[tuple[int, int]]) -> list[float] | None:
+def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], kth: int, run,
+                parts: list[tuple[int, int]]) -> list[float] | None:
     """The k-th smallest |τᵢ| of every model from one pass over the inputs (:mod:`..kernels.ties_kth`),
     its element ``parts`` mapped by ``run``; None where that does not apply (numba missing, a
     dtype other than float16/bfloat16/float32, models of different dtypes, a store overflowed)."""
     if not kernels.available() or len({m.dtype for m in flat_ms}) != 1:
         return None
-    b, ms = kernels.as_numpy(flat_b), [kernels.as_numpy(m) for m in flat_ms]
+    b, ms = kernels.as_numpy(flat_b), tuple(kernels.as_numpy(m) for m in flat_ms)
     if b is None or any(m is None for m in ms):
         return None
-    total = b.size
-
-    def bracket(m: torch.Tensor) -> tuple[np.float32, np.float32, float]:
-        sample = (m[idx].float() - sb).abs_()
-        lo, hi = _np_ends(*_bracket(sample, kth, total))
-        return lo, hi, float(((sample >= float(lo)) & (sample <= float(hi))).sum()) / sample.numel()
-    ends = list(run(bracket, flat_ms))
-    lo, hi = (np.array([e[j] for e in ends], np.float32) for j in (0, 1))
-    frac = max(e[2] for e in ends)
+    lo, hi, frac = _brackets(b, ms, kth)
     step = parts[0][1]
     room = int(step * frac * 1.25 + 8 * math.sqrt(step * frac) + 1024)   # the sample's share, +7 sd
-    got = ties_kth.split(b, tuple(ms), lo, hi, parts, room, run)
+    got = ties_kth.split(b, ms, lo, hi, parts, room, run)
     if got is None:
         return None
     below, vals = got
@@ -173,6 +176,19 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], idx: torch.Te
             return select((flat_ms[i].float() - flat_b.float()).abs_(), [kth])[0]
         return ties_kth.kth_value(vals[i], r)
     return list(run(pick, range(len(ms))))
+
+
+def _brackets(b: np.ndarray, ms: tuple, kth: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per model, the ends of :func:`_bracket` (±inf where open) as float32 arrays, from the
+    sample of |τᵢ| at :func:`_sample_index`'s positions read straight from the kernel views
+    ``b`` (BASE) and ``ms`` (:func:`.ties_kth.samples`); and the largest fraction of a sample
+    inside its bracket (to size the stores)."""
+    rows = ties_kth.samples(b, ms, _sample_index_np(b.size))
+    ranks = _ranks(kth, b.size)
+    lo, hi = (np.array([ties_kth.kth_value(r, k) for r in rows] if k is not None else [inf] * len(ms), np.float32)
+              for k, inf in zip(ranks, (-np.inf, np.inf)))
+    inside = max(int(np.count_nonzero((r >= x) & (r <= y))) for r, x, y in zip(rows, lo, hi))
+    return lo, hi, inside / SAMPLE
 
 
 def _input_kth(flat_b: torch.Tensor, flat_m: torch.Tensor, idx: torch.Tensor, sb: torch.Tensor, kth: int) -> float:
@@ -277,9 +293,10 @@ def ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtyp
     take the stacked path, which upcasts them). On another device (a GPU) it runs only where the
     prefetch left the key's thresholds in ``memo`` (:func:`_stacked_with`).
 
-    The fused pass is inductor's compiled :func:`_combine`; for keys under ``MIN_NUMEL`` elements,
-    and where nothing can be compiled (no C++ compiler), it is numba's
-    :mod:`..kernels.ties_combine`, which gives the same bits.
+    The fused pass is numba's :mod:`..kernels.ties_combine`; where numba is missing, or a dtype
+    has no kernel view, inductor's compiled :func:`_combine`, which gives the same bits (numba's,
+    with the CPU's float16 conversions, took 0.87 s for an SD1.5 re-merge of base + 4 against
+    inductor's 1.12 s here).
     The thresholds depend on the models and the density only: ``memo`` keeps them for the next
     merge of the same models with another λ, weights or sign rule. ``out`` (the resident
     pipeline's buffer for this key) receives the result."""
@@ -297,6 +314,9 @@ def ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtyp
         if memo is not None:
             memo[tag] = thr
     w = args.weight_tensor(len(models))
+    res = _numba_combine(base, models, thr, w, lam, args.sign == "count", out_dtype, out)
+    if res is not None:
+        return res
     if usable(base):
         rest = (base.reshape(-1), [m.reshape(-1) for m in models], None if thr is None else thr.reshape(-1),
                 None if bool((w == 1).all()) else w, torch.tensor(float(lam)), args.sign == "count", out_dtype)
@@ -307,7 +327,7 @@ def ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtyp
             res = _combine_compiled(*rest)
             if res is not None:
                 return res.reshape(base.shape)
-    return _numba_combine(base, models, thr, w, lam, args.sign == "count", out_dtype, out)
+    return None
 
 
 def _stacked_with(base, models, thr, lam: float, args: MethodArgs, out_dtype: torch.dtype) -> torch.Tensor:
@@ -323,7 +343,7 @@ def _stacked_with(base, models, thr, lam: float, args: MethodArgs, out_dtype: to
 
 
 def _fusable(base: torch.Tensor, models: list[torch.Tensor]) -> bool:
-    """Whether :func:`ties_fused` computes this CPU key: large keys (compiled, else numba), and
+    """Whether :func:`ties_fused` computes this CPU key: large keys (numba, else compiled), and
     keys under ``MIN_NUMEL`` elements with numba's kernel on the calling thread (one call instead
     of the stacked path's two dozen ops and a selection per model, every merge)."""
     if _any_fp8(base, models):
