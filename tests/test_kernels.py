@@ -58,6 +58,22 @@ def test_narrowing_rounds_as_torch(dtype):
     assert torch.isnan(back).all()               # NaN stays NaN (its payload is not torch's)
 
 
+def test_the_cpus_own_float16_conversions_are_the_ones_tested_here():
+    """Where the CPU has F16C (every x86 CPU since 2012), the kernels convert with it, so the two
+    tests above check those instructions; the child process below checks the integer ones."""
+    import os
+    import platform
+    from pathlib import Path
+
+    from merger.engine.kernels import convert
+    info = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not info.exists() or " f16c" not in info.read_text():
+        pytest.skip("not an x86 CPU with F16C")
+    if os.environ.get("NUMBA_CPU_NAME", "host") != "host":
+        pytest.skip("numba compiles for another CPU")
+    assert convert.HARDWARE_HALF
+
+
 def test_kth_value_is_the_sorted_value():
     rng = np.random.default_rng(0)
     cases = [rng.standard_normal(5000), rng.integers(-3, 3, 3000), rng.standard_normal(2000) * 1e-40,
