@@ -69,13 +69,19 @@ def test_fused_equals_sd_mecha(vote_sgn, sign):
 
 
 def test_a_missed_bracket_still_gives_the_exact_threshold(monkeypatch):
+    """A sample whose bracket misses the k-th value (below it, or above it) sends the numba path
+    to a selection over all values: the same exact threshold."""
     base, models = inputs(BIG, 2, torch.float16)
     want = ties_mod.thresholds(torch.stack([m.float() - base.float() for m in models]), 0.3)
     assert torch.equal(ties_mod.input_thresholds(base, models, 0.3), want)
-    monkeypatch.setattr(ties_mod, "_bracket", lambda sample, kth, n: (10.0, 20.0))   # above every |τ|
-    assert torch.equal(ties_mod.input_thresholds(base, models, 0.3), want)
-    monkeypatch.setattr(ties_mod, "_bracket", lambda sample, kth, n: (0.0, 1e-12))   # below the answer
-    assert torch.equal(ties_mod.input_thresholds(base, models, 0.3), want)
+    sizes = []
+    real = ties_mod.select
+    monkeypatch.setattr(ties_mod, "select", lambda x, kths: sizes.append(x.numel()) or real(x, kths))
+    for ranks in ((1, 2), (ties_mod.SAMPLE - 3, ties_mod.SAMPLE - 2)):      # below / above the answer
+        monkeypatch.setattr(ties_mod, "_ranks", lambda kth, n, r=ranks: r)
+        sizes.clear()
+        assert torch.equal(ties_mod.input_thresholds(base, models, 0.3), want)
+        assert sizes == [BIG, BIG]                  # each model's fallback selected from all
 
 
 @pytest.mark.parametrize("density", [0.999, 0.001])
