@@ -8,9 +8,9 @@ base + 4 SD1.5-sized models: 17 ms instead of 170 ms per 15 M-element key).
 Used only for CPU tensors of at least :data:`MIN_NUMEL` elements (the GPU path is eager and
 already bound by host→device copies; small tensors are not worth a kernel call). Compiling needs
 a C++ compiler: where there is none, or compilation fails for any other reason, one warning is
-printed and every later call takes the fallback: numba's kernels (:mod:`.kernels`, which need
-no compiler) where a method has them, else eager torch. ``SDMW_COMPILE=0`` turns every fused
-kernel off (the eager reference path).
+printed and every later call takes the fallback, eager torch. TIES uses numba's kernels
+(:mod:`.kernels`, which need no compiler) first, and this only where numba is missing or a dtype
+has no kernel view. ``SDMW_COMPILE=0`` turns every fused kernel off (the eager reference path).
 """
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ A recipe with a ``method`` names a BASE (``model_a``) and models M1…Mn (``mode
 merged key the engine stacks the task vectors τᵢ = Mᵢ − BASE in float32 into one tensor of shape
 ``(n, *shape)`` and calls ``fn(taus, args, generator)``, which returns merge(τ₁…τₙ) in float32
 as a new tensor (it may overwrite ``taus``, a reused per-thread buffer). A method may also give a
-``fused`` function that computes the whole key from the inputs in one compiled loop
-(:mod:`..compiled`); the engine tries it first. The result is BASE + λ·merge(τ), with λ the key's α (scalar, MBW
+``fused`` function that computes the whole key from the inputs in one loop (numba's
+:mod:`..kernels`, or Inductor's :mod:`..compiled`); the engine tries it first. The result is BASE + λ·merge(τ), with λ the key's α (scalar, MBW
 vector or elemental) and the method's second parameter (density or drop) the key's β.
 """
 from __future__ import annotations
