@@ -127,6 +127,38 @@ def test_engine_takes_the_fused_path_and_matches_eager(monkeypatch):
     assert sorted(calls) == [False, True]
 
 
+def test_numba_failing_to_compile_here_falls_back_to_torch(monkeypatch, capsys):
+    """A numba kernel that cannot compile on a user's machine (an LLVM error nobody saw) prints one
+    note and turns numba off: thresholds and combination take torch's paths, with the same bits."""
+    from numba.core.errors import LoweringError
+
+    from merger.engine import kernels
+    from merger.engine.kernels import ties_combine, ties_kth
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    cks = []
+    for i in range(4):
+        g = torch.Generator().manual_seed(60 + i)
+        cks.append(Checkpoint(Path(f"m{i}.safetensors"), {
+            key: (torch.randn(640, 320, 3, 3, generator=g) * 0.05).half(),
+            "model.diffusion_model.out.2.bias": torch.randn(4, generator=g).half()}))
+    recipe = Recipe(model_a="m0.safetensors", method="ties", models=["m1.safetensors", "m2.safetensors",
+                                                                     "m3.safetensors"], alpha=0.8, density=0.2)
+    monkeypatch.setenv("SDMW_COMPILE", "0")
+    eager = merge(recipe, cks[0], models=cks[1:]).tensors
+    monkeypatch.delenv("SDMW_COMPILE")
+
+    def fail(*a):
+        raise LoweringError("no lowering for this intrinsic on this CPU")
+    monkeypatch.setattr(kernels, "_broken", [])
+    monkeypatch.setattr(ties_kth, "_split_range", fail)
+    monkeypatch.setattr(ties_combine, "_combine", fail)
+    fresh = [Checkpoint(ck.path, dict(ck.tensors)) for ck in cks]        # no thresholds kept
+    got = merge(recipe, fresh[0], models=fresh[1:]).tensors
+    assert all(torch.equal(got[k], eager[k]) for k in eager)
+    assert not kernels.available()
+    assert capsys.readouterr().err.count("numba's CPU kernels are off (LoweringError") == 1
+
+
 def test_float8_inputs_take_the_stacked_path():
     base, models = inputs(BIG, 2, torch.float16)
     e4 = [m.to(torch.float8_e4m3fn) for m in models]

@@ -15,6 +15,7 @@ Tensors cross over as zero-copy numpy views whose dtype names the stored format
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -29,8 +30,27 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 VIEWS = {torch.float16: np.uint16, torch.bfloat16: np.int16, torch.float32: np.float32}
 
 
+_broken: list[str] = []          # why numba could not compile a kernel here (then none is used again)
+
+
 def available() -> bool:
-    return HAVE_NUMBA
+    return HAVE_NUMBA and not _broken
+
+
+def compile_failed(e: Exception) -> bool:
+    """Whether ``e`` is numba failing to compile a kernel on this machine (an LLVM or typing error
+    in an environment nobody tested); if so, say it once and turn every kernel off, so that the
+    callers take their torch paths instead of ending the merge with a traceback."""
+    if not HAVE_NUMBA:
+        return False
+    from numba.core.errors import NumbaError
+    if not isinstance(e, NumbaError):
+        return False
+    if not _broken:
+        _broken.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        print(f"note: numba's CPU kernels are off ({_broken[0]}); merging with torch's operations",
+              file=sys.stderr)
+    return True
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray | None:

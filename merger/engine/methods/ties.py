@@ -27,7 +27,11 @@ def select(x: torch.Tensor, kths: list[int]) -> list[float]:
     ``numpy.partition`` (introselect) for all of them, 2-4x faster than ``kthvalue``."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and kernels.available():
         a = x.detach().contiguous().numpy()
-        return [ties_kth.kth_value(a, k) for k in kths]
+        try:
+            return [ties_kth.kth_value(a, k) for k in kths]
+        except Exception as e:
+            if not kernels.compile_failed(e):
+                raise
     if x.device.type == "cpu":
         part = np.partition(x.detach().numpy(), [k - 1 for k in kths])
         return [float(part[k - 1]) for k in kths]
@@ -143,7 +147,12 @@ def input_thresholds(base: torch.Tensor, models: list[torch.Tensor], density: fl
         return out
     flat_ms = [m.reshape(-1) for m in models]
     run = kernels.workers().map if parallel else map
-    found = _numba_kths(flat_b, flat_ms, kth, run, kernels.parts(total, ties_kth.BLOCK) if parallel else [(0, total)])
+    try:
+        found = _numba_kths(flat_b, flat_ms, kth, run, kernels.parts(total, ties_kth.BLOCK) if parallel else [(0, total)])
+    except Exception as e:
+        if not kernels.compile_failed(e):
+            raise
+        found = None
     if found is None:
         idx = _sample_index(total, "cpu")
         sb = flat_b[idx].float()
@@ -385,7 +394,8 @@ def _any_fp8(base: torch.Tensor, models: list[torch.Tensor]) -> bool:
 
 def _numba_combine(base, models, thr, w, lam, count: bool, out_dtype, out) -> torch.Tensor | None:
     """:mod:`..kernels.ties_combine` over the workers into ``out`` or a new tensor; None where
-    an input's or the output's dtype has no kernel view, or numba is missing."""
+    an input's or the output's dtype has no kernel view, or numba is missing or cannot compile
+    here (:func:`..kernels.compile_failed`)."""
     if not kernels.available() or len({m.dtype for m in models}) != 1 or out_dtype not in kernels.VIEWS:
         return None
     views = [kernels.as_numpy(x) for x in (base, *models)]
@@ -401,7 +411,12 @@ def _numba_combine(base, models, thr, w, lam, count: bool, out_dtype, out) -> to
         parts, run = [(0, total)], map
     else:
         parts, run = kernels.parts(total, 64), kernels.workers().map
-    ties_combine.combine(views[0], tuple(views[1:]), thr_np, w.tolist(), lam, count, into, parts, run)
+    try:
+        ties_combine.combine(views[0], tuple(views[1:]), thr_np, w.tolist(), lam, count, into, parts, run)
+    except Exception as e:
+        if not kernels.compile_failed(e):
+            raise
+        return None
     return res
 
 
