@@ -157,3 +157,48 @@ def test_kernels_are_exact_when_compiled_for_a_cpu_without_avx512(tmp_path):
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                           "-k", "not without_avx512"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("seed,already", [(0, 0), (12345, 977), (2**40 + 3, 624), (7, 623)])
+def test_bernoulli_masks_and_generator_state_are_torchs(seed, already):
+    """:mod:`bernoulli` gives ``torch.bernoulli``'s masks (a probability per element, and one for
+    all) and leaves the generator where torch's own draws leave it, also for a generator
+    already part-way through its stream and sizes around the engine's 624-word blocks."""
+    from merger.engine.kernels import bernoulli
+    for n in (1, 624, 625, 1249, 100_003):
+        g_torch, g_ours = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        torch.rand(already, generator=g_torch)
+        torch.rand(already, generator=g_ours)
+        assert bernoulli.usable(g_ours)
+        keep = torch.rand(n, generator=torch.Generator().manual_seed(n))
+        want = torch.bernoulli(keep, generator=g_torch)
+        assert torch.equal(bernoulli.bernoulli_(keep, torch.empty(n), g_ours), want)
+        assert torch.equal(g_ours.get_state(), g_torch.get_state())
+        k = float(torch.ones(1).sub_(0.9))
+        want = torch.bernoulli(torch.full((n,), k), generator=g_torch)
+        assert torch.equal(bernoulli.bernoulli_(k, torch.empty(n), g_ours), want)
+        assert torch.equal(torch.rand(5, generator=g_ours), torch.rand(5, generator=g_torch))
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_dropout_is_the_same_with_torchs_bernoulli(eps, monkeypatch):
+    """DARE's and DELLA's dropout with the fast masks equals it with ``torch.bernoulli``."""
+    from merger.engine.kernels import bernoulli
+    from merger.engine.methods.dropout import drop_
+    taus = torch.randn(3, 70_001, generator=torch.Generator().manual_seed(5))
+    fast = drop_(taus.clone(), 0.7, torch.Generator().manual_seed(9), eps)
+    monkeypatch.setattr(bernoulli, "usable", lambda g: False)
+    slow = drop_(taus.clone(), 0.7, torch.Generator().manual_seed(9), eps)
+    assert torch.equal(fast, slow) and 0.2 < float((fast != 0).float().mean()) < 0.4
+
+
+def test_ranks_are_a_stable_argsorts():
+    from merger.engine.kernels import ranks
+    g = torch.Generator().manual_seed(3)
+    for n in (1, 2, 257, 70_001):
+        x = torch.randn(n, generator=g).abs()
+        x[::3] = x[0]                                   # ties: ranked by position
+        x[n // 2] = 0.0
+        want = torch.empty(n, dtype=torch.int64)
+        want[torch.argsort(x, stable=True)] = torch.arange(1, n + 1)
+        assert np.array_equal(ranks.ranks(x.numpy()), want.numpy())

