@@ -53,18 +53,18 @@ if HAVE_NUMBA:
         scale = np.float32(2.0 ** -24)
         for k in range(out.size):
             u = np.float32(_temper(words[k]) & np.uint32(0xFFFFFF)) * scale
-            out[k] = np.float32(1.0) if u < keep else np.float32(0.0)
+            out[k] = u < keep
 
     @njit(nogil=True, boundscheck=False, cache=True)
     def _compare_array(words, keep, out):
         scale = np.float32(2.0 ** -24)
         for k in range(out.size):
             u = np.float32(_temper(words[k]) & np.uint32(0xFFFFFF)) * scale
-            out[k] = np.float32(1.0) if u < keep[k] else np.float32(0.0)
+            out[k] = u < keep[k]
 
     @njit(nogil=True, boundscheck=False, cache=True)
     def _draw(st, pos, keep, out, per_element):
-        """Fill ``out`` (float32) with 0/1 from the engine ``st`` (uint32[624]) whose ATen
+        """Fill ``out`` (float32 or uint8) with 0/1 from the engine ``st`` (uint32[624]) whose ATen
         ``left``/``next`` are pos[0]/pos[1] (updated); ``keep``: float32, one value per element
         of out (``per_element``) or one for all (keep[0])."""
         left, nxt = pos[0], pos[1]
@@ -94,17 +94,19 @@ def usable(generator: torch.Generator | None) -> bool:
     return generator.get_state().numel() == STATE_BYTES
 
 
-def bernoulli_(keep: torch.Tensor | float, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def bernoulli_(keep: torch.Tensor | float, out: torch.Tensor | np.ndarray, generator: torch.Generator):
     """``torch.bernoulli(keep, generator=generator, out=out)`` for a float32 CPU ``out``, with
     ``keep`` a float32 tensor of out's shape or one float32 value: the same values, and the
-    generator advanced as far (:func:`usable` must hold)."""
+    generator advanced as far (:func:`usable` must hold). ``out`` may also be a uint8 numpy
+    array (the same 0/1, as DARE's fused path reads them; rows of a 2-D one are drawn in order,
+    one model after the other)."""
     state = generator.get_state().numpy().copy()
     head = state[:24]
     left, seeded = head[8:16].view(np.int32)
     nxt = int(head[16:24].view(np.uint64)[0])
     words = state[24:24 + N * 8].view(np.uint64).astype(np.uint32)
     pos = np.array([left, nxt], np.int64)
-    flat = out.view(-1).numpy()
+    flat = out.view(-1).numpy() if isinstance(out, torch.Tensor) else out.reshape(-1)
     each = isinstance(keep, torch.Tensor)
     k = keep.reshape(-1).numpy() if each else np.array([keep], np.float32)
     _draw(words, pos, k, flat, each)

@@ -28,13 +28,16 @@ if HAVE_NUMBA:
     from .convert import f32, narrow
 
     @njit(inline="always")
-    def _agree_and_store(vote, models, thr, w, lam, out, j, b):
-        """Element j after its vote: the disjoint mean of the agreeing τᵢ, then BASE + λ·it."""
+    def _agree_and_store(vote, models, thr, w, lam, out, j, b, masks, div):
+        """Element j after its vote: the disjoint mean of the agreeing τᵢ (divided by ``div``
+        where given: DARE's 1 − p), then BASE + λ·it."""
         z = np.float32(0.0)
         num = z
         den = z
         for i in range(len(models)):
             v = f32(models[i][j]) - b
+            if masks is not None:     # DARE's 0/1 mask (exact: τ or ±0)
+                v = v * np.float32(masks[i][j])
             av = abs(v)
             ok = (av >= thr[i]) & (((vote > 0) & (v > 0)) | ((vote < 0) & (v < 0)))
             r = (av if ok else z) * w[i]
@@ -48,16 +51,20 @@ if HAVE_NUMBA:
         q = (num if vote > 0 else -num) / den
         if not np.isfinite(q):
             q = z
+        if div is not None:
+            q = q / div
         out[j] = narrow(q * lam + b, out)
 
     @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
-    def _combine(base, models, thr, w, lam, count, out):
+    def _combine(base, models, thr, w, lam, count, out, masks=None, div=None):
         """The key's slice: ``base``, ``models`` (a tuple of same-format views) and ``out`` are
         slices of one element range, indexed from 0 (see ties_kth: an offset index kept LLVM
         from vectorizing). ``thr``/``w`` are tuples of float32 (kept in registers): thresholds
         (−inf keeps everything) and weights (ones when unweighted: ×1 is exact). The loop over
         the models is unrolled by LLVM (the tuple's length is a constant), so each element's
-        values stay in registers; τᵢ is made again for the agreement pass rather than stored."""
+        values stay in registers; τᵢ is made again for the agreement pass rather than stored.
+        ``masks`` (a tuple of uint8 slices like ``models``) and ``div``: dare_ties, whose τᵢ are
+        masked and whose mean is divided by 1 − p (:mod:`.dare`)."""
         z = np.float32(0.0)
         if count:
             for j in range(out.size):
@@ -65,31 +72,38 @@ if HAVE_NUMBA:
                 vote = z
                 for i in range(len(models)):
                     v = f32(models[i][j]) - b
+                    if masks is not None:
+                        v = v * np.float32(masks[i][j])
                     keep = abs(v) >= thr[i]
                     x = np.float32((v > 0) & keep) - np.float32((v < 0) & keep)
                     vote = x if i == 0 else vote + x
-                _agree_and_store(vote, models, thr, w, lam, out, j, b)
+                _agree_and_store(vote, models, thr, w, lam, out, j, b, masks, div)
         else:
             for j in range(out.size):
                 b = f32(base[j])
                 vote = z
                 for i in range(len(models)):
                     v = f32(models[i][j]) - b
+                    if masks is not None:
+                        v = v * np.float32(masks[i][j])
                     x = (v if abs(v) >= thr[i] else z) * w[i]
                     vote = x if i == 0 else vote + x
-                _agree_and_store(vote, models, thr, w, lam, out, j, b)
+                _agree_and_store(vote, models, thr, w, lam, out, j, b, masks, div)
 
 
 def combine(base: np.ndarray, models: tuple, thr, w, lam: float, count: bool, out: np.ndarray,
-            parts: list[tuple[int, int]], run) -> None:
+            parts: list[tuple[int, int]], run, masks: np.ndarray | None = None, div: float | None = None) -> None:
     """Write the key into ``out`` (a view naming its format); ``thr`` and ``w`` per model;
-    ``parts`` of the elements are mapped over the workers by ``run``."""
+    ``parts`` of the elements are mapped over the workers by ``run``; ``masks`` (n × elements,
+    uint8) and ``div``: see :func:`_combine`."""
     thr_t = tuple(np.float32(x) for x in thr)
     w_t = tuple(np.float32(x) for x in w)
     lam32 = np.float32(lam)
+    div32 = None if div is None else np.float32(div)
 
     def part(p):
         s, e = p
-        _combine(base[s:e], tuple(m[s:e] for m in models), thr_t, w_t, lam32, count, out[s:e])
+        mk = None if masks is None else tuple(m[s:e] for m in masks)
+        _combine(base[s:e], tuple(m[s:e] for m in models), thr_t, w_t, lam32, count, out[s:e], mk, div32)
     for _ in run(part, parts):
         pass

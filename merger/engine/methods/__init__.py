@@ -36,6 +36,7 @@ class MethodArgs:
     sign: str = "sum"
     della_eps: float = 0.1
     stock: str = "tensor"
+    seed: int = 0                    # random methods: the generator's seed for every key
 
     def weight_tensor(self, n: int) -> torch.Tensor:
         return torch.tensor(self.weights or (1.0,) * n, dtype=torch.float32)
@@ -152,7 +153,7 @@ def method_args(r) -> MethodArgs:
     return MethodArgs(weights=tuple(float(w) for w in r.weights) if r.weights else (),
                       density=1.0 if r.density is None else float(r.density),
                       drop=0.0 if r.drop is None else float(r.drop),
-                      sign=r.sign, della_eps=float(r.della_eps), stock=r.stock)
+                      sign=r.sign, della_eps=float(r.della_eps), stock=r.stock, seed=max(int(r.seed), 0))
 
 
 def with_second(m: Method, args: MethodArgs, value: float) -> MethodArgs:
