@@ -4,6 +4,7 @@
     python bench/merge_bench.py --xl       # SDXL shapes (3.47 B params), weight sum only
     python bench/merge_bench.py --no-mecha # skip the sd-mecha comparison
     python bench/merge_bench.py --ties     # only the TIES row (base + 4 models, from files)
+    python bench/merge_bench.py --methods  # DARE, DELLA, Model Stock, geometric median on those files
 
 Models are random values with the real key names and shapes, held in RAM. Printed: the time of
 weight sum and add difference (fresh output tensors, and into preallocated buffers as the
@@ -281,14 +282,52 @@ def bench_ties(layout: dict, repeat: int, with_mecha: bool) -> None:
         print(f"  ours is {t_m / t_ours:.1f}x faster than sd-mecha {getattr(sd_mecha, '__version__', '')}")
 
 
+def bench_methods(layout: dict, names: list[str]) -> None:
+    """The other N-model methods on the TIES row's files (base + 4, SD1.5 fp16), one merge each
+    with the inputs loaded and scanned, against the same bound (the method's second parameter
+    at its default, seed 1)."""
+    import safetensors.torch as st
+    numel = sum(math.prod(s) for s in layout.values())
+    gbytes = numel * 2 / 1e9
+    pre, _ = bound(numel, 2, 2)
+    bw = 3 * gbytes / pre
+    b6 = 6 * gbytes / bw
+    print(f"\nN-model methods, base + 4 models, SD1.5 fp16 files: bound {b6:.2f} s at {bw:.1f} GB/s")
+    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as d:
+        paths = []
+        for seed, name in enumerate(["base", "m1", "m2", "m3", "m4"], 1):
+            ck = build(layout, seed, name)
+            paths.append(Path(d) / f"{name}.safetensors")
+            st.save_file(ck.tensors, str(paths[-1]))
+            del ck
+            gc.collect()
+        held = [load_checkpoint(p) for p in paths]
+        for ck in held:
+            ck.value_stats()
+        for name in names:
+            recipe = Recipe("base.safetensors", method=name, models=[p.name for p in paths[1:]], alpha=1.0, seed=1)
+            gc.collect()
+            t = time.perf_counter()
+            merge(recipe, held[0], models=held[1:])
+            dt = time.perf_counter() - t
+            print(f"  {name:42} {dt:7.2f} s  {dt / b6:5.1f}x bound")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--xl", action="store_true")
     ap.add_argument("--no-mecha", action="store_true")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--ties", action="store_true", help="only the TIES row")
+    ap.add_argument("--methods", nargs="*", metavar="NAME",
+                    help="only the other N-model methods (default: dare_linear dare_ties della model_stock "
+                         "geometric_median)")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.methods is not None:
+        bench_methods(checkpoint_layout("sd1"), args.methods or
+                      ["dare_linear", "dare_ties", "della", "model_stock", "geometric_median"])
+        return
     if args.ties:
         bench_ties(checkpoint_layout("sd1"), min(args.repeat, 2), not args.no_mecha)
         return
