@@ -4,7 +4,7 @@ DELLA's keep probability needs each element's rank among the |τᵢ| of its tens
 ``rank[argsort(|τ|, stable=True)] = 1…N``. torch's stable argsort took 2.1 s per 15 M values here
 (so about 10 minutes for an SD1.5 merge of base + 4). A non-negative float32's bit pattern, read as
 an unsigned integer, orders the same way as the float, and a least-significant-digit radix sort is
-stable by construction: four passes of 8 bits give the same permutation (0.42 s per 15 M values;
+stable by construction: four passes of 8 bits give the same permutation (0.32 s per 15 M values;
 three of 11 bits took 0.53 s, two of 16 bits 0.54 s), and the callers rank several tensors at once
 on the worker threads.
 """
@@ -23,32 +23,34 @@ if HAVE_NUMBA:
 
     @njit(nogil=True, boundscheck=False, cache=True)
     def _ranks(keys, out):
-        """out[j] = 1-based rank of keys[j] (uint32) in ascending order, ties by j."""
+        """out[j] = 1-based rank of keys[j] (uint32) in ascending order, ties by j. Each key is
+        sorted packed with its position, key << 32 | j, in one uint64 array (one stream per pass
+        instead of two: 0.32 s instead of 0.41 s per 15 M values)."""
         n = keys.size
         counts = np.zeros((PASSES, BUCKETS), np.int64)
+        src = np.empty(n, np.uint64)
         for j in range(n):
             k = keys[j]
+            src[j] = (np.uint64(k) << np.uint64(32)) | np.uint64(j)
             for d in range(PASSES):
                 counts[d, (k >> (d * DIGIT)) & (BUCKETS - 1)] += 1
-        src_k, src_i = keys.copy(), np.arange(n).astype(np.int32)
-        dst_k, dst_i = np.empty(n, np.uint32), np.empty(n, np.int32)
+        dst = np.empty(n, np.uint64)
         for d in range(PASSES):
             start = 0
             for b in range(BUCKETS):
                 c = counts[d, b]
                 counts[d, b] = start
                 start += c
-            shift = d * DIGIT
+            shift = np.uint64(32 + d * DIGIT)
             for j in range(n):
-                b = (src_k[j] >> shift) & (BUCKETS - 1)
+                v = src[j]
+                b = (v >> shift) & np.uint64(BUCKETS - 1)
                 at = counts[d, b]
                 counts[d, b] = at + 1
-                dst_k[at] = src_k[j]
-                dst_i[at] = src_i[j]
-            src_k, dst_k = dst_k, src_k
-            src_i, dst_i = dst_i, src_i
+                dst[at] = v
+            src, dst = dst, src
         for r in range(n):
-            out[src_i[r]] = r + 1
+            out[src[r] & np.uint64(0xFFFFFFFF)] = r + 1
 
 
 def ranks(mag: np.ndarray) -> np.ndarray:
