@@ -85,3 +85,26 @@ def parts(total: int, align: int) -> list[tuple[int, int]]:
     """[start, stop) ranges of ``total`` elements, one per worker, starts a multiple of ``align``."""
     step = -(-total // workers()._max_workers // align) * align
     return [(s, min(s + step, total)) for s in range(0, total, step)]
+
+
+def key_views(base: torch.Tensor, models: list[torch.Tensor], out_dtype: torch.dtype, out: torch.Tensor | None):
+    """For a kernel computing one key from its inputs: (the views of ``base`` and ``models``, the
+    result tensor (``out``, or a new one of base's shape in ``out_dtype``), its view); None where
+    the models' dtypes differ or a dtype has no view (:func:`as_numpy`)."""
+    if len({m.dtype for m in models}) != 1 or out_dtype not in VIEWS:
+        return None
+    views = [as_numpy(x) for x in (base, *models)]
+    if any(v is None for v in views):
+        return None
+    res = out if out is not None else torch.empty(base.shape, dtype=out_dtype)
+    into = as_numpy(res)
+    return None if into is None else (views, res, into)
+
+
+def split_for(total: int):
+    """(element parts, their map) for a key of ``total`` elements: the workers for large keys;
+    small ones on the calling thread, where handing them over costs more."""
+    from ..compiled import MIN_NUMEL
+    if total < MIN_NUMEL:
+        return [(0, total)], map
+    return parts(total, 64), workers().map

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..compiled import MIN_NUMEL, enabled
+from ..compiled import enabled
 from ..kernels import bernoulli, dare, ranks, ties_combine
 from ..tensor_ops import scratch
 from . import MethodArgs
@@ -93,23 +93,15 @@ def _dare_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dty
     p = args.drop
     if base.device.type != "cpu" or not (kernels.available() and enabled()) or math.isclose(p, 1.0):
         return None
-    if len({m.dtype for m in models}) != 1 or out_dtype not in kernels.VIEWS:
-        return None
-    views = [kernels.as_numpy(x) for x in (base, *models)]
-    if any(v is None for v in views):
-        return None
-    res = out if out is not None else torch.empty(base.shape, dtype=out_dtype)
-    into = kernels.as_numpy(res)
     generator = torch.Generator().manual_seed(args.seed)
-    if into is None or not bernoulli.usable(generator):
+    got = kernels.key_views(base, models, out_dtype, out) if bernoulli.usable(generator) else None
+    if got is None:
         return None
+    views, res, into = got
     n, total = len(models), views[0].size
     masks = scratch("dare_masks", n * total, torch.uint8).numpy().reshape(n, total)
     w = args.weight_tensor(n).tolist()
-    if total < MIN_NUMEL:               # a small key: handing it to the workers costs more
-        parts, run = [(0, total)], map
-    else:
-        parts, run = kernels.parts(total, 64), kernels.workers().map
+    parts, run = kernels.split_for(total)
     try:
         bernoulli.bernoulli_(_keep(p), masks, generator)
         if ties:

@@ -396,21 +396,13 @@ def _numba_combine(base, models, thr, w, lam, count: bool, out_dtype, out) -> to
     """:mod:`..kernels.ties_combine` over the workers into ``out`` or a new tensor; None where
     an input's or the output's dtype has no kernel view, or numba is missing or cannot compile
     here (:func:`..kernels.compile_failed`)."""
-    if not kernels.available() or len({m.dtype for m in models}) != 1 or out_dtype not in kernels.VIEWS:
+    got = kernels.key_views(base, models, out_dtype, out) if kernels.available() else None
+    if got is None:
         return None
-    views = [kernels.as_numpy(x) for x in (base, *models)]
-    if any(v is None for v in views):
-        return None
-    res = out if out is not None else torch.empty(base.shape, dtype=out_dtype)
-    into = kernels.as_numpy(res)
-    if into is None:
-        return None
-    n, total = len(models), views[0].size
+    views, res, into = got
+    n = len(models)
     thr_np = np.full(n, -np.inf, np.float32) if thr is None else thr.reshape(-1).numpy().astype(np.float32)
-    if total < MIN_NUMEL:               # a small key: handing it to the workers costs more
-        parts, run = [(0, total)], map
-    else:
-        parts, run = kernels.parts(total, 64), kernels.workers().map
+    parts, run = kernels.split_for(views[0].size)
     try:
         ties_combine.combine(views[0], tuple(views[1:]), thr_np, w.tolist(), lam, count, into, parts, run)
     except Exception as e:
