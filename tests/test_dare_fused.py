@@ -81,3 +81,24 @@ def test_dare_ties_that_trims_takes_the_stacked_path():
     assert get_method("dare_ties").fused(base, [m1], 1.0, args, torch.float16) is None
     assert get_method("dare_linear").fused(base, [m1], 1.0, dataclasses.replace(args, drop=1.0),
                                            torch.float16) is None      # p = 1: the base, stacked
+
+
+def test_masks_fall_back_to_torch_where_numba_cannot_compile(monkeypatch, capsys):
+    """The dropout of DELLA (and of DARE off the fused path) takes torch's bernoulli and argsort
+    when numba's kernels fail to compile: the same masks, one note, no traceback."""
+    from numba.core.errors import TypingError
+
+    from merger.engine import kernels
+    from merger.engine.kernels import bernoulli, ranks
+    from merger.engine.methods.dropout import drop_
+    taus = torch.randn(3, 5_000, generator=torch.Generator().manual_seed(2))
+    want = drop_(taus.clone(), 0.6, torch.Generator().manual_seed(3), 0.1)
+    monkeypatch.setattr(kernels, "_broken", [])
+
+    def fail(*a):
+        raise TypingError("cannot type this here")
+    monkeypatch.setattr(ranks, "_ranks", fail)
+    monkeypatch.setattr(bernoulli, "_draw", fail)
+    assert torch.equal(drop_(taus.clone(), 0.6, torch.Generator().manual_seed(3), 0.1), want)
+    assert not kernels.available()
+    assert capsys.readouterr().err.count("numba's CPU kernels are off (TypingError") == 1

@@ -102,7 +102,7 @@ def bernoulli_(keep: torch.Tensor | float, out: torch.Tensor | np.ndarray, gener
     one model after the other)."""
     state = generator.get_state().numpy().copy()
     head = state[:24]
-    left, seeded = head[8:16].view(np.int32)
+    left = int(head[8:12].view(np.int32)[0])
     nxt = int(head[16:24].view(np.uint64)[0])
     words = state[24:24 + N * 8].view(np.uint64).astype(np.uint32)
     pos = np.array([left, nxt], np.int64)

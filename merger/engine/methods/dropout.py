@@ -27,8 +27,18 @@ def drop_(taus: torch.Tensor, p: float, generator: torch.Generator, della_eps: f
     masks. δ = 0 for DARE; for DELLA (``della_eps`` > 0) δ = ε·(rank/N − (N+1)/(2N)) with rank the
     1-based position of |τ| in ascending order (ties by position), so larger magnitudes are kept
     more often. On the CPU the masks come from :mod:`..kernels.bernoulli` (the same values and
-    generator state as ``torch.bernoulli``)."""
+    generator state as ``torch.bernoulli``), DELLA's ranks from :mod:`..kernels.ranks`; where
+    numba cannot compile them here (before anything is drawn or changed), from torch."""
     fast = bernoulli.usable(generator) and taus.device.type == "cpu"
+    try:
+        return _drop(taus, p, generator, della_eps, fast)
+    except Exception as e:
+        if not (fast and kernels.compile_failed(e)):
+            raise
+        return _drop(taus, p, generator, della_eps, False)
+
+
+def _drop(taus: torch.Tensor, p: float, generator: torch.Generator, della_eps: float, fast: bool) -> torch.Tensor:
     keep_p = _keep(p)
     if fast and della_eps:       # every model's |τ| ranks at once on the workers (no RNG in them)
         all_ranks = list(kernels.workers().map(lambda t: ranks.ranks(t.abs().reshape(-1).numpy()), taus))
@@ -66,7 +76,6 @@ def dropped_ties(taus: torch.Tensor, args: MethodArgs, generator, della_eps: flo
     drop_(taus, p, generator, della_eps)
     trim = thresholds(taus, args.density)
     return disjoint_mean(taus, args.weight_tensor(taus.shape[0]), args.sign, trim).div_(1.0 - p)
-
 
 
 def dare_linear_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtype, memo=None, out=None):
