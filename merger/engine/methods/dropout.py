@@ -11,7 +11,7 @@ from ..compiled import enabled
 from ..kernels import bernoulli, dare, ranks, ties_combine
 from ..tensor_ops import scratch
 from . import MethodArgs
-from .ties import disjoint_mean, thresholds
+from .ties import disjoint_mean, thresholds, trim_rank
 
 
 def _keep(p: float) -> float:
@@ -85,7 +85,7 @@ def dare_linear_fused(base, models, lam: float, args: MethodArgs, out_dtype: tor
 
 def dare_ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtype, memo=None, out=None):
     """dare_ties without trimming (density 1, its default) for one CPU key (:func:`_dare_fused`)."""
-    if max(int((1 - args.density) * base.numel()), 1) > 1:       # trims: the stacked path
+    if trim_rank(args.density, base.numel()) > 1:       # trims: the stacked path
         return None
     return _dare_fused(base, models, lam, args, out_dtype, out, ties=True)
 

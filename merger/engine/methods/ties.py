@@ -110,6 +110,12 @@ def _split(a: torch.Tensor, lo: float | None, hi: float | None, m1: torch.Tensor
     return below, a.clone()
 
 
+def trim_rank(density: float, n: int) -> int:
+    """The rank k of the threshold among ``n`` magnitudes: k = max(⌊(1 − density)·n⌋, 1); k = 1
+    trims nothing."""
+    return max(int((1 - density) * n), 1)
+
+
 def thresholds(taus: torch.Tensor, density: float) -> torch.Tensor | None:
     """Per τᵢ, the magnitude below which TIES trims it, shape (n, 1); None when nothing is trimmed.
 
@@ -117,7 +123,7 @@ def thresholds(taus: torch.Tensor, density: float) -> torch.Tensor | None:
     k = max(⌊(1 − density)·N⌋, 1), and every element with |τ| ≥ threshold is kept (so ties at the
     threshold are all kept, density 1 keeps everything and density 0 keeps the largest)."""
     n, flat = taus.shape[0], taus.reshape(taus.shape[0], -1)
-    kth = max(int((1 - density) * flat.shape[1]), 1)
+    kth = trim_rank(density, flat.shape[1])
     if kth == 1:
         return None
     out = torch.empty(n, 1, dtype=torch.float32, device=taus.device)
@@ -136,7 +142,7 @@ def input_thresholds(base: torch.Tensor, models: list[torch.Tensor], density: fl
     all on the calling thread, itself a worker in :func:`ties_prefetch`)."""
     flat_b = base.reshape(-1)
     total = flat_b.numel()
-    kth = max(int((1 - density) * total), 1)
+    kth = trim_rank(density, total)
     if kth == 1:
         return None
     out = torch.empty(len(models), 1, dtype=torch.float32)
