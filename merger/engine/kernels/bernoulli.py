@@ -63,10 +63,16 @@ if HAVE_NUMBA:
             out[k] = u < keep[k]
 
     @njit(nogil=True, boundscheck=False, cache=True)
-    def _draw(st, pos, keep, out, per_element):
-        """Fill ``out`` (float32 or uint8) with 0/1 from the engine ``st`` (uint32[624]) whose ATen
-        ``left``/``next`` are pos[0]/pos[1] (updated); ``keep``: float32, one value per element
-        of out (``per_element``) or one for all (keep[0])."""
+    def _words24(words, out):
+        for k in range(out.size):
+            out[k] = _temper(words[k]) & np.uint32(0xFFFFFF)
+
+    @njit(nogil=True, boundscheck=False, cache=True)
+    def _draw(st, pos, keep, out, mode):
+        """Fill ``out`` from the engine ``st`` (uint32[624]) whose ATen ``left``/``next`` are
+        pos[0]/pos[1] (updated), one draw per element: ``mode`` 0: 0/1 (float32 or uint8) against
+        one float32 keep[0]; 1: against keep[j] per element; 2: the uniform's 24-bit integer
+        (uint32 ``out``, u = value·2⁻²⁴; ``keep`` unused)."""
         left, nxt = pos[0], pos[1]
         j = 0
         n = out.size
@@ -75,10 +81,12 @@ if HAVE_NUMBA:
                 _regenerate(st)
                 left, nxt = N + 1, 0
             c = min(left - 1, n - j)
-            if per_element:
+            if mode == 1:
                 _compare_array(st[nxt:nxt + c], keep[j:j + c], out[j:j + c])
-            else:
+            elif mode == 0:
                 _compare_scalar(st[nxt:nxt + c], keep[0], out[j:j + c])
+            else:
+                _words24(st[nxt:nxt + c], out[j:j + c])
             j += c
             nxt += c
             left -= c
@@ -100,18 +108,30 @@ def bernoulli_(keep: torch.Tensor | float, out: torch.Tensor | np.ndarray, gener
     generator advanced as far (:func:`usable` must hold). ``out`` may also be a uint8 numpy
     array (the same 0/1, as DARE's fused path reads them; rows of a 2-D one are drawn in order,
     one model after the other)."""
+    each = isinstance(keep, torch.Tensor)
+    k = keep.reshape(-1).numpy() if each else np.array([keep], np.float32)
+    _run(generator, k, out.view(-1).numpy() if isinstance(out, torch.Tensor) else out.reshape(-1), int(each))
+    return out
+
+
+def uniforms24(out: np.ndarray, generator: torch.Generator) -> np.ndarray:
+    """The next ``out.size`` uniforms ``torch.bernoulli`` would compare, as their 24-bit integers
+    (u = value·2⁻²⁴, uint32 ``out``), the generator advanced as far: a caller that decides the
+    masks itself (:mod:`.della_mask`) gets torch's masks by comparing u with the same keep."""
+    _run(generator, np.zeros(1, np.float32), out.reshape(-1), 2)
+    return out
+
+
+def _run(generator: torch.Generator, keep: np.ndarray, flat: np.ndarray, mode: int) -> None:
+    """:func:`_draw` from the torch generator's state, written back advanced."""
     state = generator.get_state().numpy().copy()
     head = state[:24]
     left = int(head[8:12].view(np.int32)[0])
     nxt = int(head[16:24].view(np.uint64)[0])
     words = state[24:24 + N * 8].view(np.uint64).astype(np.uint32)
     pos = np.array([left, nxt], np.int64)
-    flat = out.view(-1).numpy() if isinstance(out, torch.Tensor) else out.reshape(-1)
-    each = isinstance(keep, torch.Tensor)
-    k = keep.reshape(-1).numpy() if each else np.array([keep], np.float32)
-    _draw(words, pos, k, flat, each)
+    _draw(words, pos, keep, flat, mode)
     head[8:12] = np.array([pos[0]], np.int32).view(np.uint8)
     head[16:24] = np.array([pos[1]], np.uint64).view(np.uint8)
     state[24:24 + N * 8] = words.astype(np.uint64).view(np.uint8)
     generator.set_state(torch.from_numpy(state))
-    return out

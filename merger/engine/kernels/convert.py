@@ -127,3 +127,14 @@ def narrow(typingctx, v, out):
     def gen(context, builder, sig, args):
         return conv(builder, args[0])
     return kind(v, out), gen
+
+
+@intrinsic
+def bits(typingctx, x):
+    """The bit pattern of a float32 as a uint32 (a non-negative float orders as its pattern)."""
+    if x != types.float32:
+        return None
+
+    def gen(context, builder, sig, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return types.uint32(x), gen

@@ -8,15 +8,11 @@ import torch
 
 from .. import kernels
 from ..compiled import enabled
-from ..kernels import bernoulli, dare, ranks, ties_combine
+from ..kernels import bernoulli, dare, della_mask, ranks, ties_combine
+from ..kernels.della_mask import della_keep, keep_of
 from ..tensor_ops import scratch
 from . import MethodArgs
 from .ties import disjoint_mean, thresholds, trim_rank
-
-
-def _keep(p: float) -> float:
-    """1 − p as the float32 value ``torch.bernoulli`` compares with (the keep tensor's)."""
-    return float(torch.ones(1).sub_(p).clamp_(0, 1))
 
 
 def drop_(taus: torch.Tensor, p: float, generator: torch.Generator, della_eps: float = 0.0) -> torch.Tensor:
@@ -26,9 +22,11 @@ def drop_(taus: torch.Tensor, p: float, generator: torch.Generator, della_eps: f
     drawn from ``generator`` model after model over each τᵢ's shape, so one seed gives sd-mecha's
     masks. δ = 0 for DARE; for DELLA (``della_eps`` > 0) δ = ε·(rank/N − (N+1)/(2N)) with rank the
     1-based position of |τ| in ascending order (ties by position), so larger magnitudes are kept
-    more often. On the CPU the masks come from :mod:`..kernels.bernoulli` (the same values and
-    generator state as ``torch.bernoulli``), DELLA's ranks from :mod:`..kernels.ranks`; where
-    numba cannot compile them here (before anything is drawn or changed), from torch."""
+    more often (:func:`..kernels.della_mask.della_keep`). On the CPU the masks come from
+    :mod:`..kernels.bernoulli` (the same values and generator state as ``torch.bernoulli``),
+    DELLA's from :mod:`..kernels.della_mask` (no sort; the same masked τ) or, for small tensors,
+    the ranks of :mod:`..kernels.ranks`; where numba cannot compile them here (before anything
+    is drawn or changed), from torch."""
     fast = bernoulli.usable(generator) and taus.device.type == "cpu"
     try:
         return _drop(taus, p, generator, della_eps, fast)
@@ -39,31 +37,34 @@ def drop_(taus: torch.Tensor, p: float, generator: torch.Generator, della_eps: f
 
 
 def _drop(taus: torch.Tensor, p: float, generator: torch.Generator, della_eps: float, fast: bool) -> torch.Tensor:
-    keep_p = _keep(p)
-    if fast and della_eps:       # every model's |τ| ranks at once on the workers (no RNG in them)
-        all_ranks = list(kernels.workers().map(lambda t: ranks.ranks(t.abs().reshape(-1).numpy()), taus))
-    for i, t in enumerate(taus):
+    for t in taus:
         n = t.numel()
-        if fast and not della_eps:             # one probability for every element: no tensor of it
-            keep = None
-        else:
-            keep = scratch("drop_keep", n, torch.float32, t.device).view(t.shape).fill_(1.0).sub_(p)
-        if della_eps:
-            ne = n
-            if fast:                          # the same ranks, 5x faster (kernels/ranks.py)
-                rank = torch.from_numpy(all_ranks[i])
-            else:
-                rank = torch.empty(ne, dtype=torch.int64, device=t.device)
-                rank[torch.argsort(t.abs().reshape(-1), stable=True)] = torch.arange(1, ne + 1, device=t.device)
-            delta = ((rank / ne - (ne + 1) / (ne * 2)) * della_eps).reshape(t.shape)
-            keep = keep + delta.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
         out = scratch("drop_mask", n, torch.float32, t.device).view(t.shape)
-        if fast:     # the same masks, drawn 12x faster, the generator advanced as far
-            mask = bernoulli.bernoulli_(keep.clamp_(0, 1) if della_eps else keep_p, out, generator)
-        else:
-            mask = torch.bernoulli(keep.clamp_(0, 1), generator=generator, out=out)
-        t.mul_(mask)
+        if not fast:
+            keep = scratch("drop_keep", n, torch.float32, t.device).view(t.shape).fill_(keep_of(p))
+            if della_eps:
+                rank = torch.empty(n, dtype=torch.int64, device=t.device)
+                rank[torch.argsort(t.abs().reshape(-1), stable=True)] = torch.arange(1, n + 1, device=t.device)
+                keep = della_keep(rank, n, p, della_eps).view(t.shape)
+            t.mul_(torch.bernoulli(keep, generator=generator, out=out))
+        elif della_eps:
+            flat = t.reshape(-1)
+            della_mask_(lambda: flat, (flat.numpy(),), p, della_eps, generator, out.view(-1).numpy())
+            t.mul_(out)
+        else:                           # one probability for every element: no tensor of it
+            t.mul_(bernoulli.bernoulli_(keep_of(p), out, generator))
     return taus
+
+
+def della_mask_(tau, src: tuple, p: float, eps: float, generator: torch.Generator, out: np.ndarray) -> None:
+    """One tensor's DELLA keep mask into ``out`` (uint8 or float32 numpy) from ``generator``:
+    :func:`..kernels.della_mask.masks` where it applies (``src``: its kernel views), else the
+    ranks of :mod:`..kernels.ranks` (``tau()``: the float32 τ, flat) and the per-element draw."""
+    n = out.size
+    if della_mask.masks(src, n, p, eps, generator, out, *kernels.split_for(n)):
+        return
+    rank = torch.from_numpy(ranks.ranks(tau().abs().numpy()))
+    bernoulli.bernoulli_(della_keep(rank, n, p, eps), out, generator)
 
 
 def dropped_ties(taus: torch.Tensor, args: MethodArgs, generator, della_eps: float) -> torch.Tensor:
@@ -90,7 +91,16 @@ def dare_ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch
     return _dare_fused(base, models, lam, args, out_dtype, out, ties=True)
 
 
-def _dare_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtype, out, ties: bool):
+def della_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtype, memo=None, out=None):
+    """della without trimming (density 1, its default) for one CPU key (:func:`_dare_fused`,
+    the masks by :func:`della_mask_`)."""
+    if trim_rank(args.density, base.numel()) > 1 or not args.della_eps:
+        return None
+    return _dare_fused(base, models, lam, args, out_dtype, out, ties=True, della_eps=args.della_eps)
+
+
+def _dare_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtype, out, ties: bool,
+                della_eps: float = 0.0):
     """The key from the inputs: the masks drawn as :func:`drop_` draws them (a generator seeded
     with the recipe's seed, model after model; here into uint8), then one numba pass,
     :mod:`..kernels.dare` or TIES's combination with the masks (:mod:`..kernels.ties_combine`):
@@ -112,7 +122,12 @@ def _dare_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dty
     w = args.weight_tensor(n).tolist()
     parts, run = kernels.split_for(total)
     try:
-        bernoulli.bernoulli_(_keep(p), masks, generator)
+        if della_eps:
+            for i, m in enumerate(models):
+                della_mask_(lambda: m.float().sub_(base.float()).reshape(-1), (views[0], views[i + 1]), p,
+                            della_eps, generator, masks[i])
+        else:
+            bernoulli.bernoulli_(keep_of(p), masks, generator)
         if ties:
             ties_combine.combine(views[0], tuple(views[1:]), [-np.inf] * n, w, lam, args.sign == "count", into,
                                  parts, run, masks, 1.0 - p)
