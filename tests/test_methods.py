@@ -222,8 +222,12 @@ def test_engine_method_per_block_lambda(four, name):
     r = method_recipe(name, mbw_alpha=mbw, seed=5)
     res = merge(r, four[0], models=four[1:])
     kw = dict(density=r.density or 1.0, drop=r.drop or 0.0)
-    assert torch.equal(res.tensors[IN01], expected(name, four, IN01, 0.7, seed=5, **kw))
-    assert torch.equal(res.tensors[OUT05], expected(name, four, OUT05, 1.3, seed=5, **kw))
+    for key, lam in ((IN01, 0.7), (OUT05, 1.3)):
+        want = expected(name, four, key, lam, seed=5, **kw)
+        if name == "geometric_median":       # the fused path's float64 distances: within an fp16 ulp
+            torch.testing.assert_close(res.tensors[key], want, rtol=1e-3, atol=1e-5)
+        else:
+            assert torch.equal(res.tensors[key], want)
     key = "model.diffusion_model.middle_block.1.proj_in.weight"
     assert torch.equal(res.tensors[key], four[0].tensors[key])      # λ = 0: the base
 

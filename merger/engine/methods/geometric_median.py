@@ -1,8 +1,12 @@
 """geometric_median: the geometric median of N models (Weiszfeld's algorithm)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from .. import kernels
+from ..compiled import enabled
+from ..kernels import median
 from . import MethodArgs, method
 
 EPS, MAXITER, FTOL = 1e-6, 100, 1e-20     # sd-mecha's defaults
@@ -41,7 +45,58 @@ def weiszfeld(points: torch.Tensor, weights: torch.Tensor, eps: float = EPS, max
     return median.reshape(points.shape[1:])
 
 
-@method("geometric_median",
+def geometric_median_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtype, memo=None,
+                           out=None):
+    """The key straight from the inputs on the CPU: the same iterations as :func:`weiszfeld`, each
+    one pass of :mod:`..kernels.median` (the median made and measured element by element, never
+    stored), then one pass writing BASE + λ·m. The final weights βᵢ depend on the models and
+    their weights only: ``memo`` keeps them, so a merge with another λ is one pass. Sums run in
+    model order and the distances' squares add up in float64, so the result may differ from the
+    eager path's (BLAS ``tensordot``, ``torch.dist``) in the last float32 bits. None (the eager
+    path) on another device, without numba, with ``SDMW_COMPILE=0``, for dtypes without kernel
+    views, or with a weight ≤ 0."""
+    w = args.weight_tensor(len(models)).numpy()
+    if base.device.type != "cpu" or not (kernels.available() and enabled()) or bool((w <= 0).any()):
+        return None
+    got = kernels.key_views(base, models, out_dtype, out)
+    if got is None:
+        return None
+    views, res, into = got
+    b, ms = views[0], tuple(views[1:])
+    parts, run = kernels.split_for(b.size)
+    tag = ("weiszfeld", tuple(w.tolist()))
+    try:
+        beta = memo.get(tag) if memo is not None else None
+        if beta is None:
+            beta = _final_weights(lambda beta: median.distances(b, ms, beta, parts, run), w)
+            if memo is not None:
+                memo[tag] = beta
+        median.write(b, ms, beta, lam, into, parts, run)
+    except Exception as e:
+        if not kernels.compile_failed(e):
+            raise
+        return None
+    return res
+
+
+def _final_weights(distances, w: np.ndarray, eps: float = EPS, maxiter: int = MAXITER,
+                   ftol: float = FTOL) -> np.ndarray:
+    """:func:`weiszfeld`'s loop on the weights βᵢ alone, in float32 as torch runs it;
+    ``distances(β)`` gives ‖τᵢ − m(β)‖. Returns the β of the median it would return."""
+    d = distances(w)
+    objective = np.float32((d * w).mean(dtype=np.float32))
+    beta = w
+    for _ in range(max(0, maxiter)):
+        prev = objective
+        beta = (w / np.maximum(d, np.float32(eps))).astype(np.float32)
+        d = distances(beta)
+        objective = np.float32((d * w).mean(dtype=np.float32))
+        if abs(prev - objective) <= np.float32(ftol) * objective:
+            break
+    return beta
+
+
+@method("geometric_median", fused=geometric_median_fused,
         reference="Weiszfeld 1937; Pillutla et al. 2022 'Robust Aggregation for Federated Learning'; "
                   "sd-mecha merge_methods/ties.py geometric_median",
         formula="BASE + λ·argmin_m Σᵢ wᵢ‖τᵢ − m‖")

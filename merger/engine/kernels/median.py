@@ -1,0 +1,106 @@
+"""Weiszfeld's iterations for the geometric median, one pass over the inputs each (numba).
+
+An iteration's median is m = Σᵢ βᵢτᵢ / Σᵢ βᵢ element by element, with τᵢ = float32(Mᵢ) −
+float32(BASE); the next iteration needs only the distances ‖τᵢ − m‖. So one pass reads BASE and
+every Mᵢ once, makes m element by element and adds each (τᵢ − m)² to a float64 sum per model,
+without storing m; the last pass writes BASE + λ·m into the output instead. The eager path
+(:func:`..methods.geometric_median.weiszfeld`) reads the stacked float32 τ twice per iteration (a
+``tensordot`` and a ``torch.dist`` per model).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import HAVE_NUMBA
+
+BLOCK = 1024
+
+if HAVE_NUMBA:
+    from numba import njit
+
+    from .convert import f32, narrow
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _tau(m, b, out):
+        for j in range(m.size):
+            out[j] = f32(m[j]) - b[j]
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _to_f32(x, out):
+        for j in range(x.size):
+            out[j] = f32(x[j])
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _axpy(x, a, y):
+        for j in range(y.size):
+            y[j] = y[j] + x[j] * a
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc"}, cache=True)
+    def _sq(t, m):
+        """Σ (t − m)² of one block in float32, the sum reassociated (vectorised); the blocks'
+        sums then add up in float64."""
+        s = np.float32(0.0)
+        for j in range(t.size):
+            d = t[j] - m[j]
+            s += d * d
+        return np.float64(s)
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _distances(base, models, beta, total, sq):
+        """sq[i] += Σⱼ (τᵢⱼ − mⱼ)² over the slices, m = Σ βᵢτᵢ / total (float32, in model order,
+        as :func:`_write`), a block at a time: the τ and m of a block stay in L1."""
+        n = len(models)
+        size = base.size
+        b = np.empty(BLOCK, np.float32)
+        t = np.empty((n, BLOCK), np.float32)
+        m = np.empty(BLOCK, np.float32)
+        for o in range(0, size, BLOCK):
+            c = min(BLOCK, size - o)
+            _to_f32(base[o:o + c], b[:c])
+            for i in range(n):
+                _tau(models[i][o:o + c], b[:c], t[i, :c])
+            mc = m[:c]
+            for j in range(c):
+                mc[j] = t[0, j] * beta[0]
+            for i in range(1, n):
+                _axpy(t[i, :c], beta[i], mc)
+            for j in range(c):
+                mc[j] = mc[j] / total
+            for i in range(n):
+                sq[i] += _sq(t[i, :c], mc)
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _write(base, models, beta, total, lam, out):
+        """out = BASE + λ·m, rounded to out's format."""
+        n = len(models)
+        for j in range(base.size):
+            b = f32(base[j])
+            s = np.float32(0.0)
+            for i in range(n):
+                x = (f32(models[i][j]) - b) * beta[i]
+                s = x if i == 0 else s + x
+            out[j] = narrow((s / total) * lam + b, out)
+
+
+def distances(base: np.ndarray, models: tuple, beta: np.ndarray, parts, run) -> np.ndarray:
+    """‖τᵢ − m‖ per model (float32) for the median of weights ``beta`` (float32)."""
+    beta_t = tuple(np.float32(x) for x in beta)
+    total = np.float32(beta.sum(dtype=np.float32))
+
+    def part(p):
+        s, e = p
+        sq = np.zeros(len(models), np.float64)
+        _distances(base[s:e], tuple(m[s:e] for m in models), beta_t, total, sq)
+        return sq
+    return np.sqrt(sum(run(part, parts))).astype(np.float32)
+
+
+def write(base: np.ndarray, models: tuple, beta: np.ndarray, lam: float, out: np.ndarray, parts, run) -> None:
+    beta_t = tuple(np.float32(x) for x in beta)
+    total, lam32 = np.float32(beta.sum(dtype=np.float32)), np.float32(lam)
+
+    def part(p):
+        s, e = p
+        _write(base[s:e], tuple(m[s:e] for m in models), beta_t, total, lam32, out[s:e])
+    for _ in run(part, parts):
+        pass
