@@ -104,3 +104,71 @@ def write(base: np.ndarray, models: tuple, beta: np.ndarray, lam: float, out: np
         _write(base[s:e], tuple(m[s:e] for m in models), beta_t, total, lam32, out[s:e])
     for _ in run(part, parts):
         pass
+
+
+if HAVE_NUMBA:
+    @njit(nogil=True, boundscheck=False, error_model="numpy", fastmath={"reassoc", "contract"}, cache=True)
+    def _dot(x, y):
+        """Σ x·y of one block in float64, reassociated (vectorised): the eager path's float64
+        product rounds to the same float32 Gram matrix. A product of two float32 is exact in
+        float64, so a fused multiply-add rounds as the add alone would."""
+        s = np.float64(0.0)
+        for j in range(x.size):
+            s += np.float64(x[j]) * np.float64(y[j])
+        return s
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _gram(base, models, g):
+        """g[i, k] += Σⱼ τᵢⱼ·τₖⱼ over the slices (i ≤ k), a block of τ at a time."""
+        n = len(models)
+        size = base.size
+        b = np.empty(BLOCK, np.float32)
+        t = np.empty((n, BLOCK), np.float32)
+        for o in range(0, size, BLOCK):
+            c = min(BLOCK, size - o)
+            _to_f32(base[o:o + c], b[:c])
+            for i in range(n):
+                _tau(models[i][o:o + c], b[:c], t[i, :c])
+            for i in range(n):
+                for k in range(i, n):
+                    g[i, k] += _dot(t[i, :c], t[k, :c])
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _write_mean(base, models, scale, lam, out):
+        """out = BASE + λ·(scale·mean(τ)), mean = (τ₁ + … + τₙ)/n in model order as torch's
+        ``mean(dim=0)``; a non-finite scale·mean becomes 0 (as the eager ``nan_to_num``)."""
+        n = len(models)
+        nf = np.float32(n)
+        for j in range(base.size):
+            b = f32(base[j])
+            s = np.float32(0.0)
+            for i in range(n):
+                x = f32(models[i][j]) - b
+                s = x if i == 0 else s + x
+            v = scale * (s / nf)
+            if not np.isfinite(v):
+                v = np.float32(0.0)
+            out[j] = narrow(v * lam + b, out)
+
+
+def gram(base: np.ndarray, models: tuple, parts, run) -> np.ndarray:
+    """The task vectors' Gram matrix Σⱼ τᵢⱼτₖⱼ (float64, n × n)."""
+    n = len(models)
+
+    def part(p):
+        s, e = p
+        g = np.zeros((n, n), np.float64)
+        _gram(base[s:e], tuple(m[s:e] for m in models), g)
+        return g
+    g = sum(run(part, parts))
+    return np.triu(g) + np.triu(g, 1).T
+
+
+def write_mean(base: np.ndarray, models: tuple, scale: float, lam: float, out: np.ndarray, parts, run) -> None:
+    scale32, lam32 = np.float32(scale), np.float32(lam)
+
+    def part(p):
+        s, e = p
+        _write_mean(base[s:e], tuple(m[s:e] for m in models), scale32, lam32, out[s:e])
+    for _ in run(part, parts):
+        pass
