@@ -108,3 +108,26 @@ def split_for(total: int):
     if total < MIN_NUMEL:
         return [(0, total)], map
     return parts(total, 64), workers().map
+
+
+def fused_key(base: torch.Tensor, models: list[torch.Tensor], out_dtype: torch.dtype, out: torch.Tensor | None,
+              body) -> torch.Tensor | None:
+    """The frame of a method's fused CPU path: ``body(base view, model views, result view, element
+    parts, their map)`` writes the key from the views of :func:`key_views`; returns the result.
+    None (the caller's stacked path) on another device, where the kernels are off (numba missing
+    or broken, ``SDMW_COMPILE=0``), for dtypes without views, or where numba cannot compile a
+    kernel here (said once: :func:`compile_failed`)."""
+    from ..compiled import enabled
+    if base.device.type != "cpu" or not (available() and enabled()):
+        return None
+    got = key_views(base, models, out_dtype, out)
+    if got is None:
+        return None
+    views, res, into = got
+    try:
+        body(views[0], tuple(views[1:]), into, *split_for(views[0].size))
+    except Exception as e:
+        if not compile_failed(e):
+            raise
+        return None
+    return res

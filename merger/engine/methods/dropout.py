@@ -7,7 +7,6 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..compiled import enabled
 from ..kernels import bernoulli, dare, della_mask, ranks, ties_combine
 from ..kernels.della_mask import della_keep, keep_of
 from ..tensor_ops import scratch
@@ -110,31 +109,22 @@ def _dare_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dty
     2.9–3.7 s and dare_ties 3.3–3.9 s, against 11–13 s and 10.5 s on the stacked path with the
     fast masks, 37.5 s and 35.0 s with ``torch.bernoulli``."""
     p = args.drop
-    if base.device.type != "cpu" or not (kernels.available() and enabled()) or math.isclose(p, 1.0):
-        return None
     generator = torch.Generator().manual_seed(args.seed)
-    got = kernels.key_views(base, models, out_dtype, out) if bernoulli.usable(generator) else None
-    if got is None:
+    if math.isclose(p, 1.0) or not bernoulli.usable(generator):
         return None
-    views, res, into = got
-    n, total = len(models), views[0].size
-    masks = scratch("dare_masks", n * total, torch.uint8).numpy().reshape(n, total)
-    w = args.weight_tensor(n).tolist()
-    parts, run = kernels.split_for(total)
-    try:
+    n, w = len(models), args.weight_tensor(len(models)).tolist()
+
+    def body(b, ms, into, parts, run):
+        masks = scratch("dare_masks", n * b.size, torch.uint8).numpy().reshape(n, b.size)
         if della_eps:
             for i, m in enumerate(models):
-                della_mask_(lambda: m.float().sub_(base.float()).reshape(-1), (views[0], views[i + 1]), p,
-                            della_eps, generator, masks[i])
+                della_mask_(lambda: m.float().sub_(base.float()).reshape(-1), (b, ms[i]), p, della_eps, generator,
+                            masks[i])
         else:
             bernoulli.bernoulli_(keep_of(p), masks, generator)
         if ties:
-            ties_combine.combine(views[0], tuple(views[1:]), [-np.inf] * n, w, lam, args.sign == "count", into,
-                                 parts, run, masks, 1.0 - p)
+            ties_combine.combine(b, ms, [-np.inf] * n, w, lam, args.sign == "count", into, parts, run, masks,
+                                 1.0 - p)
         else:
-            dare.linear(views[0], tuple(views[1:]), masks, w, 1.0 - p, lam, into, parts, run)
-    except Exception as e:
-        if not kernels.compile_failed(e):
-            raise
-        return None
-    return res
+            dare.linear(b, ms, masks, w, 1.0 - p, lam, into, parts, run)
+    return kernels.fused_key(base, models, out_dtype, out, body)

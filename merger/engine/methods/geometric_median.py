@@ -5,7 +5,6 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..compiled import enabled
 from ..kernels import median
 from . import MethodArgs, method
 
@@ -56,27 +55,18 @@ def geometric_median_fused(base, models, lam: float, args: MethodArgs, out_dtype
     path) on another device, without numba, with ``SDMW_COMPILE=0``, for dtypes without kernel
     views, or with a weight ≤ 0."""
     w = args.weight_tensor(len(models)).numpy()
-    if base.device.type != "cpu" or not (kernels.available() and enabled()) or bool((w <= 0).any()):
+    if bool((w <= 0).any()):
         return None
-    got = kernels.key_views(base, models, out_dtype, out)
-    if got is None:
-        return None
-    views, res, into = got
-    b, ms = views[0], tuple(views[1:])
-    parts, run = kernels.split_for(b.size)
     tag = ("weiszfeld", tuple(w.tolist()))
-    try:
+
+    def body(b, ms, into, parts, run):
         beta = memo.get(tag) if memo is not None else None
         if beta is None:
             beta = _final_weights(lambda beta: median.distances(b, ms, beta, parts, run), w)
             if memo is not None:
                 memo[tag] = beta
         median.write(b, ms, beta, lam, into, parts, run)
-    except Exception as e:
-        if not kernels.compile_failed(e):
-            raise
-        return None
-    return res
+    return kernels.fused_key(base, models, out_dtype, out, body)
 
 
 def _final_weights(distances, w: np.ndarray, eps: float = EPS, maxiter: int = MAXITER,

@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..compiled import enabled
 from ..kernels import median
 from . import MethodArgs, method
 
@@ -49,26 +48,17 @@ def model_stock_fused(base, models, lam: float, args: MethodArgs, out_dtype: tor
     only: ``memo`` keeps it. None (the eager path) for
     ``row`` scope, on another device, without numba, with ``SDMW_COMPILE=0``, or for dtypes
     without kernel views."""
-    if args.stock != "tensor" or base.device.type != "cpu" or not (kernels.available() and enabled()):
+    if args.stock != "tensor":
         return None
-    got = kernels.key_views(base, models, out_dtype, out)
-    if got is None:
-        return None
-    views, res, into = got
-    b, ms = views[0], tuple(views[1:])
-    parts, run = kernels.split_for(b.size)
-    try:
+
+    def body(b, ms, into, parts, run):
         t = memo.get("stock_t") if memo is not None else None
         if t is None:
             t = _t_of_gram(median.gram(b, ms, parts, run))
             if memo is not None:
                 memo["stock_t"] = t
         median.write_mean(b, ms, t, lam, into, parts, run)
-    except Exception as e:
-        if not kernels.compile_failed(e):
-            raise
-        return None
-    return res
+    return kernels.fused_key(base, models, out_dtype, out, body)
 
 
 def _t_of_gram(gram: np.ndarray) -> float:
