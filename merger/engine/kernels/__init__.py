@@ -11,6 +11,10 @@ Tensors cross over as zero-copy numpy views whose dtype names the stored format
 
 - :mod:`.ties_kth`: TIES's exact per-model thresholds in one pass over the inputs.
 - :mod:`.ties_combine`: TIES's trim, sign election and disjoint mean, written once per element.
+- :mod:`.bernoulli`: torch's CPU ``bernoulli`` masks (its MT19937 stream), bit for bit.
+- :mod:`.dare`: DARE's masked weighted sum in one pass.
+- :mod:`.della_mask`: DELLA's rank-dependent masks without sorting; :mod:`.ranks`: the radix ranks.
+- :mod:`.median`: Weiszfeld's iterations and Model Stock's Gram matrix, a pass each.
 """
 from __future__ import annotations
 
