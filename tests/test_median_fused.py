@@ -119,3 +119,14 @@ def test_model_stock_t_is_exact_on_a_large_tensor():
     taus = torch.randn(3, 4_000_000, generator=g) * 0.01 + 0.003
     t64 = float(stock_t(taus.double(), "tensor"))
     assert abs(float(stock_t(taus, "tensor")) - t64) < 1e-6 * t64
+
+
+@pytest.mark.parametrize("name", ["geometric_median", "model_stock"])
+def test_fused_writes_into_a_preallocated_buffer(name):
+    """The resident pipeline's path: the key written into its buffer, the same values."""
+    base, ms = inputs(n=200_001)
+    m = get_method(name)
+    fresh = m.fused(base, ms, 0.6, MethodArgs(weights=()), torch.float16)
+    out = torch.empty(base.shape, dtype=torch.float16)
+    assert m.fused(base, ms, 0.6, MethodArgs(weights=()), torch.float16, None, out) is out
+    assert torch.equal(out, fresh)
