@@ -6,7 +6,7 @@ from __future__ import annotations
 import platform
 
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.core import config
 from numba.extending import intrinsic
 
@@ -138,3 +138,11 @@ def bits(typingctx, x):
     def gen(context, builder, sig, args):
         return builder.bitcast(args[0], ir.IntType(32))
     return types.uint32(x), gen
+
+
+
+@njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+def widen(x, out):
+    """out[j] = float32 of the stored x[j] (a block of BASE, converted once for every model)."""
+    for j in range(x.size):
+        out[j] = f32(x[j])

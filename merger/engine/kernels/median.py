@@ -18,17 +18,12 @@ BLOCK = 1024
 if HAVE_NUMBA:
     from numba import njit
 
-    from .convert import f32, narrow
+    from .convert import f32, narrow, widen
 
     @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
     def _tau(m, b, out):
         for j in range(m.size):
             out[j] = f32(m[j]) - b[j]
-
-    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
-    def _to_f32(x, out):
-        for j in range(x.size):
-            out[j] = f32(x[j])
 
     @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
     def _axpy(x, a, y):
@@ -56,7 +51,7 @@ if HAVE_NUMBA:
         m = np.empty(BLOCK, np.float32)
         for o in range(0, size, BLOCK):
             c = min(BLOCK, size - o)
-            _to_f32(base[o:o + c], b[:c])
+            widen(base[o:o + c], b[:c])
             for i in range(n):
                 _tau(models[i][o:o + c], b[:c], t[i, :c])
             mc = m[:c]
@@ -126,7 +121,7 @@ if HAVE_NUMBA:
         t = np.empty((n, BLOCK), np.float32)
         for o in range(0, size, BLOCK):
             c = min(BLOCK, size - o)
-            _to_f32(base[o:o + c], b[:c])
+            widen(base[o:o + c], b[:c])
             for i in range(n):
                 _tau(models[i][o:o + c], b[:c], t[i, :c])
             for i in range(n):

@@ -32,6 +32,7 @@ if HAVE_NUMBA:
     from numba.extending import intrinsic
 
     from .convert import f32 as _f32
+    from .convert import widen
 
     @intrinsic
     def _compress(typingctx, src, off, dst, at, lo, hi):
@@ -70,11 +71,6 @@ if HAVE_NUMBA:
                 return builder.zext(builder.call(pop, [builder.bitcast(m, i16)]), i64)
             return builder.or_(count(mask), builder.shl(count(ge), ir.Constant(i64, 32)))
         return sig, gen
-
-    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
-    def _to_f32(x, out):
-        for j in range(x.size):
-            out[j] = _f32(x[j])
 
     @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
     def _abs_diff(m, b, a):
@@ -118,7 +114,7 @@ if HAVE_NUMBA:
         a = np.empty(BLOCK, np.float32)
         for o in range(start, stop, BLOCK):
             c = min(BLOCK, stop - o)
-            _to_f32(base[o:o + c], b)
+            widen(base[o:o + c], b)
             for i in range(n):
                 _abs_diff(models[i][o:o + c], b, a)
                 k, under = _keep_inside(a, c, lo[i], hi[i], store[i], inside[i], cap)
