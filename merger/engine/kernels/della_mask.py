@@ -212,7 +212,8 @@ def _consts(n: int, p: float, eps: float):
 
 def _cells(sample: np.ndarray, n: int) -> np.ndarray:
     """Per cell, (first bin << 5) | shift: a cell the sample finds full is split into
-    2^(15 − shift) bins by its next bits, so that each bin holds about N / BIN_TARGET values."""
+    2^(CELL_SHIFT − shift) bins by its next bits, so that each bin holds about N / BIN_TARGET
+    values (at most 2^14 bins for one cell: the sample cannot find more than N in it)."""
     est = np.bincount(sample >> CELL_SHIFT, minlength=1 << (31 - CELL_SHIFT)).astype(np.float64) * (n / sample.size)
     target = max(n / BIN_TARGET, 1.0)
     split = np.zeros(est.size, np.int64)
