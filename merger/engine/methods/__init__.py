@@ -75,6 +75,18 @@ class Method:
 REGISTRY: dict[str, Method] = {}
 
 
+def remembered(memo: dict | None, tag, make: Callable[[], object]):
+    """``memo[tag]`` if the key's memo holds it, else ``make()``, kept there (where there is a
+    memo) for the next merge of the same loaded models: what a fused path computes that does not
+    depend on λ (TIES's thresholds, the median's final weights, Model Stock's t)."""
+    if memo is not None and tag in memo:
+        return memo[tag]
+    value = make()
+    if memo is not None:
+        memo[tag] = value
+    return value
+
+
 def stack_taus(b: torch.Tensor, n: int, models: Iterable[torch.Tensor]) -> torch.Tensor:
     """τᵢ = Mᵢ − ``b`` (``b`` the base in float32) for the ``n`` ``models``, stacked in float32 in
     the per-key scratch, shape ``(n, *b.shape)``: each model converted, then ``b`` subtracted

@@ -6,7 +6,7 @@ import torch
 
 from .. import kernels
 from ..kernels import median
-from . import MethodArgs, method
+from . import MethodArgs, method, remembered
 
 EPS, MAXITER, FTOL = 1e-6, 100, 1e-20     # sd-mecha's defaults
 
@@ -60,11 +60,7 @@ def geometric_median_fused(base, models, lam: float, args: MethodArgs, out_dtype
     tag = ("weiszfeld", tuple(w.tolist()))
 
     def body(b, ms, into, parts, run):
-        beta = memo.get(tag) if memo is not None else None
-        if beta is None:
-            beta = _final_weights(lambda beta: median.distances(b, ms, beta, parts, run), w)
-            if memo is not None:
-                memo[tag] = beta
+        beta = remembered(memo, tag, lambda: _final_weights(lambda x: median.distances(b, ms, x, parts, run), w))
         median.write(b, ms, beta, lam, into, parts, run)
     return kernels.fused_key(base, models, out_dtype, out, body)
 

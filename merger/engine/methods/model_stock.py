@@ -1,13 +1,12 @@
 """model_stock: Model Stock (Jang et al. 2024, arXiv 2403.19522)."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import kernels
 from ..kernels import median
-from . import MethodArgs, method
+from . import MethodArgs, method, remembered
 
 COS_EPS = 1e-6
 GRAM_CHUNK = 1 << 16
@@ -33,11 +32,7 @@ def stock_t(taus: torch.Tensor, scope: str) -> torch.Tensor:
     for s in range(0, flat.shape[1], GRAM_CHUNK):     # in float64, a block at a time: one
         block = flat[:, s:s + GRAM_CHUNK].double()    # float32 product over a 15 M-element key
         gram += block @ block.T                       # was 0.3% off in t
-    gram = gram.float()
-    norms = gram.diagonal().sqrt()
-    i, j = torch.triu_indices(n, n, offset=1)
-    cos = (gram[i, j] / (norms[i] * norms[j]).clamp_min(COS_EPS)).mean()
-    return n * cos / (1 + (n - 1) * cos)
+    return _t_of_gram(gram.float())
 
 
 def model_stock_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtype, memo=None, out=None):
@@ -52,26 +47,22 @@ def model_stock_fused(base, models, lam: float, args: MethodArgs, out_dtype: tor
         return None
 
     def body(b, ms, into, parts, run):
-        t = memo.get("stock_t") if memo is not None else None
-        if t is None:
-            t = _t_of_gram(median.gram(b, ms, parts, run))
-            if memo is not None:
-                memo["stock_t"] = t
-        median.write_mean(b, ms, t, lam, into, parts, run)
+        def t() -> float:
+            if len(ms) == 1:
+                return 1.0
+            return float(_t_of_gram(torch.from_numpy(median.gram(b, ms, parts, run)).float()))
+        median.write_mean(b, ms, remembered(memo, "stock_t", t), lam, into, parts, run)
     return kernels.fused_key(base, models, out_dtype, out, body)
 
 
-def _t_of_gram(gram: np.ndarray) -> float:
-    """t = n·cosθ / (1 + (n − 1)·cosθ), cosθ the mean over pairs i < j of gᵢⱼ/max(‖τᵢ‖‖τⱼ‖, eps)
-    (float32, as :func:`stock_t`); one model: 1."""
+def _t_of_gram(gram: torch.Tensor) -> torch.Tensor:
+    """t = n·cosθ / (1 + (n − 1)·cosθ), cosθ the mean over pairs i < j of gᵢⱼ/max(‖τᵢ‖‖τⱼ‖, eps),
+    from the task vectors' float32 Gram matrix (n ≥ 2): the eager and the fused path's t."""
     n = gram.shape[0]
-    if n == 1:
-        return 1.0
-    g = torch.from_numpy(gram).float()
-    norms = g.diagonal().sqrt()
-    i, j = torch.triu_indices(n, n, offset=1)
-    cos = (g[i, j] / (norms[i] * norms[j]).clamp_min(COS_EPS)).mean()
-    return float(n * cos / (1 + (n - 1) * cos))
+    norms = gram.diagonal().sqrt()
+    i, j = torch.triu_indices(n, n, offset=1, device=gram.device)
+    cos = (gram[i, j] / (norms[i] * norms[j]).clamp_min(COS_EPS)).mean()
+    return n * cos / (1 + (n - 1) * cos)
 
 
 @method("model_stock", uses_weights=False, reads=("stock",), fused=model_stock_fused,

@@ -11,7 +11,7 @@ from ..compiled import MIN_NUMEL, compiled, enabled, usable
 from ..tensor_ops import is_fp8, scratch
 from .. import kernels
 from ..kernels import ties_combine, ties_kth
-from . import MethodArgs, method, stack_taus
+from . import MethodArgs, method, remembered, stack_taus
 
 SMALL = 1 << 17        # at most this many elements are selected from directly
 SAMPLE = 1 << 15       # sample size bracketing the k-th value of larger tensors (2^15 beat 2^14, 2^16)
@@ -322,12 +322,7 @@ def ties_fused(base, models, lam: float, args: MethodArgs, out_dtype: torch.dtyp
         return _stacked_with(base, models, memo[tag], lam, args, out_dtype)
     if not _fusable(base, models):
         return None
-    if memo is not None and tag in memo:
-        thr = memo[tag]
-    else:
-        thr = input_thresholds(base, models, args.density)
-        if memo is not None:
-            memo[tag] = thr
+    thr = remembered(memo, tag, lambda: input_thresholds(base, models, args.density))
     w = args.weight_tensor(len(models))
     res = _numba_combine(base, models, thr, w, lam, args.sign == "count", out_dtype, out)
     if res is not None:
