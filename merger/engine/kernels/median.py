@@ -26,6 +26,13 @@ if HAVE_NUMBA:
             out[j] = f32(m[j]) - b[j]
 
     @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _block_taus(base, models, o, c, b, t):
+        """t[i, :c] = τᵢ of elements [o, o + c) (BASE widened into b once for every model)."""
+        widen(base[o:o + c], b[:c])
+        for i in range(len(models)):
+            _tau(models[i][o:o + c], b[:c], t[i, :c])
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
     def _axpy(x, a, y):
         for j in range(y.size):
             y[j] = y[j] + x[j] * a
@@ -51,9 +58,7 @@ if HAVE_NUMBA:
         m = np.empty(BLOCK, np.float32)
         for o in range(0, size, BLOCK):
             c = min(BLOCK, size - o)
-            widen(base[o:o + c], b[:c])
-            for i in range(n):
-                _tau(models[i][o:o + c], b[:c], t[i, :c])
+            _block_taus(base, models, o, c, b, t)
             mc = m[:c]
             for j in range(c):
                 mc[j] = t[0, j] * beta[0]
@@ -77,28 +82,32 @@ if HAVE_NUMBA:
             out[j] = narrow((s / total) * lam + b, out)
 
 
+def _over(parts, run, kernel, base: np.ndarray, models: tuple, *args, out: np.ndarray | None = None,
+          acc: tuple | None = None):
+    """``kernel(base, models, *args[, acc array][, out])`` on each part's slices over the workers;
+    with ``acc`` = (shape, dtype) each part adds into its own zeroed array, and their sum is
+    returned."""
+    def part(p):
+        s, e = p
+        extra = () if acc is None else (np.zeros(*acc),)
+        kernel(base[s:e], tuple(m[s:e] for m in models), *args, *extra, *(() if out is None else (out[s:e],)))
+        return extra[0] if extra else None
+    done = list(run(part, parts))
+    return None if acc is None else sum(done)
+
+
 def distances(base: np.ndarray, models: tuple, beta: np.ndarray, parts, run) -> np.ndarray:
     """‖τᵢ − m‖ per model (float32) for the median of weights ``beta`` (float32)."""
     beta_t = tuple(np.float32(x) for x in beta)
     total = np.float32(beta.sum(dtype=np.float32))
-
-    def part(p):
-        s, e = p
-        sq = np.zeros(len(models), np.float64)
-        _distances(base[s:e], tuple(m[s:e] for m in models), beta_t, total, sq)
-        return sq
-    return np.sqrt(sum(run(part, parts))).astype(np.float32)
+    sq = _over(parts, run, _distances, base, models, beta_t, total, acc=(len(models), np.float64))
+    return np.sqrt(sq).astype(np.float32)
 
 
 def write(base: np.ndarray, models: tuple, beta: np.ndarray, lam: float, out: np.ndarray, parts, run) -> None:
     beta_t = tuple(np.float32(x) for x in beta)
     total, lam32 = np.float32(beta.sum(dtype=np.float32)), np.float32(lam)
-
-    def part(p):
-        s, e = p
-        _write(base[s:e], tuple(m[s:e] for m in models), beta_t, total, lam32, out[s:e])
-    for _ in run(part, parts):
-        pass
+    _over(parts, run, _write, base, models, beta_t, total, lam32, out=out)
 
 
 if HAVE_NUMBA:
@@ -121,9 +130,7 @@ if HAVE_NUMBA:
         t = np.empty((n, BLOCK), np.float32)
         for o in range(0, size, BLOCK):
             c = min(BLOCK, size - o)
-            widen(base[o:o + c], b[:c])
-            for i in range(n):
-                _tau(models[i][o:o + c], b[:c], t[i, :c])
+            _block_taus(base, models, o, c, b, t)
             for i in range(n):
                 for k in range(i, n):
                     g[i, k] += _dot(t[i, :c], t[k, :c])
@@ -149,21 +156,10 @@ if HAVE_NUMBA:
 def gram(base: np.ndarray, models: tuple, parts, run) -> np.ndarray:
     """The task vectors' Gram matrix Σⱼ τᵢⱼτₖⱼ (float64, n × n)."""
     n = len(models)
-
-    def part(p):
-        s, e = p
-        g = np.zeros((n, n), np.float64)
-        _gram(base[s:e], tuple(m[s:e] for m in models), g)
-        return g
-    g = sum(run(part, parts))
+    g = _over(parts, run, _gram, base, models, acc=((n, n), np.float64))
     return np.triu(g) + np.triu(g, 1).T
 
 
 def write_mean(base: np.ndarray, models: tuple, scale: float, lam: float, out: np.ndarray, parts, run) -> None:
     scale32, lam32 = np.float32(scale), np.float32(lam)
-
-    def part(p):
-        s, e = p
-        _write_mean(base[s:e], tuple(m[s:e] for m in models), scale32, lam32, out[s:e])
-    for _ in run(part, parts):
-        pass
+    _over(parts, run, _write_mean, base, models, scale32, lam32, out=out)
