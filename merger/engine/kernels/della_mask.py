@@ -167,11 +167,10 @@ if HAVE_NUMBA:
     @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
     def _resolve(src, start, cell, first, count, dkey, amb_pos, less, run, tie):
         """Over elements [start, start + len), in order: each element, against the distinct
-        ambiguous keys of its bin (``dkey[first[b]:][:count[b]]``; other bins point at one key
-        0, which counts nothing), adds to ``less`` of the keys above its own and to ``run`` of
-        one equal to it; the ambiguous element at ``amb_pos[p]`` (ascending, ended by one
-        beyond this range) takes that ``run`` as ``tie[p]`` first. Branch-free but for the
-        count loop (one pass in almost every bin)."""
+        ambiguous keys of its bin (``dkey[first[b]:][:count[b]]``; none in most bins), adds to
+        ``less`` of the keys above its own and to ``run`` of one equal to it; the ambiguous
+        element at ``amb_pos[p]`` (ascending, ended by one beyond this range) takes that
+        ``run`` as ``tie[p]`` first. Branch-free but for the count loop."""
         p = 0
         n = src[0].size
         buf = np.empty(BLOCK, np.uint32)
@@ -330,15 +329,13 @@ def _ranks_of(src, pos, key, cell, below, nbins, parts, run) -> np.ndarray | Non
     ``key``): their bin's ``below`` + how many in the bin have a smaller key + how many before
     them have the same key + 1 (:func:`_resolve`, one pass per part, parts in position order).
     None where a bin holds more than :data:`MAX_KEYS` distinct ambiguous keys."""
-    dkey = np.concatenate((np.unique(key), [0])).astype(np.uint32)     # the last: other bins'
-    dbin = _bins_of(dkey[:-1], cell)
-    bins, starts, cnts = np.unique(dbin, return_index=True, return_counts=True)
-    if cnts.size and cnts.max() > MAX_KEYS:
+    dkey = np.unique(key)
+    bins, starts, cnts = np.unique(_bins_of(dkey, cell), return_index=True, return_counts=True)
+    if cnts.max() > MAX_KEYS:
         return None
-    first = np.full(nbins, dkey.size - 1, np.int32)
-    count = np.zeros(nbins, np.int32)
+    first, count = np.zeros(nbins, np.int32), np.zeros(nbins, np.int32)
     first[bins], count[bins] = starts, cnts
-    d = np.searchsorted(dkey[:-1], key)
+    d = np.searchsorted(dkey, key)
     ends = np.concatenate((pos, [np.iinfo(np.int64).max]))
 
     def one(part):
