@@ -227,7 +227,7 @@ VALID = {
     "trainDifference": {"add_difference"}, "smoothAdd": {"add_difference"},
     "smoothAddMT": {"add_difference"}, "extract": {"add_difference"},
     "tensor": {"weight_sum"}, "tensor2": {"weight_sum"}, "self": {"weight_sum"},
-    "slerp": {"weight_sum"}, "perpendicular": {"add_difference"},
+    "slerp": {"weight_sum"}, "perpendicular": {"add_difference"}, "rotate": {"weight_sum"},
 }
 
 

@@ -1,0 +1,116 @@
+"""rotate (sd-mecha's orthogonal alignment) against sd-mecha, the properties that define it, and
+as a weight sum calcmode with MBW."""
+import logging
+
+import pytest
+import torch
+
+import merger.engine.orthogonal as orth
+from merger.engine import merge
+from merger.engine.calcmodes.rotate import rotate_tensors
+from merger.errors import MergeError
+from merger.recipe import Recipe
+from tests.conftest import tiny
+
+mecha_svd = pytest.importorskip("sd_mecha.extensions.builtin.merge_methods.svd")
+
+
+def mecha_rotate(a, b, alignment, alpha):
+    logging.disable(logging.WARNING)       # its log_stiefel warns that float32 never reaches 1e-8
+    try:
+        return mecha_svd.rotate.__wrapped__({"k": a}, {"k": b}, alignment=alignment, alpha=torch.tensor(alpha), key="k")
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def pair(shape, seed, spread=0.5):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=g)
+    return a, a + spread * torch.randn(shape, generator=g)
+
+
+SHAPES = [(12, 5), (5, 12), (8, 8), (4, 3, 3, 3), (6, 4, 1, 1), (7,)]
+
+
+@pytest.mark.parametrize("alignment,alpha", [(1.0, 0.0), (0.5, 0.0), (0.5, 0.3), (1.0, 1.0), (0.0, 0.4),
+                                             (-1.0, 0.0), (2.0, 0.2), (0.25, 1.0), (0.0, 0.0)])
+def test_equals_sd_mecha(alignment, alpha):
+    for i, shape in enumerate(SHAPES):
+        a, b = pair(shape, i)
+        torch.testing.assert_close(rotate_tensors(a, b, alignment, alpha), mecha_rotate(a, b, alignment, alpha),
+                                   rtol=1e-5, atol=2e-5)
+
+
+def test_a_wide_matrix_like_cross_attention_equals_sd_mecha_with_far_fewer_iterations(monkeypatch):
+    a, b = pair((24, 64), 9, spread=0.3)
+    logs = []
+    real = orth.real_logm
+    monkeypatch.setattr(orth, "real_logm", lambda v: logs.append(1) or real(v))
+    ours = rotate_tensors(a, b, 0.5, 0.2)
+    assert 2 <= len(logs) <= 10                  # stopped at float32's floor, not after 100
+    torch.testing.assert_close(ours, mecha_rotate(a, b, 0.5, 0.2), rtol=1e-5, atol=1e-5)
+
+
+def test_full_alignment_is_the_best_rotation():
+    """alignment 1, α 0 on a tall matrix: the centred result is A·Q with Q orthogonal, and no other
+    orthogonal Q comes closer to B (Procrustes)."""
+    a, b = pair((30, 6), 1, spread=1.0)
+    res = rotate_tensors(a, b, 1.0, 0.0)
+    ac, bc, rc = a - a.mean(0), b - b.mean(0), res - b.mean(0)
+    q = torch.linalg.lstsq(ac, rc).solution
+    torch.testing.assert_close(q.T @ q, torch.eye(6), atol=1e-4, rtol=0)
+    best = float((ac @ q - bc).norm())
+    g = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        other, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+        assert best <= float((ac @ other - bc).norm()) + 1e-5
+    assert best < float((ac - bc).norm())        # and it does turn A
+
+
+def test_fractional_powers_compose():
+    a, b = pair((20, 5), 3, spread=1.0)
+    t = orth.procrustes(a - a.mean(0), b - b.mean(0), cancel_reflection=True)
+    half = orth.orthogonal_power(t.q, 0.5)
+    torch.testing.assert_close(half @ half, t.q, atol=1e-5, rtol=0)
+    torch.testing.assert_close(half.T @ half, torch.eye(5), atol=1e-5, rtol=0)
+    assert torch.linalg.det(t.q) > 0              # reflections cancelled for fractional powers
+    torch.testing.assert_close(orth.orthogonal_power(t.q, 2.0), t.q @ t.q)
+    torch.testing.assert_close(orth.orthogonal_power(t.q, -1.0), t.q.T)
+
+
+def test_stiefel_log_and_exp_are_inverse():
+    g = torch.Generator().manual_seed(4)
+    u, _ = torch.linalg.qr(torch.randn(40, 6, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(u + 0.3 * torch.randn(40, 6, generator=g, dtype=torch.float64))
+    delta = orth.log_stiefel(u, v)
+    torch.testing.assert_close(orth.exp_stiefel(u, delta), v, atol=1e-7, rtol=0)
+    mid = orth.exp_stiefel(u, delta / 2)
+    torch.testing.assert_close(mid.T @ mid, torch.eye(6, dtype=torch.float64), atol=1e-9, rtol=0)   # on the manifold
+    # the tangent is skew in the frame: uᵀΔ + Δᵀu = 0
+    torch.testing.assert_close(u.T @ delta + delta.T @ u, torch.zeros(6, 6, dtype=torch.float64), atol=1e-7, rtol=0)
+
+
+def test_ends_and_degenerate_keys():
+    a, b = pair((9, 4), 5)
+    assert rotate_tensors(a, b, 0.0, 0.0) is a
+    assert torch.equal(rotate_tensors(a, b, 1.0, 1.0), b)
+    v, w = pair((11,), 6)
+    torch.testing.assert_close(rotate_tensors(v, w, 0.7, 0.4), torch.lerp(v, w, 0.4))    # 1-D: lerp by α
+    torch.testing.assert_close(rotate_tensors(a, a.clone(), 0.5, 0.5), a)                 # A = B
+    half = rotate_tensors(a.half(), b.half(), 0.5, 0.2)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half, rotate_tensors(a.half().float(), b.half().float(), 0.5, 0.2).half())
+
+
+def test_is_a_weight_sum_calcmode_with_mbw():
+    A, B = tiny("sd1", 1), tiny("sd1", 2)
+    vec = [0.5] * 26
+    vec[3] = 1.0
+    out = merge(Recipe("a", "b", calcmode="rotate", mbw_alpha=vec, beta=0.25), A, B).tensors
+    k = "model.diffusion_model.input_blocks.2.1.proj_in.weight"          # IN02: alignment 1
+    torch.testing.assert_close(out[k], rotate_tensors(A.tensors[k], B.tensors[k], 1.0, 0.25))
+    k2 = "model.diffusion_model.middle_block.0.in_layers.2.weight"
+    torch.testing.assert_close(out[k2], rotate_tensors(A.tensors[k2], B.tensors[k2], 0.5, 0.25))
+    assert Recipe("a", "b", calcmode="rotate").uses_beta()
+    with pytest.raises(MergeError, match="calcmode 'rotate' works only with"):
+        merge(Recipe("a", "b", "c", mode="add_difference", calcmode="rotate"), A, B, tiny("sd1", 3))
