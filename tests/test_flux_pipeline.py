@@ -142,3 +142,40 @@ def test_flux_xyz_pinpoint_and_dice_plots(flux_ws):
     last = [json.loads(r["recipe"])["mbw_alpha"] for r in ws.history.rows()[-2:]]
     assert all(len(v) == 61 and v[:3] == [0, 0, 0] and v[-1] == 0 for v in last) and last[0] != last[1]
     assert len(set(last[0][3:60])) > 30                                             # each deep block rolled
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl", "flux"])
+def test_a_swap_leaves_no_parameter_uninitialised(arch, tmp_path, monkeypatch):
+    """The pipeline's modules get uninitialised storage: fill it with NaN, swap a merge in, and
+    every parameter and buffer must have been written. Tied weights (T5's ``encoder.embed_tokens``
+    is its ``shared`` embedding, which the files name once) must stay tied: before, T5 embedded its
+    tokens with whatever memory it was given (zeros in a fresh process, so the tests passed alone,
+    NaN after a long run: a black image)."""
+    import merger.pipeline.resident as resident
+    from merger.engine import plan_merge
+    from merger.files.checkpoint_io import Checkpoint
+    real = resident.empty_module
+    built = []
+
+    def poisoned(*a, **k):
+        module = real(*a, **k)
+        with torch.no_grad():
+            for t in (*module.parameters(), *module.buffers()):
+                if t.is_floating_point():
+                    t.fill_(float("nan"))
+        built.append(module)
+        return module
+    monkeypatch.setattr(resident, "empty_module", poisoned)
+    dtype = torch.bfloat16 if arch == "flux" else torch.float16
+    a, b = (Checkpoint(Path(f"{arch}{s}.safetensors"), random_checkpoint(arch, seed=s, dtype=dtype)) for s in (1, 2))
+    rp = resident.ResidentPipeline("cpu", torch.float32)
+    if arch == "flux":
+        rp.t5_tokenizer = tiny_t5_tokenizer(tmp_path / "t5")
+    rp.swap(plan_merge(Recipe("a", "b", alpha=0.3), a, b))
+    assert built
+    for module in built:
+        for name, t in (*module.named_parameters(remove_duplicate=False), *module.named_buffers()):
+            assert not (t.is_floating_point() and bool(t.isnan().any())), f"{type(module).__name__}.{name} was never written"
+    if arch == "flux":
+        t5 = rp.modules["text_encoder_2"]
+        assert t5.encoder.embed_tokens.weight is t5.shared.weight

@@ -125,6 +125,21 @@ def detect_v_prediction(unet) -> bool:
     return (out[:, :4].float() - x[:, :4].float()).mean().item() < -1
 
 
+def _tied_parameters(module) -> list[tuple[tuple, list[tuple]]]:
+    """The parameters that several modules hold (tied weights: T5's ``encoder.embed_tokens``
+    is its ``shared`` embedding), as ((first module, name), [(other module, name), ...]).
+    ``to_empty`` replaces each holder's parameter with its own new storage, so a checkpoint that
+    names the weight once (``shared.weight``) would leave the other copy uninitialised: the
+    Flux T5 encoder embedded its tokens with whatever memory it was given (zeros in a fresh
+    process, garbage or NaN later)."""
+    users: dict[int, list[tuple]] = {}
+    for mod in module.modules():
+        for name, p in mod._parameters.items():
+            if p is not None:
+                users.setdefault(id(p), []).append((mod, name))
+    return [(found[0], found[1:]) for found in users.values() if len(found) > 1]
+
+
 def empty_module(make, device: str, dtype: torch.dtype, storage: torch.dtype | None = None,
                  keep: tuple[str, ...] = ()):
     """A module built on the meta device, then given uninitialised storage (the weights come
@@ -136,7 +151,11 @@ def empty_module(make, device: str, dtype: torch.dtype, storage: torch.dtype | N
     module = module.to(dtype=dtype)
     if storage is not None and storage != dtype:
         store_low_precision(module, storage, dtype, keep)
+    tied = _tied_parameters(module)
     module = module.to_empty(device=device)
+    for (owner, name), others in tied:
+        for mod, other in others:              # to_empty gave each user its own storage: re-tie
+            mod._parameters[other] = owner._parameters[name]
     for name, buf in module.named_buffers():
         if name.endswith("position_ids"):
             buf.copy_(torch.arange(buf.shape[-1], device=device).expand_as(buf))
