@@ -144,7 +144,7 @@ def test_flux_xyz_pinpoint_and_dice_plots(flux_ws):
     assert len(set(last[0][3:60])) > 30                                             # each deep block rolled
 
 
-@pytest.mark.parametrize("arch", ["sd1", "sdxl", "flux"])
+@pytest.mark.parametrize("arch", ["sd1", "sd2", "sdxl", "flux"])
 def test_a_swap_leaves_no_parameter_uninitialised(arch, tmp_path, monkeypatch):
     """The pipeline's modules get uninitialised storage: fill it with NaN, swap a merge in, and
     every parameter and buffer must have been written. Tied weights (T5's ``encoder.embed_tokens``
