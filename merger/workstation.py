@@ -59,7 +59,7 @@ class Workstation:
         self.dirs = dirs
         self.cache = ModelCache(cache_bytes)
         self.pipeline = ResidentPipeline(device, dtype, storage)
-        self.history = history or MergeHistory()
+        self.history = history if history is not None else MergeHistory()   # an empty one is falsy
         self.outputs = Path(outputs) if outputs else data_dir() / "outputs"
         self.stop_event = threading.Event()
         self.history_id: int | None = None

@@ -26,6 +26,16 @@ class _NoNetwork(socket.socket):
         return super().connect(address)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _data_dir_for_the_session(tmp_path_factory):
+    """The app's data folder (history, reservations, outputs) for fixtures wider than a test,
+    which are made before ``_isolated``: without it they wrote into the checkout's ``data/``,
+    the user's own merge history."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SDMW_DATA_DIR", str(tmp_path_factory.mktemp("session-data")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SDMW_DATA_DIR", str(tmp_path_factory.mktemp("data")))

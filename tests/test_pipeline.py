@@ -257,6 +257,16 @@ def ws(tmp_path):
     return Workstation(dirs, device="cpu", dtype=torch.float32, outputs=tmp_path / "out")
 
 
+def test_a_workstation_keeps_the_history_it_is_given_even_empty(tmp_path):
+    """An empty MergeHistory is falsy (len 0): it was replaced by the default one, so a caller's
+    own (new) history file was ignored and its merges went into the data folder's."""
+    from mergehistory import MergeHistory
+    mine = MergeHistory(tmp_path / "mine.csv")
+    ws = Workstation(ModelDirs.from_models_dir(tmp_path / "models"), device="cpu", dtype=torch.float32,
+                     outputs=tmp_path / "out", history=mine)
+    assert ws.history is mine
+
+
 def test_demo_models_written_once(tmp_path):
     dirs = ModelDirs.from_models_dir(tmp_path / "m")
     first = ensure_demo_models(dirs)
