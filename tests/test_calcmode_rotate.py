@@ -93,7 +93,8 @@ def test_stiefel_log_and_exp_are_inverse():
 def test_ends_and_degenerate_keys():
     a, b = pair((9, 4), 5)
     assert rotate_tensors(a, b, 0.0, 0.0) is a
-    assert torch.equal(rotate_tensors(a, b, 1.0, 1.0), b)
+    full = rotate_tensors(a, b, 1.0, 1.0)
+    assert torch.equal(full, b) and full.data_ptr() != b.data_ptr()
     v, w = pair((11,), 6)
     torch.testing.assert_close(rotate_tensors(v, w, 0.7, 0.4), torch.lerp(v, w, 0.4))    # 1-D: lerp by α
     torch.testing.assert_close(rotate_tensors(a, a.clone(), 0.5, 0.5), a)                 # A = B

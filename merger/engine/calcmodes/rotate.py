@@ -26,7 +26,7 @@ def rotate_tensors(a: torch.Tensor, b: torch.Tensor, alignment: float, alpha: fl
     if math.isclose(alignment, 0.0) and math.isclose(alpha, 0.0):
         return a
     if math.isclose(alignment, 1.0) and math.isclose(alpha, 1.0):
-        return b.to(a.dtype)
+        return b.to(a.dtype, copy=True)          # never the loaded B itself: the result may be changed in place
     a32, b32 = a.float(), b.float()
     if a.dim() <= 1 or torch.allclose(a.half(), b.half()):
         return torch.lerp(a32, b32, alpha).to(a.dtype)
