@@ -115,3 +115,15 @@ def test_is_a_weight_sum_calcmode_with_mbw():
     assert Recipe("a", "b", calcmode="rotate").uses_beta()
     with pytest.raises(MergeError, match="calcmode 'rotate' works only with"):
         merge(Recipe("a", "b", "c", mode="add_difference", calcmode="rotate"), A, B, tiny("sd1", 3))
+
+
+def test_a_failing_decomposition_is_a_clear_error_naming_the_key(monkeypatch):
+    from merger.engine.calcmodes import CalcContext
+    from merger.engine.calcmodes.rotate import rotate
+
+    def fail(*a, **k):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge because the input matrix is ill-conditioned")
+    monkeypatch.setattr(torch.linalg, "svd", fail)
+    a, b = pair((9, 4), 5)
+    with pytest.raises(MergeError, match=r"calcmode rotate failed in some\.key: linalg\.svd: The algorithm failed"):
+        rotate(a, b, None, 0.5, 0.0, mode="weight_sum", out=None, ctx=CalcContext(key="some.key"))

@@ -3,6 +3,7 @@ import math
 
 import torch
 
+from ...errors import MergeError
 from ..orthogonal import procrustes
 from . import calcmode
 
@@ -50,8 +51,13 @@ def rotate_tensors(a: torch.Tensor, b: torch.Tensor, alignment: float, alpha: fl
                     "R. Zimmermann, SIAM J. Matrix Anal. Appl. 38(2), 2017 (Stiefel logarithm)")
 def rotate(a, b, c, alpha, beta, *, mode, out, ctx):
     """Weight sum by rotation: α is the alignment (how far A turns towards B), β how far A's
-    scale moves towards B's (see rotate_tensors)."""
-    res = rotate_tensors(a, b, alpha, beta)
+    scale moves towards B's (see rotate_tensors). A decomposition that fails (LAPACK's SVD or
+    eigensolver not converging on a degenerate key) is a clear error naming the key."""
+    try:
+        res = rotate_tensors(a, b, alpha, beta)
+    except torch.linalg.LinAlgError as e:
+        where = f" in {ctx.key}" if ctx is not None and ctx.key else ""
+        raise MergeError(f"calcmode rotate failed{where}: {str(e).splitlines()[0]}") from None
     if out is not None and res is not a:
         return out.copy_(res)
     return res
