@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from merger.engine import merge
-from merger.engine.calcmodes.perpendicular import perpendicular_component
+from merger.engine.calcmodes.perpendicular import perpendicular, perpendicular_component
 from merger.errors import MergeError
 from merger.recipe import Recipe
 from tests.conftest import tiny
@@ -25,25 +25,25 @@ def reference(a, b, c, alpha):
     return (a.double() + alpha * perp.reshape(a.shape)).float()
 
 
+def perp_merge(a, b, c, alpha):
+    """The calcmode on one key."""
+    return perpendicular(a, b, c, alpha, 0.0, mode="add_difference", out=None, ctx=None)
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 1.7, -0.3])
 def test_equals_sd_mecha_and_the_definition(alpha):
     g = torch.Generator().manual_seed(5)
     for shape in [(9, 4), (3, 5, 3, 3), (17,)]:
         a, b, c = (torch.randn(shape, generator=g) for _ in range(3))
-        ours = A_merge(a, b, c, alpha)
+        ours = perp_merge(a, b, c, alpha)
         torch.testing.assert_close(ours, mecha_add_perpendicular(a, b, c, alpha), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ours, reference(a, b, c, alpha), rtol=1e-5, atol=1e-5)
-
-
-def A_merge(a, b, c, alpha):
-    from merger.engine.calcmodes.perpendicular import perpendicular
-    return perpendicular(a, b, c, alpha, 0.0, mode="add_difference", out=None, ctx=None)
 
 
 def test_the_added_part_is_orthogonal_to_a_minus_c():
     g = torch.Generator().manual_seed(1)
     a, b, c = (torch.randn(40, 30, generator=g) for _ in range(3))
-    added = A_merge(a, b, c, 1.0) - a
+    added = perp_merge(a, b, c, 1.0) - a
     cos = torch.nn.functional.cosine_similarity(added.flatten(), (a - c).flatten(), dim=0)
     assert abs(float(cos)) < 1e-5
     assert float(added.norm()) > 0.5 * float((b - c).norm())       # most of B − C is still added
@@ -53,16 +53,16 @@ def test_edge_cases():
     g = torch.Generator().manual_seed(2)
     a, b, c = (torch.randn(6, 5, generator=g) for _ in range(3))
     # A = C: no direction to project out; sd-mecha returns zeros, so the key keeps A
-    assert torch.equal(A_merge(c.clone(), b, c, 0.8), c)
+    assert torch.equal(perp_merge(c.clone(), b, c, 0.8), c)
     assert torch.equal(perpendicular_component(torch.zeros(3), torch.ones(3)), torch.zeros(3))
     # B − C parallel to A − C: nothing perpendicular is left
-    torch.testing.assert_close(A_merge(c + 2 * (a - c), c + 0.5 * (a - c), c, 1.0), c + 2 * (a - c), atol=1e-5, rtol=0)
+    torch.testing.assert_close(perp_merge(c + 2 * (a - c), c + 0.5 * (a - c), c, 1.0), c + 2 * (a - c), atol=1e-5, rtol=0)
     # B = C: nothing to add
-    torch.testing.assert_close(A_merge(a, c, c, 0.7), a)
+    torch.testing.assert_close(perp_merge(a, c, c, 0.7), a)
     # α = 0 is A
-    assert torch.equal(A_merge(a, b, c, 0.0), a)
+    assert torch.equal(perp_merge(a, b, c, 0.0), a)
     # fp16 in, fp16 out, computed in float32
-    half = A_merge(a.half(), b.half(), c.half(), 0.5)
+    half = perp_merge(a.half(), b.half(), c.half(), 0.5)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half, reference(a.half().float(), b.half().float(), c.half().float(), 0.5).half())
 
