@@ -10,7 +10,7 @@ from numba import njit
 
 import merger.engine.compiled as compiled_mod
 import merger.engine.methods.ties as ties_mod
-from merger.engine.kernels import as_numpy, ties_kth
+from merger.engine.kernels import as_numpy, host_features, ties_kth
 from merger.engine.kernels.convert import f32, narrow
 from merger.engine.methods import MethodArgs, get_method
 
@@ -146,8 +146,9 @@ def test_only_kernel_formats_take_the_kernels():
 
 
 def test_kernels_are_exact_when_compiled_for_a_cpu_without_avx512(tmp_path):
-    """The compress step is LLVM's generic ``vector.compress``: AVX-512 has an instruction for
-    it, other CPUs (AVX2 here, as most desktop CPUs) get LLVM's expansion. The same tests,
+    """The compress step is LLVM's generic ``vector.compress`` (AVX-512 has an instruction for
+    it) or, on a CPU with AVX2 and without AVX-512, table permutes (``ties_kth.PERMUTE8``);
+    compiled for another CPU than the host's, LLVM's expansion of the compress. The same tests,
     compiled for Haswell in a child process, must pass too; there float16 takes the integer
     conversions (``NUMBA_CPU_NAME`` is set), here the CPU's own (``HARDWARE_HALF``)."""
     import os
@@ -202,3 +203,21 @@ def test_ranks_are_a_stable_argsorts():
         want = torch.empty(n, dtype=torch.int64)
         want[torch.argsort(x, stable=True)] = torch.arange(1, n + 1)
         assert np.array_equal(ranks.ranks(x.numpy()), want.numpy())
+
+
+@pytest.mark.skipif("avx2" not in host_features(), reason="AVX2's permutes need a CPU with AVX2 (and numba compiling for it)")
+def test_avx2_permutes_store_what_the_vector_compress_stores():
+    """The threshold pass's two ways to store the |τ| inside each bracket (AVX2's table permutes,
+    LLVM's vector compress) give the same counts and the same values in the same order."""
+    base, models = _pair(300_001, 3, torch.float16, seed=5)
+    b, ms = as_numpy(base), tuple(as_numpy(m) for m in models)
+    mags = np.abs(np.stack([m.float().numpy() - base.float().numpy() for m in models]))
+    lo, hi = np.quantile(mags, 0.78, axis=1).astype(np.float32), np.quantile(mags, 0.81, axis=1).astype(np.float32)
+    parts = [(0, 150_016), (150_016, 300_001)]
+    got = [ties_kth.split(b, ms, lo, hi, parts, 40_000, map, permute=p) for p in (False, True)]
+    for (below, vals) in got:
+        assert below.tolist() == [int((mags[i] < lo[i]).sum()) for i in range(3)]
+        assert [v.tolist() for v in vals] == [mags[i][(mags[i] >= lo[i]) & (mags[i] <= hi[i])].tolist()
+                                              for i in range(3)]
+    # a table row per 8-lane mask: the set lanes first, in order
+    assert ties_kth.LANE_TABLE[0b10110010, :4].tolist() == [1, 4, 5, 7]

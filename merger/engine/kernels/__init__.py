@@ -31,6 +31,27 @@ try:  # pinned in requirements.txt; without it the callers keep their torch path
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     HAVE_NUMBA = False
 
+def host_features() -> frozenset[str]:
+    """The instruction-set features (LLVM's names: ``avx2``, ``avx512f``, ``f16c``…) of the CPU
+    the kernels are compiled for: this one's, or none where numba is missing or
+    ``NUMBA_CPU_NAME`` names another CPU (then no kernel uses a feature-specific instruction)."""
+    global _features
+    if _features is None:
+        _features = frozenset()
+        if HAVE_NUMBA:
+            from numba.core import config
+            if config.CPU_NAME in (None, "host"):
+                import llvmlite.binding as llvm
+                try:
+                    _features = frozenset(k for k, on in llvm.get_host_cpu_features().items() if on)
+                except RuntimeError:          # features unknown on this platform
+                    pass
+    return _features
+
+
+_features: frozenset[str] | None = None
+
+
 VIEWS = {torch.float16: np.uint16, torch.bfloat16: np.int16, torch.float32: np.float32}
 
 

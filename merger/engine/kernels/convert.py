@@ -7,8 +7,9 @@ import platform
 
 from llvmlite import ir
 from numba import njit, types
-from numba.core import config
 from numba.extending import intrinsic
+
+from . import host_features
 
 
 def _hardware_half() -> bool:
@@ -19,13 +20,7 @@ def _hardware_half() -> bool:
     names another CPU, the integer versions below (LLVM would call a library routine per value)."""
     if platform.machine().lower() in ("aarch64", "arm64"):
         return True
-    if config.CPU_NAME not in (None, "host"):
-        return False
-    import llvmlite.binding as llvm
-    try:
-        return bool(llvm.get_host_cpu_features().get("f16c"))
-    except RuntimeError:          # features unknown on this platform
-        return False
+    return "f16c" in host_features()
 
 
 HARDWARE_HALF = _hardware_half()
