@@ -48,19 +48,22 @@ if HAVE_NUMBA:
         y ^= (y << np.uint32(15)) & np.uint32(0xEFC60000)
         return y ^ (y >> np.uint32(18))
 
+    @njit(inline="always")
+    def _uniform(w):
+        """The uniform torch compares, (tempered word & 0xFFFFFF)·2⁻²⁴, exact. The 24-bit value
+        goes to float through int32: a uint32 has no vector conversion before AVX-512, and LLVM's
+        emulation made the compare loops 1.75x slower on AVX2 (12.3 against 7.0 ms per 16.8 M)."""
+        return np.float32(np.int32(_temper(w) & np.uint32(0xFFFFFF))) * np.float32(2.0 ** -24)
+
     @njit(nogil=True, boundscheck=False, cache=True)
     def _compare_scalar(words, keep, out):
-        scale = np.float32(2.0 ** -24)
         for k in range(out.size):
-            u = np.float32(_temper(words[k]) & np.uint32(0xFFFFFF)) * scale
-            out[k] = u < keep
+            out[k] = _uniform(words[k]) < keep
 
     @njit(nogil=True, boundscheck=False, cache=True)
     def _compare_array(words, keep, out):
-        scale = np.float32(2.0 ** -24)
         for k in range(out.size):
-            u = np.float32(_temper(words[k]) & np.uint32(0xFFFFFF)) * scale
-            out[k] = u < keep[k]
+            out[k] = _uniform(words[k]) < keep[k]
 
     @njit(nogil=True, boundscheck=False, cache=True)
     def _words24(words, out):

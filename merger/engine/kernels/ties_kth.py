@@ -4,7 +4,8 @@ For each model i the threshold is the k-th smallest |τᵢ| = |float32(Mᵢ) −
 key. A fixed sample gives each model a bracket [loᵢ, hiᵢ] holding that value (``ties._bracket``);
 then one pass over the key, split between the worker threads, reads BASE and every Mᵢ once per
 element and, per model, counts the |τᵢ| below loᵢ and stores those inside [loᵢ, hiᵢ] (about 3% of
-them) with a vector compress. A histogram selection over the stored values gives the exact k-th.
+them) with a vector compress (AVX-512's ``vcompressps``; on AVX2 without AVX-512, table
+permutes: :data:`PERMUTE8`). A histogram selection over the stored values gives the exact k-th.
 
 Why numba: the pass is a loop torch cannot express (compaction: inductor cannot write a
 data-dependent number of values) and numpy needs several passes and bool arrays for. Measured
