@@ -28,7 +28,7 @@ LANES = 16           # values per compress step; a model's store buffer has LANE
 HIST_BITS = 12       # histogram selection: 4096 bins over the float order keys per round
 # AVX2 without AVX-512 (Zen 1-3, Intel's desktop chips): LLVM has no instruction for a vector
 # compress there and expands it lane by lane; a permute by a table row does the same work
-PERMUTE8 = host_features() >= {"avx2"} and "avx512f" not in host_features()
+PERMUTE8 = "avx2" in host_features() and "avx512f" not in host_features()
 
 
 def _lane_table() -> np.ndarray:
@@ -51,43 +51,61 @@ if HAVE_NUMBA:
     from .convert import f32 as _f32
     from .convert import widen
 
-    @intrinsic
-    def _compress(typingctx, src, off, dst, at, lo, hi):
-        """Store the values of ``src[off:off+16]`` inside [lo, hi] at ``dst[at:]`` in order, as one
-        vector compress (LLVM's ``vector.compress``: vcompressps with AVX-512, a shuffle sequence
-        elsewhere); return how many there were plus 2³² × how many are at least lo (the compare
-        is made anyway: counting the values below lo here saved a compare and a sum per value).
-        Writes all 16 slots: ``dst`` needs 16 spare."""
-        sig = types.int64(src, types.int64, dst, types.int64, types.float32, types.float32)
-
+    def _packing(lanes: int, pack):
+        """The code of an intrinsic (src, off, dst, at, lo, hi, ...) that loads ``src[off:off+lanes]``
+        (float32), stores those inside [lo, hi] at ``dst[at:]`` in order, packed by
+        ``pack(context, builder, sig, args, values, mask)``, writing all ``lanes`` slots (``dst``
+        needs that many spare), and returns how many there were plus 2³² × how many are at least
+        lo (the compare is made anyway: counting the values below lo here saved a compare and a
+        sum per value)."""
         def gen(context, builder, sig, args):
-            s, o, d, k, lo_v, hi_v = args
+            s, o, d, k, lo_v, hi_v = args[:6]
             sa = context.make_array(sig.args[0])(context, builder, s)
             da = context.make_array(sig.args[2])(context, builder, d)
-            vty = ir.VectorType(ir.FloatType(), LANES)
-            mty = ir.VectorType(ir.IntType(1), LANES)
+            vty = ir.VectorType(ir.FloatType(), lanes)
             v = builder.load(builder.bitcast(builder.gep(sa.data, [o]), vty.as_pointer()), align=4)
 
             def splat(x):
                 one = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
-                zeros = ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES)
+                zeros = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
                 return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), zeros)
             ge = builder.fcmp_ordered(">=", v, splat(lo_v))
             mask = builder.and_(ge, builder.fcmp_ordered("<=", v, splat(hi_v)))
-            mod = builder.module
-            name = f"llvm.experimental.vector.compress.v{LANES}f32"
-            fn = mod.globals.get(name) or ir.Function(mod, ir.FunctionType(vty, [vty, mty, vty]), name=name)
-            packed = builder.call(fn, [v, mask, ir.Constant(vty, ir.Undefined)])
+            packed = pack(context, builder, sig, args, v, mask)
             builder.store(packed, builder.bitcast(builder.gep(da.data, [k]), vty.as_pointer()), align=4)
-            i16 = ir.IntType(LANES)
-            pop = mod.globals.get(f"llvm.ctpop.i{LANES}") or ir.Function(
-                mod, ir.FunctionType(i16, [i16]), name=f"llvm.ctpop.i{LANES}")
-            i64 = ir.IntType(64)
+            bits_t, i64 = ir.IntType(lanes), ir.IntType(64)
+            pop = _declare(builder, f"llvm.ctpop.i{lanes}", bits_t, [bits_t])
 
             def count(m):
-                return builder.zext(builder.call(pop, [builder.bitcast(m, i16)]), i64)
+                return builder.zext(builder.call(pop, [builder.bitcast(m, bits_t)]), i64)
             return builder.or_(count(mask), builder.shl(count(ge), ir.Constant(i64, 32)))
-        return sig, gen
+        return gen
+
+    def _declare(builder, name: str, ret, params):
+        mod = builder.module
+        return mod.globals.get(name) or ir.Function(mod, ir.FunctionType(ret, params), name=name)
+
+    def _vector_compress(context, builder, sig, args, v, mask):
+        """LLVM's ``vector.compress``: ``vcompressps`` with AVX-512, an expansion elsewhere."""
+        vty = v.type
+        fn = _declare(builder, f"llvm.experimental.vector.compress.v{LANES}f32", vty,
+                      [vty, ir.VectorType(ir.IntType(1), LANES), vty])
+        return builder.call(fn, [v, mask, ir.Constant(vty, ir.Undefined)])
+
+    def _table_permute(context, builder, sig, args, v, mask):
+        """AVX2's ``vpermps`` by the row of :data:`LANE_TABLE` that the 8-bit mask picks."""
+        ta = context.make_array(sig.args[6])(context, builder, args[6])
+        ity, i64 = ir.VectorType(ir.IntType(32), 8), ir.IntType(64)
+        row = builder.mul(builder.zext(builder.bitcast(mask, ir.IntType(8)), i64), ir.Constant(i64, 8))
+        perm = builder.load(builder.bitcast(builder.gep(ta.data, [row]), ity.as_pointer()), align=4)
+        return builder.call(_declare(builder, "llvm.x86.avx2.permps", v.type, [v.type, ity]), [v, perm])
+
+    @intrinsic
+    def _compress(typingctx, src, off, dst, at, lo, hi):
+        """Store the values of ``src[off:off+16]`` inside [lo, hi] at ``dst[at:]`` in order, as one
+        vector compress (:func:`_packing`, :func:`_vector_compress`)."""
+        sig = types.int64(src, types.int64, dst, types.int64, types.float32, types.float32)
+        return sig, _packing(LANES, _vector_compress)
 
     @intrinsic
     def _permute8(typingctx, src, off, dst, at, lo, hi, table):
@@ -97,34 +115,7 @@ if HAVE_NUMBA:
         ``vector.compress`` there (a store per lane, each behind an extract) made the threshold
         pass 2.9x slower (88 against 30 ms per 16.8 M-element key and 4 models on a Zen 3)."""
         sig = types.int64(src, types.int64, dst, types.int64, types.float32, types.float32, table)
-
-        def gen(context, builder, sig, args):
-            s, o, d, k, lo_v, hi_v, t = args
-            sa = context.make_array(sig.args[0])(context, builder, s)
-            da = context.make_array(sig.args[2])(context, builder, d)
-            ta = context.make_array(sig.args[6])(context, builder, t)
-            vty, ity = ir.VectorType(ir.FloatType(), 8), ir.VectorType(ir.IntType(32), 8)
-            i8, i64 = ir.IntType(8), ir.IntType(64)
-            v = builder.load(builder.bitcast(builder.gep(sa.data, [o]), vty.as_pointer()), align=4)
-
-            def splat(x):
-                one = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
-                return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), ir.Constant(ity, [0] * 8))
-            ge = builder.fcmp_ordered(">=", v, splat(lo_v))
-            mask = builder.and_(ge, builder.fcmp_ordered("<=", v, splat(hi_v)))
-            row = builder.mul(builder.zext(builder.bitcast(mask, i8), i64), ir.Constant(i64, 8))
-            perm = builder.load(builder.bitcast(builder.gep(ta.data, [row]), ity.as_pointer()), align=4)
-            mod = builder.module
-            fn = mod.globals.get("llvm.x86.avx2.permps") or ir.Function(
-                mod, ir.FunctionType(vty, [vty, ity]), name="llvm.x86.avx2.permps")
-            builder.store(builder.call(fn, [v, perm]), builder.bitcast(builder.gep(da.data, [k]), vty.as_pointer()),
-                          align=4)
-            pop = mod.globals.get("llvm.ctpop.i8") or ir.Function(mod, ir.FunctionType(i8, [i8]), name="llvm.ctpop.i8")
-
-            def count(m):
-                return builder.zext(builder.call(pop, [builder.bitcast(m, i8)]), i64)
-            return builder.or_(count(mask), builder.shl(count(ge), ir.Constant(i64, 32)))
-        return sig, gen
+        return sig, _packing(8, _table_permute)
 
     @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
     def _abs_diff(m, b, a):
