@@ -172,8 +172,8 @@ if HAVE_NUMBA:
         element at ``amb_pos[p]`` (ascending, ended by one beyond this range) takes that
         ``run`` as ``tie[p]`` first. Float16 inputs make few distinct |τ| (heavy ties), so the
         bins holding undecided keys hold about half the elements: those are visited with
-        branches (an element is below, equal or above a key), the rest skipped per block and
-        per element (:func:`_bins_holding`): 93 → 69 ms per 7.4 M elements on a Zen 3 against
+        branches (an element is below, equal or above a key), the rest skipped
+        (:func:`_bins_holding`): 93 → 69 ms per 7.4 M elements on a Zen 3 against
         the branch-free form."""
         p = 0
         n = src[0].size
@@ -205,8 +205,9 @@ if HAVE_NUMBA:
     @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
     def _bins_holding(keys, cell, count, bins):
         """bins[i] = the bin of keys[i]; how many of them hold undecided keys (``count`` > 0):
-        a loop without branches, so that :func:`_resolve` visits only the blocks and elements
-        that can change a rank (a sixtieth of them)."""
+        a loop without branches, so that :func:`_resolve` visits only the elements that can
+        change a rank (with float16's heavy ties about half of them, in nearly every block; a
+        block without any is skipped whole)."""
         hits = 0
         for i in range(keys.size):
             b = _bin(cell, keys[i])
