@@ -149,18 +149,68 @@ class Transform:
         return x - x @ right @ right.mH + x @ left @ right.mH
 
 
-def procrustes(a: torch.Tensor, b: torch.Tensor, cancel_reflection: bool = False) -> Transform:
+def numerical_rank(s: torch.Tensor, shape) -> int:
+    """How many of the singular values ``s`` (descending) stand above rounding: σ > σ₁·max(shape)·ε
+    (numpy's ``matrix_rank`` rule)."""
+    tol = s[..., :1] * max(shape[-2:]) * torch.finfo(s.dtype).eps
+    return int((s > tol).sum(-1).min())
+
+
+def unit_outside(x: torch.Tensor, frame: torch.Tensor) -> torch.Tensor | None:
+    """The part of the vector ``x`` outside the span of ``frame``'s orthonormal columns, as a unit
+    column; None where that part is at rounding level."""
+    rest = x - frame @ (frame.mH @ x)
+    size = torch.linalg.vector_norm(rest)
+    if not size > torch.linalg.vector_norm(x) * max(frame.shape[-2:]) * torch.finfo(x.dtype).eps:
+        return None
+    return (rest / size).unsqueeze(-1)
+
+
+def complete_frames(u: torch.Tensor, v: torch.Tensor, s: torch.Tensor, shape, means):
+    """Frames ``u``, ``v`` (columns paired by the singular values ``s``) whose last pair is
+    arbitrary because centring took one rank from both matrices: that pair replaced by the unit
+    parts of the removed row means outside the other columns, (m_A⊥, m_B⊥).
+
+    Why: with centralization c < 1 the rows keep (1 − c)·m, and as c → 1 the pair the SVD finds
+    for the vanishing singular value tends to exactly (m_A⊥, m_B⊥): AᴴB gains (1 − c)²·n·m_A·m_Bᵀ
+    and nothing else, since centred rows sum to zero. So this is sd-mecha's result in the limit
+    c → 1, where sd-mecha at c = 1 takes whatever rounding leaves in that direction (results that
+    moved by 7–17 % of |B − A| between float32 and float64, and between a GPU and a CPU). A frame
+    missing more than that one rank, or means with nothing outside it, keeps what rounding gave;
+    a wide frame (``u`` narrower than it is tall) drops those columns instead."""
+    k = u.shape[-1]
+    r = numerical_rank(s, shape)
+    if r >= k:
+        return u, v
+    if means is not None and r == k - 1:
+        eu, ev = unit_outside(means[0], u[..., :r]), unit_outside(means[1], v[..., :r])
+        if eu is not None and ev is not None:
+            return torch.cat((u[..., :r], eu), -1), torch.cat((v[..., :r], ev), -1)
+    if u.shape[-2] > k:
+        return u[..., :max(r, 1)], v[..., :max(r, 1)]
+    return u, v
+
+
+def procrustes(a: torch.Tensor, b: torch.Tensor, cancel_reflection: bool = False,
+               means: tuple[torch.Tensor, torch.Tensor] | None = None) -> Transform:
     """The orthogonal transform of the rows of ``a`` (rows × p) closest to ``b``.
 
     rows ≥ p: Q = U·Vᴴ from AᴴB = U·Σ·Vᴴ; ``cancel_reflection`` flips U's last column where
     det Q = −1, so that fractional powers stay real rotations. rows < p: Bᴴ = Q_b·R_b,
-    Aᴴ·R_bᴴ = U·Σ·Vᴴ, and the frames U (p × rows) and V = Q_b·V (p × rows)."""
+    Aᴴ·R_bᴴ = U·Σ·Vᴴ, and the frames U (p × rows) and V = Q_b·V (p × rows).
+
+    ``means``: the row means (m_A, m_B) that were subtracted from ``a`` and ``b``; where centring
+    left the product one rank short (square and wide matrices), :func:`complete_frames` fixes the
+    pair that rounding would otherwise pick (beyond sd-mecha: its c → 1 limit)."""
     n, p = a.shape[-2:]
     if n < p:
         bq, br = torch.linalg.qr(b.mH)
-        u, _, vh = torch.linalg.svd(a.mH @ br.mH, full_matrices=False)
-        return Transform(u=u, v=bq @ vh.mH)
-    u, _, vh = torch.linalg.svd(a.mH @ b, full_matrices=False)
+        u, s, vh = torch.linalg.svd(a.mH @ br.mH, full_matrices=False)
+        u, v = complete_frames(u, bq @ vh.mH, s, (n, p), means)
+        return Transform(u=u, v=v)
+    u, s, vh = torch.linalg.svd(a.mH @ b, full_matrices=False)
+    u, v = complete_frames(u, vh.mH, s, (n, p), means)
+    vh = v.mH
     if cancel_reflection:
         u[..., -1] /= torch.linalg.slogdet(u @ vh)[0]
     return Transform(q=u @ vh)

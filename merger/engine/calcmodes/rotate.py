@@ -9,16 +9,18 @@ from . import calcmode
 
 
 def rotate_tensors(a: torch.Tensor, b: torch.Tensor, alignment: float, alpha: float,
-                   centralization: float = 1.0) -> torch.Tensor:
+                   centralization: float = 1.0, compute: torch.dtype = torch.float32) -> torch.Tensor:
     """A turned towards B by a fraction ``alignment`` of the orthogonal transform that best maps
     it onto B, its scale part moved towards B's by ``alpha`` (sd-mecha ``merge_methods/svd.py:
-    rotate``, step for step), in float32, returned in A's dtype:
+    rotate``, step for step), in ``compute`` (float32), returned in A's dtype:
 
     1. A and B as matrices: a convolution with a kernel larger than 1 × 1 as
        (out·in) × (kh·kw), anything else as out × (the rest).
     2. Centre the columns: Ā = A − c·mean_rows(A), likewise B (c = ``centralization``).
     3. Q from :func:`..orthogonal.procrustes` (Ā onto B̄; reflections cancelled when the
-       alignment is fractional).
+       alignment is fractional; for wide and square keys, the pair of directions that centring
+       leaves undetermined is taken from the removed means: sd-mecha's limit as c → 1, where
+       sd-mecha at c = 1 keeps whatever rounding picks).
     4. If α ≠ 0: Ā ← lerp(Ā, B̄·Q⁻¹, α) (B brought back into A's orientation).
     5. Result: Ā·Q^alignment + lerp(mean_A, mean_B, alignment).
 
@@ -28,7 +30,7 @@ def rotate_tensors(a: torch.Tensor, b: torch.Tensor, alignment: float, alpha: fl
         return a
     if math.isclose(alignment, 1.0) and math.isclose(alpha, 1.0):
         return b.to(a.dtype, copy=True)          # never the loaded B itself: the result may be changed in place
-    a32, b32 = a.float(), b.float()
+    a32, b32 = a.to(compute), b.to(compute)
     if a.dim() <= 1 or torch.allclose(a.half(), b.half()):
         return torch.lerp(a32, b32, alpha).to(a.dtype)
     if a.dim() == 4 and a.shape[-2:].numel() != 1:
@@ -38,7 +40,8 @@ def rotate_tensors(a: torch.Tensor, b: torch.Tensor, alignment: float, alpha: fl
     a2, b2 = a32.reshape(shape), b32.reshape(shape)
     mean_a, mean_b = a2.mean(0) * centralization, b2.mean(0) * centralization
     a2, b2 = a2 - mean_a, b2 - mean_b
-    turn = procrustes(a2, b2, cancel_reflection=not math.isclose(alignment, round(alignment)))
+    turn = procrustes(a2, b2, cancel_reflection=not math.isclose(alignment, round(alignment)),
+                      means=(mean_a, mean_b))
     if not math.isclose(alpha, 0.0):
         a2 = torch.lerp(a2, turn(b2, -1.0), alpha)
     res = turn(a2, alignment) + torch.lerp(mean_a, mean_b, alignment)
