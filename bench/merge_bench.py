@@ -40,6 +40,11 @@ from merger.ldm_layout import checkpoint_layout  # noqa: E402
 from merger.recipe import Recipe  # noqa: E402
 
 
+# where the model files are written: beside the checkout (the system's /tmp may be a small tmpfs);
+# --dir elsewhere (on a machine whose checkout sits on a slow mount)
+SCRATCH = Path(__file__).resolve().parent.parent
+
+
 def reset_peak() -> None:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -145,7 +150,7 @@ def bench_mecha(layout: dict, repeat: int) -> None:
 
     import safetensors.torch as st
     recipe = Recipe("a", "b", alpha=0.3)
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as d:
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as d:
         paths = []
         for seed, name in ((1, "a"), (2, "b")):
             ck = build(layout, seed, name)
@@ -222,7 +227,7 @@ def bench_ties(layout: dict, repeat: int, with_mecha: bool) -> None:
     ties_bound = 6 * gbytes / bw
     print(f"\nTIES, base + 4 models (density 0.2, sign by count), SD1.5 fp16 files: {6 * gbytes:.1f} GB read "
           f"and written; bound at {bw:.1f} GB/s (torch.add, flat buffers) = {ties_bound:.2f} s")
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as d:
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as d:
         paths = []
         for seed, name in enumerate(names, 1):
             ck = build(layout, seed, name)
@@ -303,7 +308,7 @@ def bench_methods(layout: dict, names: list[str]) -> None:
     bw = 3 * gbytes / pre
     b6 = 6 * gbytes / bw
     print(f"\nN-model methods, base + 4 models, SD1.5 fp16 files: bound {b6:.2f} s at {bw:.1f} GB/s")
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as d:
+    with tempfile.TemporaryDirectory(dir=SCRATCH) as d:
         paths = []
         for seed, name in enumerate(["base", "m1", "m2", "m3", "m4"], 1):
             ck = build(layout, seed, name)
@@ -333,7 +338,12 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", metavar="NAME",
                     help="only the other N-model methods (default: dare_linear dare_ties della model_stock "
                          "geometric_median)")
+    ap.add_argument("--dir", help="where to write the model files (default: beside the checkout)")
     args = ap.parse_args()
+    global SCRATCH
+    if args.dir:
+        SCRATCH = Path(args.dir)
+        SCRATCH.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.methods is not None:
         bench_methods(checkpoint_layout("sd1"), args.methods or
