@@ -63,6 +63,27 @@ def test_masks_give_the_ranking_paths_masked_tau(kind, p, eps):
         assert 0 < float(mask.mean()) < 1
 
 
+@pytest.mark.parametrize("wide_at", [1 << 31, 0])
+def test_bins_with_several_undecided_keys_and_wide_counts(monkeypatch, wide_at):
+    """Coarse bins put several undecided keys in one bin (the counting pass's loop over them,
+    next to its branch-free count for bins with one key); ``wide_at`` 0 counts in int64, as
+    parts of 2^31 elements or more do."""
+    monkeypatch.setattr(della_mask, "BIN_TARGET", 512)
+    monkeypatch.setattr(della_mask, "WIDE_AT", wide_at)
+    real, seen = della_mask._resolve, []
+    monkeypatch.setattr(della_mask, "_resolve",
+                        lambda *a: (a[0][0].size and seen.append((a[3].min(), a[8].dtype))) or real(*a))
+    t, src = data("randn")
+    want, g_ref = reference(t, 0.3, 0.7, 7)
+    g = torch.Generator().manual_seed(7)
+    out = np.full(t.numel(), 9, np.uint8)
+    assert della_mask.masks(src, t.numel(), 0.3, 0.7, g, out, *kernels.split_for(t.numel()))
+    assert seen and all(low < 0 for low, _ in seen)               # bins with several keys, in every part
+    assert {dt for _, dt in seen} == {np.dtype(np.int64) if wide_at == 0 else np.dtype(np.int32)}
+    mask = torch.from_numpy(out).float()
+    assert torch.equal(t * mask, t * want) and torch.equal(g.get_state(), g_ref.get_state())
+
+
 def test_the_undecided_are_resolved_by_exact_ranks():
     """Every tensor above has undecided elements (their ranks are counted, not looked up): with
     the bins' tables alone the masks would differ."""

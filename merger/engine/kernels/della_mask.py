@@ -45,6 +45,8 @@ BIN_TARGET = 1 << 14        # bins per tensor to aim at (each about N/2^14 value
 MIN_N = 1 << 16             # smaller tensors are ranked (the tables would cost more)
 BLOCK = 1024                # elements whose keys are made at once
 MAX_KEYS = 16               # distinct undecided keys a bin may hold (more: the caller ranks)
+SPARE = 1024                # count slots for the bins without undecided keys (_ranks_of)
+WIDE_AT = 1 << 31           # parts this long count in int64 (_ranks_of)
 
 if HAVE_NUMBA:
     from numba import njit, types
@@ -126,11 +128,22 @@ if HAVE_NUMBA:
             out[i] = _g(ranks[i], n32, c32, e32, kp)
 
     @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
-    def _decide_block(keys, u24, cell, lo, hi, out):
+    def _decide_block(keys, u24, cell, lo, hi, band, idx, out):
         """out[j] = 1 where u24_j < lo (kept), 2 where undecided (not kept, u24 < hi, τ ≠ 0),
-        else 0; returns how many are undecided. No branch."""
-        amb = 0
+        else 0; returns how many are undecided. First without the tables: every bin's
+        [lo, hi) lies within ``band`` = (the least lo, the largest hi), so u24 below it is kept
+        and at or above it dropped whatever the bin; only the elements inside it (a tenth at
+        p = 0.9, ε = 0.1), gathered in ``idx``, look up their bin."""
+        lo_min, hi_max = band[0], band[1]
+        m = 0
         for j in range(u24.size):
+            w = u24[j]
+            out[j] = np.uint8(w < lo_min)
+            idx[m] = j
+            m += np.int64((w >= lo_min) & (w < hi_max))
+        amb = 0
+        for q in range(m):
+            j = idx[q]
             k = keys[j]
             b = _bin(cell, k)
             w = u24[j]
@@ -141,7 +154,7 @@ if HAVE_NUMBA:
         return amb
 
     @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
-    def _decide(src, u24, cell, lo, hi, out, amb_pos, amb_key, amb_u):
+    def _decide(src, u24, cell, lo, hi, band, out, amb_pos, amb_key, amb_u):
         """out[j] = u_j < g(lo of j's bin), by blocks (:func:`_decide_block`); the undecided
         ones (u in [g(lo), g(hi)), τ ≠ 0) set to 0 and recorded while there is room; returns
         how many there were."""
@@ -149,11 +162,12 @@ if HAVE_NUMBA:
         a = 0
         n = u24.size
         buf = np.empty(BLOCK, np.uint32)
+        idx = np.empty(BLOCK, np.int64)
         for o in range(0, n, BLOCK):
             c = min(BLOCK, n - o)
             keys = buf[:c]
             _keys(_slice(src, o, o + c), keys)
-            if _decide_block(keys, u24[o:o + c], cell, lo, hi, out[o:o + c]):
+            if _decide_block(keys, u24[o:o + c], cell, lo, hi, band, idx, out[o:o + c]):
                 for j in range(c):
                     if out[o + j] == 2:
                         out[o + j] = 0
@@ -165,49 +179,64 @@ if HAVE_NUMBA:
         return a
 
     @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
-    def _resolve(src, start, cell, first, count, dkey, amb_pos, less, run, tie):
+    def _resolve(src, start, cell, slot, count, dkey, amb_pos, less, run, tie):
         """Over elements [start, start + len), in order: each element, against the distinct
-        ambiguous keys of its bin (``dkey[first[b]:][:count[b]]``; none in most bins), adds to
-        ``less`` of the keys above its own and to ``run`` of one equal to it; the ambiguous
-        element at ``amb_pos[p]`` (ascending, ended by one beyond this range) takes that
-        ``run`` as ``tie[p]`` first. Float16 inputs make few distinct |τ| (heavy ties), so the
-        bins holding undecided keys hold about half the elements: those are visited with
-        branches (an element is below, equal or above a key), the rest skipped
-        (:func:`_bins_holding`): 93 → 69 ms per 7.4 M elements on a Zen 3 against
-        the branch-free form."""
+        ambiguous keys of its bin, adds to ``less`` of the keys above its own and to ``run`` of
+        one equal to it; the ambiguous element at ``amb_pos[p]`` (ascending, ended by one beyond
+        this range) takes that ``run`` as ``tie[p]`` first.
+
+        Float16 inputs make few distinct |τ| (heavy ties), so the bins holding undecided keys
+        hold about half the elements, interleaved with the others. A bin with at most one
+        undecided key (nearly all) is counted without a branch: ``slot[b]`` is its key's index
+        in ``dkey``, or one of the spare indices after them for a bin with none (their counts
+        are ignored); −(first + 1) marks a bin with several keys, which takes the loop over
+        them. In a block where a quarter of the elements or more sit in such bins, every
+        element is counted (into the spare slots when its bin has no key): a branch on it,
+        taken half the time at random, cost more than the counting it saved. Sparser blocks
+        skip the others with that branch, then well predicted."""
         p = 0
+        nxt = amb_pos[0]                # the next ambiguous position, in a register
         n = src[0].size
         buf = np.empty(BLOCK, np.uint32)
         bins = np.empty(BLOCK, np.uint32)
         for o in range(0, n, BLOCK):
             c = min(BLOCK, n - o)
             _keys(_slice(src, o, o + c), buf[:c])
-            if _bins_holding(buf[:c], cell, count, bins) == 0:
+            hits = _bins_holding(buf[:c], cell, count, bins)
+            if hits == 0:
                 continue
+            sparse = hits * 4 < c
             for i in range(c):
-                b = bins[i]
-                cb = count[b]
-                if cb == 0:
+                if sparse and count[bins[i]] == 0:      # few hits: skipping is the cheaper branch
                     continue
                 k = buf[i]
-                f = first[b]
+                d = slot[bins[i]]
                 at = start + o + i
-                for d in range(f, f + cb):
-                    key = dkey[d]
-                    if k < key:
-                        less[d] += 1
-                    elif k == key:
-                        if amb_pos[p] == at:
-                            tie[p] = run[d]
-                            p += 1
-                        run[d] += 1
+                if d < 0:                               # several keys: -(first + 1)
+                    f = -d - 1
+                    for d in range(f, f + count[bins[i]]):
+                        key = dkey[d]
+                        if k < key:
+                            less[d] += 1
+                        elif k == key:
+                            if at == nxt:
+                                tie[p] = run[d]
+                                p += 1
+                                nxt = amb_pos[p]
+                            run[d] += 1
+                    continue
+                if at == nxt:
+                    tie[p] = run[d]
+                    p += 1
+                    nxt = amb_pos[p]
+                key = dkey[d]
+                less[d] += less.dtype.type(k < key)
+                run[d] += run.dtype.type(k == key)
 
     @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
     def _bins_holding(keys, cell, count, bins):
         """bins[i] = the bin of keys[i]; how many of them hold undecided keys (``count`` > 0):
-        a loop without branches, so that :func:`_resolve` visits only the elements that can
-        change a rank (with float16's heavy ties about half of them, in nearly every block; a
-        block without any is skipped whole)."""
+        a loop without branches; a block without any is skipped whole by :func:`_resolve`."""
         hits = 0
         for i in range(keys.size):
             b = _bin(cell, keys[i])
@@ -278,8 +307,10 @@ def _compile(src: tuple, out: np.ndarray) -> None:
     _tables(z64[:0], *_consts(2, 0.5, 0.1), z64[:0], z32, z32)
     _g_of(z64, *_consts(2, 0.5, 0.1), np.zeros(1, np.float32))
     bernoulli.uniforms24(z32, torch.Generator())
-    _decide(e0, z32, cell, z32, z32, out[:0], z64[:0], z32, z32)
-    _resolve(e0, 0, cell, np.zeros(1, np.int32), np.zeros(1, np.int32), z32, z64, z64, z64, z64)
+    _decide(e0, z32, cell, z32, z32, np.zeros(2, np.uint32), out[:0], z64[:0], z32, z32)
+    for wide in (np.int32, np.int64):             # the counts' width (_ranks_of)
+        _resolve(e0, 0, cell, np.zeros(1, np.int32), np.zeros(1, np.int32), z32, z64, np.zeros(1, wide),
+                 np.zeros(1, wide), z64)
     _warm.add(sig)
 
 
@@ -319,6 +350,7 @@ def masks(src: tuple, n: int, p: float, eps: float, generator: torch.Generator, 
     lo, hi = np.zeros(nbins, np.uint32), np.zeros(nbins, np.uint32)
     _tables(counts, *consts, below, lo, hi)
     used = np.flatnonzero(counts)
+    band = np.array([lo[used].min(), hi[used].max()], np.uint32)     # every element's bin is a used one
     check = used[np.linspace(0, used.size - 1, min(used.size, 64)).astype(np.int64)]
     ranks = np.concatenate((below[check] + 1, below[check] + counts[check]))
     torch_g = della_keep(torch.from_numpy(ranks), n, p, eps).numpy()
@@ -332,7 +364,7 @@ def masks(src: tuple, n: int, p: float, eps: float, generator: torch.Generator, 
         s, e = part
         cap = (e - s) // 16 + 256
         pos, key, u = np.empty(cap, np.int64), np.empty(cap, np.uint32), np.empty(cap, np.uint32)
-        a = _decide(piece(s, e), u24[s:e], cell, lo, hi, out[s:e], pos, key, u)
+        a = _decide(piece(s, e), u24[s:e], cell, lo, hi, band, out[s:e], pos, key, u)
         return (pos[:a] + s, key[:a], u[:a]) if a <= cap else None
     found = list(run(decide, parts))
     if any(f is None for f in found):
@@ -359,21 +391,28 @@ def _ranks_of(src, pos, key, cell, below, nbins, parts, run) -> np.ndarray | Non
     bins, starts, cnts = np.unique(_bins_of(dkey, cell), return_index=True, return_counts=True)
     if cnts.max() > MAX_KEYS:
         return None
-    first, count = np.zeros(nbins, np.int32), np.zeros(nbins, np.int32)
-    first[bins], count[bins] = starts, cnts
-    d = np.searchsorted(dkey, key)
+    count = np.zeros(nbins, np.int32)
+    count[bins] = cnts
+    # bins without a key count into SPARE slots after the keys, one picked by the bin's low bits:
+    # with one shared slot, every other element's add waited on the last one's (a chain through
+    # memory: 3x slower)
+    slot = (dkey.size + (np.arange(nbins) & (SPARE - 1))).astype(np.int32)
+    slot[bins] = np.where(cnts > 1, -starts - 1, starts)
+    dkey = np.append(dkey, np.zeros(SPARE, np.uint32))
+    d = np.searchsorted(dkey[:-SPARE], key)
     ends = np.concatenate((pos, [np.iinfo(np.int64).max]))
 
     def one(part):
         s, e = part
         a0, a1 = np.searchsorted(pos, [s, e])
-        less = np.zeros(dkey.size, np.int64)
-        seen = np.zeros(dkey.size, np.int64)
+        wide = np.int64 if e - s >= WIDE_AT else np.int32     # int32 adds ran faster in _resolve
+        less = np.zeros(dkey.size, wide)
+        seen = np.zeros(dkey.size, wide)
         tie = np.zeros(a1 - a0 + 1, np.int64)
-        _resolve(tuple(x[s:e] for x in src), s, cell, first, count, dkey, ends[a0:], less, seen, tie)
+        _resolve(tuple(x[s:e] for x in src), s, cell, slot, count, dkey, ends[a0:], less, seen, tie)
         return a0, a1, less, seen, tie[:-1]
     done = list(run(one, parts))
-    less = sum(x[2] for x in done)
+    less = sum(x[2].astype(np.int64) for x in done)
     tie = np.empty(pos.size, np.int64)
     before = np.zeros(dkey.size, np.int64)
     for a0, a1, _, seen, t in done:             # equal keys in earlier parts come before
