@@ -9,6 +9,7 @@ last layer). Its VAE is never merged (model A's is kept), as in SuperMerger.
 """
 from __future__ import annotations
 
+import functools
 import re
 
 from .errors import MergeError
@@ -96,6 +97,7 @@ def flux_block(key: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1 << 16)     # every plan asks for every key: XYZ cells, search trials
 def block_of(key: str, arch: str) -> str | None:
     """The MBW block a key belongs to, or None where SuperMerger never merges it (SDXL
     keys that are neither weight nor bias; the Flux VAE)."""

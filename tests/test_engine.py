@@ -178,6 +178,32 @@ def test_a_partial_component_is_refused_naming_the_keys():
         merge(Recipe("a", "b", alpha=0.5), A, tiny("sd1", 3))
 
 
+def test_what_a_plan_keeps_with_the_models_follows_their_tensors(monkeypatch):
+    """The architecture and key coverage are kept with the checkpoints between plans (an XYZ
+    cell or search trial re-plans the same models), and made again once a tensor is added,
+    removed or replaced: a key deleted after a good plan is still refused."""
+    import merger.engine.plan as plan_mod
+    A, B = tiny("sd1", 1), tiny("sd1", 2)
+    calls = []
+    real = plan_mod.check_coverage
+    monkeypatch.setattr(plan_mod, "check_coverage", lambda *a: calls.append(1) or real(*a))
+    for alpha in (0.2, 0.4, 0.6):
+        plan_merge(Recipe("a", "b", alpha=alpha), A, B)
+    assert len(calls) == 1
+    gone = "model.diffusion_model.output_blocks.2.0.out_layers.3.weight"
+    kept = B.tensors.pop(gone)
+    with pytest.raises(MergeError, match="model B .* lacks 1 U-Net tensor"):
+        plan_merge(Recipe("a", "b", alpha=0.5), A, B)
+    B.tensors[gone] = kept.to(torch.int32)                  # replaced: a float/integer clash now
+    with pytest.raises(MergeError, match="as torch.int32"):
+        plan_merge(Recipe("a", "b", alpha=0.5), A, B)
+    B.tensors[gone] = kept
+    plan_merge(Recipe("a", "b", alpha=0.5), A, B)
+    A.tensors["model.diffusion_model.double_blocks.0.x.weight"] = torch.ones(2)   # A now reads as Flux
+    with pytest.raises(MergeError, match="cannot merge different architectures: .* is Flux.1"):
+        plan_merge(Recipe("a", "b", alpha=0.5), A, B)
+
+
 @pytest.mark.parametrize("lacking", ["A", "B", "C"])
 def test_a_missing_vae_is_merged_around_and_reported(lacking):
     models = {s: tiny("sd1", i + 1) for i, s in enumerate("ABC")}

@@ -77,13 +77,28 @@ class Checkpoint:
         self._ema = view
         return view
 
+    def stamp(self) -> tuple[int, int]:
+        """Changes when a tensor is added, removed or replaced (results cached on the checkpoint
+        are made again then)."""
+        return len(self.tensors), sum(id(t) for t in self.tensors.values())
+
+    def cached(self, what, compute):
+        """``compute()``, made once per ``what`` while the tensors stay the same."""
+        memo = self.__dict__.setdefault("_memo", {})
+        stamp = self.stamp()
+        hit = memo.get(what)
+        if hit is None or hit[0] != stamp:
+            if len(memo) > 16:
+                memo.clear()
+            hit = memo[what] = (stamp, compute())
+        return hit[1]
+
     def value_stats(self) -> tuple[frozenset[str], float]:
         """(keys holding NaN/Inf, largest finite |value|) over the float tensors; computed once
         per loaded file (one ``aminmax`` pass, about memory speed) and cached."""
         from ..engine.tensor_ops import aminmax
-        stamp = (len(self.tensors), sum(id(t) for t in self.tensors.values()))
-        cached = getattr(self, "_stats", None)
-        if cached is None or cached[0] != stamp:
+
+        def scan():
             bad, top = set(), 0.0
             for k, t in self.tensors.items():
                 if t.is_floating_point() and t.numel():
@@ -92,8 +107,8 @@ class Checkpoint:
                         top = max(top, -lo, hi)
                     else:
                         bad.add(k)
-            cached = self._stats = (stamp, (frozenset(bad), top))
-        return cached[1]
+            return frozenset(bad), top
+        return self.cached("value_stats", scan)
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:
