@@ -28,8 +28,8 @@ def mecha_rotate(a, b, alignment, alpha, centralization=1.0):
 
 def mecha_limit(a, b, alignment, alpha):
     """sd-mecha's rotate as centralization → 1, where it is defined by its inputs: in float64 at
-    c = 1 − 1e-6, within 1e-6 of the limit (for wide matrices, sd-mecha at c = 1 itself returns what rounding picks for the
-    direction centring removed)."""
+    c = 1 − 1e-6, within 1e-6 of the limit (for wide matrices, sd-mecha at c = 1 itself returns
+    what rounding picks for the direction centring removed)."""
     return mecha_rotate(a.double(), b.double(), alignment, alpha, 1 - 1e-6).to(a.dtype)
 
 
