@@ -139,6 +139,39 @@ def test_fp16_merge_is_stored_in_fp16_and_computes_as_fp32(arch):
     assert unet.conv_out.weight.dtype == torch.float16              # back to fp16 after the forward passes
 
 
+def test_low_precision_layers_compute_with_the_weights_as_they_are_now():
+    """The fp32 views a stored-in-fp16 layer computes with are made once and reused: they must
+    follow a merge written into the stored weights in place, a parameter replaced by another,
+    and the shared scratch buffer growing while the first forward pass meets larger layers."""
+    import copy
+
+    from torch import nn
+
+    from merger.pipeline.weight_storage import store_low_precision
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 64), nn.Linear(64, 4)).half().float()
+    low = copy.deepcopy(ref)
+    store_low_precision(low, torch.float16, torch.float32)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(low(x), ref(x))               # the buffer grew during this pass
+        assert torch.equal(low(x), ref(x))
+        kept = {m._lowp_views[3]["weight"].untyped_storage().data_ptr() for m in low}
+        assert len(kept) == 1                            # no layer holds on to an outgrown buffer
+        for m in (ref, low):
+            m[1].weight.mul_(0.5)                        # a re-merge writes into the stored weights
+        assert torch.equal(low(x), ref(x))
+        new = torch.randn(64, 16).half()
+        ref[1].weight, low[1].weight = nn.Parameter(new.float()), nn.Parameter(new)
+        assert torch.equal(low(x), ref(x))
+        w1, b1, w2 = torch.randn(32, 16).half(), torch.randn(32).half(), torch.randn(4, 32).half()
+        for m, dt in ((ref, torch.float32), (low, torch.float16)):    # narrower: new shapes
+            m[1].weight, m[1].bias = nn.Parameter(w1.to(dt)), nn.Parameter(b1.to(dt))
+            m[2].weight = nn.Parameter(w2.to(dt))
+        assert torch.equal(low(x), ref(x))
+    assert all(m.weight.dtype == torch.float16 for m in low)
+
+
 def test_storage_dtypes_per_component():
     f16, bf16, f32 = torch.float16, torch.bfloat16, torch.float32
     sd1 = {"model.diffusion_model.a.weight": f16, "model.diffusion_model.b.bias": f16, "model.diffusion_model.c": torch.int64,
