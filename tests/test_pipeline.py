@@ -169,7 +169,10 @@ def test_low_precision_layers_compute_with_the_weights_as_they_are_now():
             m[1].weight, m[1].bias = nn.Parameter(w1.to(dt)), nn.Parameter(b1.to(dt))
             m[2].weight = nn.Parameter(w2.to(dt))
         assert torch.equal(low(x), ref(x))
+        with pytest.raises(RuntimeError):
+            low(torch.randn(3, 5))                       # a forward that fails puts the weights back
     assert all(m.weight.dtype == torch.float16 for m in low)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in low)     # torch's fast call path
 
 
 def test_storage_dtypes_per_component():

@@ -15,6 +15,7 @@ inputs (prompt embeddings, latents for the VAE) to it.
 from __future__ import annotations
 
 import re
+import types
 
 import torch
 from torch import nn
@@ -36,15 +37,23 @@ class _Scratch:
         return self.buf[:n]
 
 
-def _pre(scratch: _Scratch):
-    def hook(module: nn.Module, args):
-        stored = module._lowp_stored = {n: p for n, p in module._parameters.items() if p is not None}
-        flat = scratch.take(sum(p.numel() for p in stored.values()), next(iter(stored.values())).device)
-        views = _views(module, stored, flat, scratch.buf)
-        for name, p in stored.items():
-            views[name].copy_(p)
-        module._parameters.update(views)
-    return hook
+def _forward(self: nn.Module, *args, **kwargs):
+    """The layer's own forward with its parameters swapped for compute-dtype copies, put back
+    afterwards (also when the forward raises). A forward of its own, not a pre- and a post-hook:
+    a module with hooks takes torch's slow call path, and the two hooks cost a tiny model's
+    generation about as much as its layers' arithmetic."""
+    params = self._parameters
+    stored = {n: p for n, p in params.items() if p is not None}
+    scratch = self._lowp_scratch
+    flat = scratch.take(sum(p.numel() for p in stored.values()), next(iter(stored.values())).device)
+    views = _views(self, stored, flat, scratch.buf)
+    for name, p in stored.items():
+        views[name].copy_(p)
+    params.update(views)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        params.update(stored)
 
 
 def _views(module: nn.Module, stored: dict[str, torch.Tensor], flat: torch.Tensor,
@@ -67,14 +76,6 @@ def _views(module: nn.Module, stored: dict[str, torch.Tensor], flat: torch.Tenso
     return views
 
 
-def _post(module: nn.Module, args, output):
-    stored = getattr(module, "_lowp_stored", None)
-    if stored is not None:
-        module._parameters.update(stored)
-        module._lowp_stored = None
-    return output
-
-
 def store_low_precision(module: nn.Module, storage: torch.dtype, compute: torch.dtype,
                         keep: tuple[str, ...] = ()) -> None:
     """Store the Linear/Conv/Embedding layers of ``module`` (but those whose qualified name
@@ -84,5 +85,5 @@ def store_low_precision(module: nn.Module, storage: torch.dtype, compute: torch.
     for name, layer in module.named_modules():
         if isinstance(layer, LAYERS) and not any(re.search(k, name) for k in keep):
             layer.to(dtype=storage)
-            layer.register_forward_pre_hook(_pre(scratch))
-            layer.register_forward_hook(_post, always_call=True)
+            layer._lowp_scratch = scratch
+            layer.forward = types.MethodType(_forward, layer)
