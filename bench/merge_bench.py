@@ -217,8 +217,21 @@ def settle() -> None:
         os.sync()
 
 
-def bench_ties(layout: dict, repeat: int, with_mecha: bool) -> None:
+def write_models(layout: dict, names: list[str], folder: Path) -> list[Path]:
+    """One random fp16 .safetensors file per name (seeds 1, 2, ...), written one at a time."""
     import safetensors.torch as st
+    paths = []
+    for seed, name in enumerate(names, 1):
+        ck = build(layout, seed, name)
+        paths.append(folder / f"{name}.safetensors")
+        st.save_file(ck.tensors, str(paths[-1]))
+        del ck
+        gc.collect()
+    settle()
+    return paths
+
+
+def bench_ties(layout: dict, repeat: int, with_mecha: bool) -> None:
     numel = sum(math.prod(s) for s in layout.values())
     gbytes = numel * 2 / 1e9
     names = ["base", "m1", "m2", "m3", "m4"]
@@ -228,14 +241,7 @@ def bench_ties(layout: dict, repeat: int, with_mecha: bool) -> None:
     print(f"\nTIES, base + 4 models (density 0.2, sign by count), SD1.5 fp16 files: {6 * gbytes:.1f} GB read "
           f"and written; bound at {bw:.1f} GB/s (torch.add, flat buffers) = {ties_bound:.2f} s")
     with tempfile.TemporaryDirectory(dir=SCRATCH) as d:
-        paths = []
-        for seed, name in enumerate(names, 1):
-            ck = build(layout, seed, name)
-            paths.append(Path(d) / f"{name}.safetensors")
-            st.save_file(ck.tensors, str(paths[-1]))
-            del ck
-            gc.collect()
-        settle()
+        paths = write_models(layout, names, Path(d))
         recipe = Recipe("base.safetensors", method="ties", models=[f"{n}.safetensors" for n in names[1:]],
                         alpha=1.0, density=0.2, sign="count")
 
@@ -301,7 +307,6 @@ def bench_methods(layout: dict, names: list[str]) -> None:
     """The other N-model methods on the TIES row's files (base + 4, SD1.5 fp16), one merge each
     with the inputs loaded and scanned, against the same bound (the method's second parameter
     at its default, seed 1)."""
-    import safetensors.torch as st
     numel = sum(math.prod(s) for s in layout.values())
     gbytes = numel * 2 / 1e9
     pre, _ = bound(numel, 2, 2)
@@ -309,14 +314,7 @@ def bench_methods(layout: dict, names: list[str]) -> None:
     b6 = 6 * gbytes / bw
     print(f"\nN-model methods, base + 4 models, SD1.5 fp16 files: bound {b6:.2f} s at {bw:.1f} GB/s")
     with tempfile.TemporaryDirectory(dir=SCRATCH) as d:
-        paths = []
-        for seed, name in enumerate(["base", "m1", "m2", "m3", "m4"], 1):
-            ck = build(layout, seed, name)
-            paths.append(Path(d) / f"{name}.safetensors")
-            st.save_file(ck.tensors, str(paths[-1]))
-            del ck
-            gc.collect()
-        settle()
+        paths = write_models(layout, ["base", "m1", "m2", "m3", "m4"], Path(d))
         held = [load_checkpoint(p) for p in paths]
         for ck in held:
             ck.value_stats()
