@@ -156,7 +156,7 @@ def test_low_precision_layers_compute_with_the_weights_as_they_are_now():
     with torch.no_grad():
         assert torch.equal(low(x), ref(x))               # the buffer grew during this pass
         assert torch.equal(low(x), ref(x))
-        kept = {m._lowp_views[3]["weight"].untyped_storage().data_ptr() for m in low}
+        kept = {m._lowp_views[2]["weight"].untyped_storage().data_ptr() for m in low}
         assert len(kept) == 1                            # no layer holds on to an outgrown buffer
         for m in (ref, low):
             m[1].weight.mul_(0.5)                        # a re-merge writes into the stored weights
@@ -168,6 +168,10 @@ def test_low_precision_layers_compute_with_the_weights_as_they_are_now():
         for m, dt in ((ref, torch.float32), (low, torch.float16)):    # narrower: new shapes
             m[1].weight, m[1].bias = nn.Parameter(w1.to(dt)), nn.Parameter(b1.to(dt))
             m[2].weight = nn.Parameter(w2.to(dt))
+        assert torch.equal(low(x), ref(x))
+        w1, b1, w2 = torch.randn(48, 16).half(), torch.randn(48).half(), torch.randn(4, 48).half()
+        for m, dt in ((ref, torch.float32), (low, torch.float16)):    # same objects, new shapes
+            m[1].weight.data, m[1].bias.data, m[2].weight.data = w1.to(dt), b1.to(dt), w2.to(dt)
         assert torch.equal(low(x), ref(x))
         with pytest.raises(RuntimeError):
             low(torch.randn(3, 5))                       # a forward that fails puts the weights back

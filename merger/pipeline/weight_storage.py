@@ -40,8 +40,8 @@ class _Scratch:
 def _forward(self: nn.Module, *args, **kwargs):
     """The layer's own forward with its parameters swapped for compute-dtype copies, put back
     afterwards (also when the forward raises). A forward of its own, not a pre- and a post-hook:
-    a module with hooks takes torch's slow call path, and the two hooks cost a tiny model's
-    generation about as much as its layers' arithmetic."""
+    a module with hooks takes torch's slow call path (a 32x32 Linear: 59-81 µs a call with the
+    two hooks, 32-49 µs this way, 12 µs for an fp32 layer)."""
     params = self._parameters
     stored = {n: p for n, p in params.items() if p is not None}
     scratch = self._lowp_scratch
@@ -58,21 +58,21 @@ def _forward(self: nn.Module, *args, **kwargs):
 
 def _views(module: nn.Module, stored: dict[str, torch.Tensor], flat: torch.Tensor,
            buf: torch.Tensor) -> dict[str, nn.Parameter]:
-    """The layer's compute-dtype parameters: views of the scratch buffer, made once and kept
-    while the buffer and the stored parameters stay the same objects (a merge writes into the
-    stored ones in place). Making them on every call (a new ``nn.Parameter`` per weight) was a
-    fifth of a tiny model's generation time on the CPU. A layer's views keep the buffer they
-    were cut from alive until the layer runs again: while a module tree's buffer grows (its
-    first forward pass), not after."""
+    """The layer's compute-dtype parameters: views of the scratch buffer ``buf`` (``flat`` its
+    first part), made once and kept while the buffer and the stored parameters stay the same
+    objects of the same shapes (a merge writes into the stored ones in place). Making them on
+    every call (a new ``nn.Parameter`` per weight) took a tiny SD1 generation from 0.18-0.21
+    to 0.21-0.24 s. A layer's views keep the buffer they were cut from alive until the layer
+    runs again: while a module tree's buffer grows (its first forward pass), not after."""
     kept = module.__dict__.get("_lowp_views")
-    if (kept is not None and kept[0] is buf and kept[1] == flat.numel()
-            and len(kept[2]) == len(stored) and all(kept[2].get(n) is p for n, p in stored.items())):
-        return kept[3]
+    if (kept is not None and kept[0] is buf and kept[2].keys() == stored.keys()
+            and all(kept[1][n] is p and kept[2][n].shape == p.shape for n, p in stored.items())):
+        return kept[2]
     views, at = {}, 0
     for name, p in stored.items():
         views[name] = nn.Parameter(flat[at: at + p.numel()].view(p.shape), requires_grad=False)
         at += p.numel()
-    module._lowp_views = (buf, flat.numel(), dict(stored), views)
+    module._lowp_views = (buf, dict(stored), views)
     return views
 
 
