@@ -1,5 +1,6 @@
 """A pytest plugin that times a fixed torch workload at the start of every test module, to see
-whether the test process itself gets slower as the suite runs (it does: see README, "Tests").
+whether the test process itself gets slower as the suite runs (it does: see README, below the
+test command).
 
     PYTHONPATH=bench python -m pytest -q -s -p suite_probe tests/
 
