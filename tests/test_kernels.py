@@ -221,3 +221,39 @@ def test_avx2_permutes_store_what_the_vector_compress_stores():
                                               for i in range(3)]
     # a table row per 8-lane mask: the set lanes first, in order
     assert ties_kth.LANE_TABLE[0b10110010, :4].tolist() == [1, 4, 5, 7]
+
+
+def test_kernel_workers_run_torch_on_one_thread_and_leave_other_threads_alone():
+    """The workers' torch ops stay single-threaded even after the main thread resets torch's
+    thread count (before, their first parallel op took the reset count and opened an OpenMP team,
+    which slowed the rest of the process's kernels 1.5-2x), and threads started after the workers
+    keep torch's count (before, they all ran torch on one core)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from merger.engine.omp_threads import one_torch_thread
+
+    def fresh_thread_count() -> int:
+        seen: list[int] = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        return seen[0]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    pool = ThreadPoolExecutor(2, initializer=one_torch_thread)
+    try:
+        assert list(pool.map(lambda _: 0, range(4))) == [0] * 4          # both workers started
+        assert fresh_thread_count() == 2
+        torch.set_num_threads(2)                                          # e.g. a test restoring it
+        x, w = torch.randn(1, 8, 16, 16), torch.randn(8, 8, 3, 3)
+
+        def op(_):
+            torch.nn.functional.conv2d(x, w, padding=1)
+            return torch.get_num_threads()
+        assert list(pool.map(op, range(8))) == [1] * 8
+        assert fresh_thread_count() == 2 and torch.get_num_threads() == 2
+    finally:
+        pool.shutdown()
+        torch.set_num_threads(before)

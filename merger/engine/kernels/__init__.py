@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..omp_threads import one_torch_thread
+
 try:  # pinned in requirements.txt; without it the callers keep their torch paths
     import numba  # noqa: F401
     HAVE_NUMBA = True
@@ -95,14 +97,14 @@ _pool: tuple[int, ThreadPoolExecutor] | None = None
 
 def workers() -> ThreadPoolExecutor:
     """The kernels' worker threads, one per core (at most 8): each kernel call gets a share of
-    the elements (:func:`parts`) or a whole tensor. torch runs single-threaded inside them (a
-    per-thread setting): their torch ops then open no OpenMP teams of their own, whose idle
-    spinning slowed the main thread's kernels 2x. Made again in a forked child, where the
-    parent's threads do not exist."""
+    the elements (:func:`parts`) or a whole tensor. torch runs single-threaded inside them
+    (:func:`..omp_threads.one_torch_thread`, for this thread alone): their torch ops then open no
+    OpenMP teams of their own, which slowed every other thread's kernels 1.5-2x. Made again in a
+    forked child, where the parent's threads do not exist."""
     global _pool
     if _pool is None or _pool[0] != os.getpid():
         _pool = (os.getpid(), ThreadPoolExecutor(min(8, os.cpu_count() or 2), thread_name_prefix="kernels",
-                                                 initializer=lambda: torch.set_num_threads(1)))
+                                                 initializer=one_torch_thread))
     return _pool[1]
 
 
