@@ -1,6 +1,7 @@
 """A pytest plugin that times a fixed torch workload at the start of every test module, to see
-whether the test process itself gets slower as the suite runs (it does: see README, below the
-test command).
+whether the test process itself gets slower as the suite runs (it did, 1.6-2.3x from
+``test_lora`` on, until the kernels' workers stopped changing torch's process-wide thread count:
+see README, below the test command).
 
     PYTHONPATH=bench python -m pytest -q -s -p suite_probe tests/
 
@@ -8,7 +9,9 @@ Each module prints one line: the median of 5 × 200 3×3 convolutions (64 channe
 5 × 200 256² matmuls, each as a ratio to the same figures taken at the first module of the run,
 plus the torch and OpenMP thread settings and the process's thread count. A ratio near 2 from
 some module on, with the machine otherwise idle, means torch's parallel kernels in this process
-lost their second core."""
+lost their second core: look for a thread that opened an OpenMP team of its own (``strace -f -e
+clone3`` on the process, then ``gdb -batch -ex 'thread apply all bt'``: helpers wait in
+``gomp_thread_start``)."""
 from __future__ import annotations
 
 import ctypes
