@@ -3,8 +3,8 @@
 ``torch.set_num_threads(n)`` is not a per-thread setting, whatever it looks like. ATen keeps one
 process-wide count and sets each thread's OpenMP count from it lazily, at that thread's first
 parallel op (``at::internal::lazy_init_num_threads``). Calling it in a worker thread's
-initializer therefore did two things nobody asked for (both measured, see README, "the suite's
-slow-down"):
+initializer therefore did two things nobody asked for (both measured: README, the paragraph
+below the test command):
 
 - every thread started afterwards (a Gradio handler, the XYZ runner) ran torch on one core, and
 - a worker whose first parallel op came after someone reset the count (``torch.set_num_threads(2)``
