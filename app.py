@@ -107,8 +107,10 @@ def main(argv=None) -> int:
     workers = f"  |  {len(pool.actors)} Ray workers for plots, dice and searches" if pool else ""
     print(f"models: {ws.dirs.ckpt}  |  device: {ws.pipeline.device} ({ws.pipeline.dtype}){workers}")
     try:
+        # run_history off: the merge history is the app's own CSV; Gradio's would keep every event's
+        # inputs and outputs in the browser and rewrite them on each click (slower as the page ages)
         demo.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True,
-                    allowed_paths=[str(ws.outputs)], auth=auth, css=CSS)
+                    allowed_paths=[str(ws.outputs)], auth=auth, css=CSS, run_history=False)
     finally:
         if pool is not None:
             pool.close()

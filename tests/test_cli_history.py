@@ -1,7 +1,7 @@
 """The command line (exact interface of the issue) and the CSV merge history."""
 import csv
+import re
 import multiprocessing
-import subprocess
 import sys
 
 import pytest
@@ -12,21 +12,23 @@ from merger.files.checkpoint_io import load_checkpoint
 from merger.engine import merge
 from merger.recipe import Recipe
 from mergehistory import MergeHistory
-from tests.conftest import ROOT, write
+from tests.conftest import write
+from tests.forked_cli import run_module
 from merger.synthetic import random_checkpoint
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "merger", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+def cli(*args, fresh=False):
+    return run_module("merger", *args, fresh=fresh)
 
 
 def test_cli_merge_matches_engine_and_records_history(models, tmp_path):
+    """In a fresh interpreter, as the user runs it (the other CLI tests fork theirs from a helper
+    that has the modules imported: ``tests/forked_cli.py``)."""
     out = tmp_path / "out.safetensors"
     hist = tmp_path / "h.csv"
     r = cli("merge", "--model-a", models["a"], "--model-b", models["b"], "--model-c", models["c"],
             "--mode", "add_difference", "--alpha", "0.6", "--mbw-alpha", "GRAD_V", "--exclude", "BASE attn2",
-            "--adjust", "0,0,0,0,1,0,0,0", "--output", out, "--fp16", "--prune", "--history", hist)
+            "--adjust", "0,0,0,0,1,0,0,0", "--output", out, "--fp16", "--prune", "--history", hist, fresh=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(out)
     m = {s: load_checkpoint(p) for s, p in models.items()}
@@ -68,6 +70,32 @@ def test_cli_bad_input_one_line_reason(models, tmp_path, extra, msg):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], r.stderr
     assert not out.exists()
+
+
+def test_forked_cli_gives_what_a_fresh_interpreter_gives(models, tmp_path):
+    """The test harness's forked ``python -m merger`` (``tests/forked_cli.py``) against a real
+    interpreter: the same exit code, stdout and stderr, the progress bar's carriage returns
+    included, for a merge, a refusal and a usage error."""
+    out = tmp_path / "out"
+    out.mkdir()
+    cases = [["merge", "--model-a", models["a"], "--model-b", models["b"], "--mode", "weight_sum", "--alpha", "0.3",
+              "--output", out / "o.safetensors", "--no-history"],
+             ["merge", "--model-a", models["a"], "--model-b", models["b"], "--mode", "weight_sum",
+              "--output", out / "o.safetensors", "--no-history"],              # now it exists: refused
+             ["merge", "--alpha"]]
+    for args in cases:
+        forked, fresh = cli(*args), None
+        if args is cases[0]:
+            (out / "o.safetensors").rename(out / "first.safetensors")
+        fresh = cli(*args, fresh=True)
+        assert (forked.returncode, forked.stdout) == (fresh.returncode, fresh.stdout)
+        if args is cases[0]:       # the bar: its first and last lines, the speed aside (how many between is timing)
+            bars = [[re.sub(r"[\d.]+key/s", "key/s", r.stderr.splitlines()[i]) for i in (0, 1, -1)] for r in (forked, fresh)]
+            assert bars[0] == bars[1] and "merging: 100%" in bars[0][-1], bars
+        else:
+            assert forked.stderr == fresh.stderr
+    assert forked.returncode == 2 and "expected one argument" in forked.stderr
+    assert st.load_file(str(out / "first.safetensors")).keys() == st.load_file(str(out / "o.safetensors")).keys()
 
 
 def test_cli_existing_output_refused(models, tmp_path):

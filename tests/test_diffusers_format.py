@@ -3,9 +3,6 @@ exact LDM tensors, listed and hashed as one model, merged with LDM files, and me
 diffusers folders that diffusers loads."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import safetensors.torch as st
 import torch
@@ -19,7 +16,7 @@ from merger.pipeline.resident import ResidentPipeline
 from merger.recipe import Recipe
 from merger.synthetic import random_checkpoint
 from merger.workstation import Workstation
-from tests.conftest import ROOT
+from tests.forked_cli import run_module
 
 ARCHS = ("sd1", "sd2", "sdxl")
 GEN = GenParams(prompt="a cat", steps=1, width=64, height=64, seed=1)
@@ -112,10 +109,8 @@ def test_lone_diffusers_unet_file_is_a_unet_only_model(dirs, tmp_path):
 def test_cli_save_format_diffusers_loads_in_diffusers(dirs, tmp_path, arch):
     out = tmp_path / f"{arch}-merged"
     a, b = dirs.ckpt / f"{arch}-A.safetensors", dirs.ckpt / f"{arch}-B.safetensors"
-    r = subprocess.run([sys.executable, "-m", "merger", "merge", "--model-a", str(a), "--model-b", str(b),
-                        "--mode", "weight_sum", "--alpha", "0.6", "--save-format", "diffusers",
-                        "--output", str(out), "--no-history", "--quiet"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    r = run_module("merger", "merge", "--model-a", a, "--model-b", b, "--mode", "weight_sum", "--alpha", "0.6",
+                   "--save-format", "diffusers", "--output", out, "--no-history", "--quiet")
     assert r.returncode == 0, r.stderr
     assert (out / "model_index.json").is_file() and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     want = merge(Recipe("a", "b", alpha=0.6), load_checkpoint(a), load_checkpoint(b)).tensors
@@ -125,7 +120,6 @@ def test_cli_save_format_diffusers_loads_in_diffusers(dirs, tmp_path, arch):
     pipe = cls.from_pretrained(str(out), local_files_only=True, torch_dtype=torch.float32, **kw)
     k = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
     assert torch.equal(pipe.unet.down_blocks[0].resnets[0].conv1.weight, want[k])
-    again = subprocess.run([sys.executable, "-m", "merger", "merge", "--model-a", str(a), "--model-b", str(b),
-                            "--mode", "weight_sum", "--save-format", "diffusers", "--output", str(out),
-                            "--no-history", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = run_module("merger", "merge", "--model-a", a, "--model-b", b, "--mode", "weight_sum",
+                       "--save-format", "diffusers", "--output", out, "--no-history", "--quiet")
     assert again.returncode == 1 and "already exists" in again.stderr and "--overwrite" in again.stderr

@@ -154,23 +154,21 @@ def test_wrong_architecture_and_bad_files_are_clear(base, tmp_path):
 
 
 def test_cli_merge_and_info(base, tmp_path):
-    import subprocess
-    import sys as _sys
-
-    from tests.conftest import ROOT
+    """The first call in a fresh interpreter, as the user runs it; the others forked
+    (``tests/forked_cli.py``)."""
+    from tests.forked_cli import run_module
     ck = save(tmp_path, "base.safetensors", base)
     save(tmp_path, "demo.safetensors", demo_lora(base), {"ss_network_module": "networks.lora", "ss_network_dim": "4"})
     out = tmp_path / "out.safetensors"
-    r = subprocess.run([_sys.executable, "-m", "lora_ops", "merge-ckpt", "--model", ck, "--loras", "demo:0.5:OUTALL",
-                        "--lora-dir", tmp_path, "--output", out], cwd=ROOT, capture_output=True, text=True)
+    r = run_module("lora_ops", "merge-ckpt", "--model", ck, "--loras", "demo:0.5:OUTALL", "--lora-dir", tmp_path,
+                   "--output", out, fresh=True)
     assert r.returncode == 0 and r.stdout.strip() == str(out), r.stderr
     merged = st.load_file(str(out))
     assert sum(not torch.equal(merged[k], base[k]) for k in base) > 50
-    r = subprocess.run([_sys.executable, "-m", "lora_ops", "info", tmp_path / "demo.safetensors"], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = run_module("lora_ops", "info", tmp_path / "demo.safetensors")
     assert r.returncode == 0 and "LoRA, " in r.stdout and "dim 4" in r.stdout and "ss_network_dim: 4" in r.stdout
-    r = subprocess.run([_sys.executable, "-m", "lora_ops", "merge-ckpt", "--model", ck, "--loras", "nope:1",
-                        "--lora-dir", tmp_path, "--output", tmp_path / "x.safetensors"], cwd=ROOT, capture_output=True, text=True)
+    r = run_module("lora_ops", "merge-ckpt", "--model", ck, "--loras", "nope:1", "--lora-dir", tmp_path,
+                   "--output", tmp_path / "x.safetensors")
     assert r.returncode == 1 and r.stderr.strip().startswith("error: LoRA not found: nope")
 
 
@@ -284,14 +282,12 @@ def save_tmp(sd):
 
 
 def test_cli_merge_loras_and_extract(base, tmp_path):
-    import subprocess
-    import sys as _sys
-
-    from tests.conftest import ROOT
+    from tests.forked_cli import run_module
     save(tmp_path, "a.safetensors", demo_lora(base, seed=1))
     save(tmp_path, "b.safetensors", demo_lora(base, seed=2))
-    run = lambda *a: subprocess.run([_sys.executable, "-m", "lora_ops", *map(str, a)], cwd=ROOT,  # noqa: E731
-                                    capture_output=True, text=True)
+
+    def run(*a):
+        return run_module("lora_ops", *a)
     for method in ("same-rank", "concat", "svd"):
         out = tmp_path / f"m-{method}.safetensors"
         r = run("merge-loras", "--loras", "a:0.6, b:0.4", "--lora-dir", tmp_path, "--method", method,

@@ -1,7 +1,4 @@
 """N-model methods through the app: CLI, workstation merge + history recall, XYZ axes and dice."""
-import subprocess
-import sys
-
 import pytest
 import safetensors.torch as st
 import torch
@@ -14,15 +11,14 @@ from merger.pipeline.generate import GenParams
 from merger.recipe import Recipe
 from merger.sweeps.xyz_run import PlotSpec, prepare, run
 from mergehistory import MergeHistory
-from tests.conftest import ROOT
+from tests.forked_cli import run_module
 
 A, B, C = "demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors", "demo-sd1-tiny-C.safetensors"
 GEN = GenParams(prompt="cat", steps=1, width=64, height=64, seed=3)
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "merger", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    return run_module("merger", *args)
 
 
 def test_cli_method_merge_matches_engine_and_history(models, tmp_path):

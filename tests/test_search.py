@@ -225,26 +225,21 @@ def test_recipe_for_keeps_unsearched_blocks(ws):
 
 
 def test_cli_search_runs_resumes_and_refuses_an_empty_space(ws, tmp_path):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
+    from tests.forked_cli import run_module
     ref = tmp_path / "ref.png"
     target_images(ws, {"OUT11": 0.9})[0].save(ref)
-    base = [sys.executable, "-m", "merger", "search", "--models-dir", str(ws.dirs.ckpt.parent), "--model-a", A,
+    base = ["search", "--models-dir", str(ws.dirs.ckpt.parent), "--model-a", A,
             "--model-b", B, "--objective", "like", "--reference", str(ref), "--steps", "2", "--size", "64",
             "--study", "cli", "--quiet"]
-    r = subprocess.run(base + ["--blocks", "BASE OUT11", "--trials", "3"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
+    r = run_module("merger", *base, "--blocks", "BASE OUT11", "--trials", "3")
     assert r.returncode == 0, r.stderr
     assert "best: trial" in r.stdout and "alpha OUT11 =" in r.stdout and "0 trial(s) already done" in r.stderr
-    r2 = subprocess.run(base + ["--blocks", "BASE OUT11", "--trials", "5"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=300)
+    r2 = run_module("merger", *base, "--blocks", "BASE OUT11", "--trials", "5")
     assert r2.returncode == 0 and "3 trial(s) already done" in r2.stderr, r2.stderr
     from mergehistory import MergeHistory
     rows = [MergeHistory().get(i) for i in range(1, len(MergeHistory()) + 1)]
     assert sum(row["source"] == "search" for row in rows) >= 5
-    bad = subprocess.run(base + ["--trials", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    bad = run_module("merger", *base, "--trials", "2")
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error:") and "nothing to search" in bad.stderr
 
 

@@ -206,15 +206,11 @@ def test_mixed_precisions_merge_in_model_a_dtype_without_loss(ws):
 
 
 def test_cli_ema_option(ws, tmp_path):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
+    from tests.forked_cli import run_module
     out = tmp_path / "ema.safetensors"
     f = ws.dirs.ckpt / "sd1-with-ema.safetensors"
-    r = subprocess.run([sys.executable, "-m", "merger", "merge", "--model-a", str(f), "--model-b", str(f),
-                        "--mode", "weight_sum", "--ema", "--output", str(out), "--no-history", "--quiet"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = run_module("merger", "merge", "--model-a", f, "--model-b", f, "--mode", "weight_sum", "--ema", "--output", out,
+                   "--no-history", "--quiet")
     assert r.returncode == 0, r.stderr
     got = st.load_file(str(out))
     assert torch.equal(got["model.diffusion_model.out.2.bias"],
