@@ -29,9 +29,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # what the helper imports once: the two command lines and the libraries they load lazily
 PRELOAD = ("merger.cli", "lora_ops.cli", "torch", "numba", "safetensors.torch", "diffusers", "transformers",
            "optuna", "PIL.Image")
-# variables a module reads while it loads: a call that changes one needs a fresh interpreter
+# variables read while the interpreter starts or a module loads: a call that changes one needs a
+# fresh interpreter
 IMPORT_TIME_ENV = ("NUMBA_", "OMP_", "MKL_", "KMP_", "GOMP_", "PYTORCH_", "TORCH", "CUDA", "HF_", "TRANSFORMERS_",
                    "DIFFUSERS_", "PYTHON", "LD_", "GRADIO_", "OPENBLAS", "SDMW_COMPILE", "SDMW_DEBUG")
+# ... except these, which the suite's own process sets on the way and a fresh interpreter would
+# either read only when used or set the same itself: Ray's driver sets PYTHONBREAKPOINT,
+# Inductor's first compile its cache folder, joblib's import (setdefault) two Intel OpenMP flags
+READ_WHEN_USED = {"PYTHONBREAKPOINT", "TORCHINDUCTOR_CACHE_DIR", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"}
 
 
 # ------------------------------------------------------------------------------------------ helper
@@ -139,8 +144,12 @@ class _Helper:
     def usable(self, env: dict) -> bool:
         if os.environ.get("SDMW_FORKED_CLI") == "0" or not hasattr(os, "fork") or not self.start():
             return False
-        keys = set(env) | set(self.env)
-        return not any(k.startswith(IMPORT_TIME_ENV) and env.get(k) != self.env.get(k) for k in keys)
+        changed = sorted(k for k in set(env) | set(self.env)
+                         if k.startswith(IMPORT_TIME_ENV) and k not in READ_WHEN_USED and env.get(k) != self.env.get(k))
+        if changed:           # correct, only slower: said, so that a variable set on the way is noticed
+            import warnings
+            warnings.warn(f"forked CLI: a fresh interpreter, as {', '.join(changed)} changed", stacklevel=3)
+        return not changed
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
