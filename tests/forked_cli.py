@@ -17,6 +17,7 @@ A few tests still start the real interpreter on purpose (``SDMW_FORKED_CLI=0`` f
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
@@ -45,7 +46,6 @@ def _child(req: dict) -> None:
     helper's own ``sys.stdout``/``sys.stderr`` objects stay: they write to fds 1 and 2, now the
     files, and were made for pipes as an interpreter started with ``capture_output`` makes them
     (stdout block-buffered, stderr line-buffered)."""
-    import atexit
     import runpy
     import traceback
     os.chdir(req["cwd"])
@@ -142,7 +142,11 @@ class _Helper:
         return self.ready and self.proc.poll() is None
 
     def usable(self, env: dict) -> bool:
-        if os.environ.get("SDMW_FORKED_CLI") == "0" or not hasattr(os, "fork") or not self.start():
+        if os.environ.get("SDMW_FORKED_CLI") == "0" or not hasattr(os, "fork"):
+            return False
+        if not self.start():
+            import warnings
+            warnings.warn("forked CLI: a fresh interpreter, as the helper is not running", stacklevel=3)
             return False
         changed = sorted(k for k in set(env) | set(self.env)
                          if k.startswith(IMPORT_TIME_ENV) and k not in READ_WHEN_USED and env.get(k) != self.env.get(k))
@@ -197,7 +201,5 @@ def run_module(module: str, *args, cwd=ROOT, env: dict | None = None, timeout: f
 def stop_helper() -> None:
     _HELPER.stop()
 
-
-import atexit  # noqa: E402
 
 atexit.register(stop_helper)
