@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random checkpoints with real LDM key names, an isolated data folder,
 and no network."""
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -73,3 +74,51 @@ def demo_ws(tmp_path):
     dirs = ModelDirs.from_models_dir(tmp_path / "models")
     ensure_demo_models(dirs)
     return Workstation(dirs, device="cpu", dtype=torch.float32, outputs=tmp_path / "out")
+
+
+@pytest.fixture(scope="session")
+def browser_app(tmp_path_factory):
+    """The real app (``app.py``) on the demo models, for the browser tests (``test_browser*``),
+    started once for the session; its data folder and log under one temporary folder."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from merger.demo import ensure_demo_models
+    from merger.files.model_dirs import ModelDirs
+    base = tmp_path_factory.mktemp("app")
+    dirs = ModelDirs.from_models_dir(base / "models")
+    ensure_demo_models(dirs)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, SDMW_DATA_DIR=str(base / "data"), GRADIO_ANALYTICS_ENABLED="False")
+    log = open(base / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--models-dir", str(base / "models"), "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((base / "app.log").read_text())
+            time.sleep(0.5)
+    yield {"url": url, "dirs": dirs, "data": base / "data"}
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def chromium(browser_app):
+    """Debian's headless Chromium under Playwright, once for the session (each module opens its
+    own page)."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", "--disable-sync"])
+        yield browser
+        browser.close()

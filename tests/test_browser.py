@@ -1,18 +1,12 @@
 """End-to-end: the real app on demo models, driven by Playwright in Debian's headless Chromium."""
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from merger.files.checkpoint_io import load_checkpoint
-from merger.demo import ensure_demo_models
-from merger.files.model_dirs import ModelDirs
 from tests.conftest import ROOT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -20,52 +14,26 @@ if not Path(CHROMIUM).exists():
     if os.environ.get("CI"):
         raise RuntimeError("CI needs Debian's chromium (apt-get install -y chromium)")
     pytest.skip("chromium is not installed (apt-get install -y chromium)", allow_module_level=True)
-sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+pytest.importorskip("playwright.sync_api")
 SCREENSHOT = ROOT / "docs" / "merge-tab.png"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def app(browser_app):
+    """The app for this module: one app process for every browser test module (conftest's
+    ``browser_app``; each start took 9-10 s of imports and demo models)."""
+    return browser_app
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    base = tmp_path_factory.mktemp("app")
-    dirs = ModelDirs.from_models_dir(base / "models")
-    ensure_demo_models(dirs)
-    port = free_port()
-    env = dict(os.environ, SDMW_DATA_DIR=str(base / "data"), GRADIO_ANALYTICS_ENABLED="False")
-    log = open(base / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--models-dir", str(base / "models"), "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError((base / "app.log").read_text())
-            time.sleep(0.5)
-    yield {"url": url, "dirs": dirs, "data": base / "data"}
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def page(app):
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run", "--disable-sync"])
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.goto(app["url"])
-        pg.wait_for_selector("#merge_gen")
-        pg.fill("#prompt textarea", "a cat --w 64 --h 64 --s 3 --d 1")
-        yield pg
-        browser.close()
+def page(app, chromium):
+    """A fresh page on the shared app and browser for each module."""
+    pg = chromium.new_page(viewport={"width": 1400, "height": 1000})
+    pg.goto(app["url"])
+    pg.wait_for_selector("#merge_gen")
+    pg.fill("#prompt textarea", "a cat --w 64 --h 64 --s 3 --d 1")
+    yield pg
+    pg.close()
 
 
 def status(pg, sel="#status textarea") -> str:
