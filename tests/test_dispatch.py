@@ -4,8 +4,10 @@ cell re-run and every cell lands once in the grid and the history; Stop keeps th
 a search runs its trials on the workers; shipped model files reach workers that cannot see the
 model folder; a worker that cannot start is reported.
 
-The tests that start their own Ray instance come first: the module's shared pool is started by
-the first test that asks for it and holds the local instance until the module ends."""
+The tests that start their own Ray instance (and check that it is shut down) come first. The
+others share one local instance (``local_ray``: each start and shutdown took 5-6 s here), on
+which their pools start without stopping it; the module's shared pool (``cluster``) is started by
+the first test that asks for it."""
 from __future__ import annotations
 
 import json
@@ -13,6 +15,7 @@ import os
 import re
 import signal
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +24,8 @@ import torch
 
 from merger.errors import MergeError
 from merger.pipeline.generate import GenParams
-from merger.sweeps.dispatch import Pool, PoolSettings, _contiguous_runs, clean_mirror, start_pool
+from merger.sweeps.dispatch import (Pool, PoolSettings, _contiguous_runs, clean_mirror, ray_init_options,
+                                    start_pool)
 from merger.sweeps.xyz_run import PlotSpec, prepare, run
 
 ray = pytest.importorskip("ray")
@@ -67,32 +71,6 @@ def test_a_worker_that_cannot_start_is_reported(tmp_path):
     with pytest.raises(MergeError, match=r"could not start: .*model folder .*nowhere is not visible"):
         Pool.start(PoolSettings(workers=1), missing)
     assert not ray.is_initialized()          # the pool it started was shut down
-    with pytest.raises(MergeError, match="1 GPU workers asked for, the Ray cluster has 0"):
-        Pool.start(PoolSettings(workers=1, device="cuda"), missing)
-    assert not ray.is_initialized()
-
-
-def test_shipped_models_reach_workers_that_cannot_see_the_folder(tmp_path):
-    """--ship-models: the workers read the checkpoints from the object store into their node's
-    mirror folder (here the same machine, but a folder the workers do not share with the app)."""
-    clean_mirror()
-    ws = make_ws(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)          # the in-process run uses the workers' thread count, as the other tests here:
-    try:                              # on a Zen 3 a U-Net step on 2 threads differs in the last bits
-        local = run(ws, plot(ws, x=("alpha", "0.3,0.7"), y=("none", "")))
-        pool = start_pool(ws, 2, ship_models=True)
-        try:
-            shipped = run(ws, plot(ws, x=("alpha", "0.3,0.7"), y=("none", "")))
-        finally:
-            pool.close()
-            ws.pool = None
-    finally:
-        torch.set_num_threads(threads)
-    mirror = Path(tempfile.gettempdir()) / "sdmw-shipped" / "ckpt"
-    assert sorted(p.name for p in mirror.iterdir()) == [A, B]
-    assert [pixels(p) for p, _, _ in shipped.cells] == [pixels(p) for p, _, _ in local.cells]
-    clean_mirror()
 
 
 def test_cli_plot_and_dice_on_workers(tmp_path, capsys, monkeypatch):
@@ -116,7 +94,59 @@ def test_cli_plot_and_dice_on_workers(tmp_path, capsys, monkeypatch):
     del ws
 
 
-def test_flux_cells_on_workers_equal_in_process(tmp_path):
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance, started as a pool starts it, for the rest of the module."""
+    assert not ray.is_initialized()
+    ray.init(**ray_init_options(PoolSettings(workers=2)))
+    yield ray
+    ray.shutdown()
+
+
+def close(pool, ws) -> None:
+    """Close a pool on the shared instance (which stays up) and wait until its actors' CPUs are
+    free again (``ray.kill`` returns before they are), for the next pool's resource check."""
+    pool.close()
+    ws.pool = None
+    assert ray.is_initialized()
+    total = ray.cluster_resources()["CPU"]
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < total:
+        assert time.monotonic() < deadline, "the closed pool's actors still hold their CPUs"
+        time.sleep(0.05)
+
+
+def test_a_gpu_pool_on_a_cluster_without_gpus_is_refused(tmp_path, local_ray):
+    from merger.files.model_dirs import ModelDirs
+    missing = ModelDirs(tmp_path / "nowhere", tmp_path / "l", tmp_path / "v")
+    with pytest.raises(MergeError, match="1 GPU workers asked for, the Ray cluster has 0"):
+        Pool.start(PoolSettings(workers=1, device="cuda"), missing)
+    assert ray.is_initialized()              # a Ray instance the pool joined is not the pool's to stop
+
+
+def test_shipped_models_reach_workers_that_cannot_see_the_folder(tmp_path, local_ray):
+    """--ship-models: the workers read the checkpoints from the object store into their node's
+    mirror folder (here the same machine, but a folder the workers do not share with the app)."""
+    clean_mirror()
+    ws = make_ws(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # the in-process run uses the workers' thread count, as the other tests here:
+    try:                              # on a Zen 3 a U-Net step on 2 threads differs in the last bits
+        local = run(ws, plot(ws, x=("alpha", "0.3,0.7"), y=("none", "")))
+        pool = start_pool(ws, 2, ship_models=True)
+        try:
+            shipped = run(ws, plot(ws, x=("alpha", "0.3,0.7"), y=("none", "")))
+        finally:
+            close(pool, ws)
+    finally:
+        torch.set_num_threads(threads)
+    mirror = Path(tempfile.gettempdir()) / "sdmw-shipped" / "ckpt"
+    assert sorted(p.name for p in mirror.iterdir()) == [A, B]
+    assert [pixels(p) for p, _, _ in shipped.cells] == [pixels(p) for p, _, _ in local.cells]
+    clean_mirror()
+
+
+def test_flux_cells_on_workers_equal_in_process(tmp_path, local_ray):
     """A Flux plot on 2 workers: each worker gets the app's T5 tokenizer folder (--t5-tokenizer) and
     renders the in-process pictures."""
     import safetensors.torch as st
@@ -138,8 +168,7 @@ def test_flux_cells_on_workers_equal_in_process(tmp_path):
         try:
             remote = run(ws, prepare(ws, spec))
         finally:
-            pool.close()
-            ws.pool = None
+            close(pool, ws)
     finally:
         torch.set_num_threads(threads)
     assert remote.cells_done == 2
@@ -152,14 +181,14 @@ def test_flux_cells_on_workers_equal_in_process(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, local_ray):
     ws = make_ws(tmp_path_factory.mktemp("dispatch"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                 # the in-process runs use the workers' thread count
     pool = start_pool(ws, 2)
     ws.pool = None
     yield ws, pool
-    pool.close()
+    close(pool, ws)
     torch.set_num_threads(threads)
 
 

@@ -178,13 +178,8 @@ class Pool:
             raise MergeError("scaling out needs Ray: pip install -r requirements.txt") from None
         started = not ray.is_initialized()
         if started:
-            env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
-                [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
-                "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}}
-            kw = {"address": settings.address} if settings.address else {
-                "num_cpus": max(settings.workers, os.cpu_count() or 1), "include_dashboard": False}
             try:
-                ray.init(runtime_env=env, log_to_driver=False, configure_logging=False, **kw)
+                ray.init(**ray_init_options(settings))
             except Exception as e:  # noqa: BLE001 - connection and start errors as one line
                 raise MergeError(f"could not start or join Ray ({settings.address or 'local'}): "
                                  f"{str(e).splitlines()[0][:200]}") from None
@@ -353,6 +348,17 @@ def _cause(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     last = [ln for ln in text if ln.strip()][-1] if text else type(e).__name__
     return last[:300]
+
+
+def ray_init_options(settings: PoolSettings) -> dict:
+    """``ray.init``'s arguments for a pool that starts (or joins) Ray itself: the workers import
+    this checkout (PYTHONPATH), offline; a local instance counts at least one CPU per worker."""
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+        "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}}
+    kw = {"address": settings.address} if settings.address else {
+        "num_cpus": max(settings.workers, os.cpu_count() or 1), "include_dashboard": False}
+    return {"runtime_env": env, "log_to_driver": False, "configure_logging": False, **kw}
 
 
 def start_pool(ws, workers: int | None, address: str | None = None, ship_models: bool = False,
