@@ -266,6 +266,27 @@ def test_nan_in_a_fp8_input_is_reported_before_merging():
         merge(Recipe("a", "b", alpha=0.5), a8, flux(2, E4M3))
 
 
+@pytest.mark.parametrize("dtype", [E4M3, E5M2])
+def test_float8_scan_agrees_with_float32_for_every_bit_pattern(dtype):
+    """``finite_top`` reads float8 as bytes: for each of the 256 patterns alone, and for a tensor
+    of all of them with the non-finite ones left out, the answer of widening to float32."""
+    from merger.engine.tensor_ops import finite_top
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype)
+    wide = every.float()
+    for i in range(256):
+        w = wide[i].item()
+        want = (True, abs(w)) if math.isfinite(w) else (False, None)
+        got = finite_top(every[i:i + 1].repeat(5))
+        assert got[0] == want[0] and (not got[0] or got[1] == want[1]), (i, got, want)
+    ok = torch.isfinite(wide)
+    for k in (1, 7, 1 << 22):                        # within one chunk, over several
+        sample = every[ok].repeat(k // ok.sum().item() + 1)[: max(k, int(ok.sum()))]
+        assert finite_top(sample) == (True, sample.float().abs().max().item())
+    with_bad = torch.cat([every[ok].repeat(20000), every[~ok][:1]])    # the bad one in the second chunk
+    assert finite_top(with_bad)[0] is False
+    assert finite_top(every[:0]) == (True, 0.0)
+
+
 # ----------------------------------------------------------------------------- saving
 def test_bare_a_saves_bare_in_the_chosen_dtype_and_all_in_one_keeps_its_parts(tmp_path):
     a = load_checkpoint(write_flux(tmp_path, "a.safetensors", 1, E4M3, bare=True))
@@ -310,17 +331,17 @@ def test_a_streamed_fp8_save_loads_in_diffusers_with_equal_weights(tmp_path):
     width, 3072, so this model has real widths and one block of each kind: 0.55 B params.)"""
     from diffusers import FluxTransformer2DModel
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+    from merger.files.saving import write_safetensors_stream
     layout = flux_layout("full", all_in_one=False, bare=True, depth=1, depth_single=1)
     pool = torch.empty(1 << 24).uniform_(-0.05, 0.05, generator=torch.Generator().manual_seed(0))
     for name, seed, dtype in (("a.safetensors", 1, torch.bfloat16), ("b.safetensors", 2, E4M3)):
-        sd = {}
-        for i, (k, shape) in enumerate(layout.items()):      # slices of a random pool (fast to make)
-            n, off = math.prod(shape), (seed * 7919 + i * 104729) % (1 << 23)
-            reps = -(-(off + n) // pool.numel())
-            flat = pool[off:off + n] if reps == 1 else pool.repeat(reps)[off:off + n]
-            sd[k] = flat.reshape(shape).to(dtype)
-        st.save_file(sd, str(tmp_path / name))
-        del sd
+        wide = pool.to(dtype).repeat(5)            # slices of a random pool (fast to make), streamed
+        offsets = [(seed * 7919 + i * 104729) % (1 << 23) for i in range(len(layout))]
+        assert max(math.prod(s) for s in layout.values()) + (1 << 23) <= wide.numel()
+        with open(tmp_path / name, "wb") as f:
+            write_safetensors_stream(f, {k: (shape, dtype) for k, shape in layout.items()},
+                                     ((k, wide[o:o + math.prod(shape)].reshape(shape))
+                                      for o, (k, shape) in zip(offsets, layout.items())))
     a, b = load_checkpoint(tmp_path / "a.safetensors"), load_checkpoint(tmp_path / "b.safetensors")
     plan = plan_merge(Recipe("a", "b", alpha=0.35, mbw_alpha=[0.35] * 61), a, b)
     out = save_merge(plan, tmp_path / "m.safetensors", SaveOptions(dtype="fp8_e4m3fn"))

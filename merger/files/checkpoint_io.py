@@ -95,16 +95,17 @@ class Checkpoint:
 
     def value_stats(self) -> tuple[frozenset[str], float]:
         """(keys holding NaN/Inf, largest finite |value|) over the float tensors; computed once
-        per loaded file (one ``aminmax`` pass, about memory speed) and cached."""
-        from ..engine.tensor_ops import aminmax
+        per loaded file (one pass, about memory speed: :func:`..engine.tensor_ops.finite_top`)
+        and cached."""
+        from ..engine.tensor_ops import finite_top
 
         def scan():
             bad, top = set(), 0.0
             for k, t in self.tensors.items():
                 if t.is_floating_point() and t.numel():
-                    lo, hi = aminmax(t)
-                    if math.isfinite(lo) and math.isfinite(hi):
-                        top = max(top, -lo, hi)
+                    finite, most = finite_top(t)
+                    if finite:
+                        top = max(top, most)
                     else:
                         bad.add(k)
             return frozenset(bad), top
