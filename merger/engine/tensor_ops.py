@@ -38,8 +38,8 @@ def finite_top(t: torch.Tensor) -> tuple[bool, float]:
     """(no NaN/Inf anywhere, largest |value|) of a float tensor: one ``aminmax`` pass (NaN
     propagates, Inf is the min or max; about memory speed). Float8 is read as bytes: with the
     sign bit cleared, its bit patterns order as its magnitudes (NaN/Inf above every finite
-    value), so one AND and one max per chunk, 10x faster than widening it to float32 (a
-    12 B-parameter float8 Flux file was scanned at 0.25 G values/s)."""
+    value), so one AND and one max per chunk: 13 G values/s on 2 cores here, against 0.30 when
+    each chunk was widened to float32 (a 12 B-parameter float8 Flux file: 40 s -> 1 s)."""
     flat = t.reshape(-1)
     if flat.numel() == 0:
         return True, 0.0
