@@ -10,6 +10,7 @@ from merger.recipe import Recipe
 from mergehistory import MergeHistory
 from tests.conftest import ROOT
 from tests.test_browser import app, click_and_wait, fill_axis, page, pick  # noqa: F401 (fixtures)
+from ui import forms
 
 A, B, C = "demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors", "demo-sd1-tiny-C.safetensors"
 XL = "demo-sdxl-tiny.safetensors"
@@ -76,6 +77,12 @@ def _load(pg, r: Recipe, rid: int) -> None:
                          arg=[r.model_a == XL])
     if r.mbw_alpha:
         assert _value(pg, "#mbw_alpha textarea") == ",".join(f"{v:g}" for v in r.mbw_alpha)
+    # a slider's value follows (sent without its visibility when the architecture stays the same)
+    arch = "sdxl" if r.model_a == XL else "sd1"
+    want = (forms.text_to_sliders(",".join(f"{v:g}" for v in r.mbw_alpha), arch) if r.mbw_alpha
+            else [0.5] * len(forms.SLIDER_BLOCKS))[forms.SLIDER_BLOCKS.index("IN03")]
+    pg.wait_for_function("([w]) => Math.abs(parseFloat(document.querySelector('#mbw_IN03 input[type=number]')"
+                         ".value) - w) < 1e-9", arg=[want], timeout=5000)
 
 
 def test_load_settings_of_every_calcmode_from_every_other_state(page, app):

@@ -205,7 +205,8 @@ def _wire(ws, mc, c):
             raise MergeError("the best trial has no merge ID (its history row could not be written)")
         return f"merge #{best.merge_id} → Merge tab: press Load settings there", str(best.merge_id)
     c["to_merge"].click(to_merge, None, [c["status"], mc["load_id"]]).then(
-        mc["load_settings"], mc["load_id"], [mc["status"]] + mc["recipe_outputs"], show_progress="hidden")
+        mc["load_settings"], [mc["load_id"], mc["arch"]], [mc["status"]] + mc["recipe_outputs"],
+        show_progress="hidden")
 
 
 def _round(search) -> int:
