@@ -287,6 +287,30 @@ def test_float8_scan_agrees_with_float32_for_every_bit_pattern(dtype):
     assert finite_top(every[:0]) == (True, 0.0)
 
 
+@pytest.mark.parametrize("src", [E4M3, E5M2])
+def test_float8_widens_by_table_exactly_as_torch(src, monkeypatch):
+    """:mod:`merger.engine.kernels.fp8`: every bit pattern (NaN included) in float32, float16 and
+    bfloat16 has torch's bits, on the calling thread and split over the workers, into a new
+    tensor or a given buffer; strided views and other dtypes are left to torch."""
+    from merger.engine.kernels.fp8 import copy_into, to_dtype, widen
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(src)
+    big = every.repeat(1000)                         # over MIN_NUMEL: split between the workers
+
+    def bits(t):
+        return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+    for dst in (torch.float32, torch.float16, torch.bfloat16):
+        for x in (every, big):
+            got = widen(x, dst)
+            assert got is not None and got.dtype == dst and torch.equal(bits(got), bits(x.to(dst)))
+        buf = torch.empty(big.numel(), dtype=dst)
+        assert copy_into(buf, big) is buf and torch.equal(bits(buf), bits(big.to(dst)))
+    assert widen(big[::2], torch.float32) is None            # strided: torch converts it
+    assert torch.equal(bits(to_dtype(big[::2], torch.float32)), bits(big[::2].float()))
+    assert widen(big.float(), torch.float16) is None
+    monkeypatch.setenv("SDMW_COMPILE", "0")                  # every fused kernel off
+    assert widen(big, torch.float32) is None
+
+
 # ----------------------------------------------------------------------------- saving
 def test_bare_a_saves_bare_in_the_chosen_dtype_and_all_in_one_keeps_its_parts(tmp_path):
     a = load_checkpoint(write_flux(tmp_path, "a.safetensors", 1, E4M3, bare=True))

@@ -20,6 +20,7 @@ from ..files.checkpoint_io import Checkpoint
 from ..recipe import Recipe
 from .adjust import apply_adjust
 from .calcmodes import CalcContext, get_calcmode
+from .kernels.fp8 import copy_into, to_dtype
 from .methods import get_method, method_args, stack_taus, with_second
 from .plan import KeyJob, MergePlan, plan_merge
 from .tensor_ops import CHUNK, chunked, finite_top, is_fp8, release_scratch, same_dtype, scratch, work_dtype
@@ -167,7 +168,7 @@ class _Runner:
                 for k, here in enumerate(present):
                     if here:
                         x = next(it)
-                        args.append(bufs[k][: x.numel()].copy_(x))
+                        args.append(copy_into(bufs[k][: x.numel()], x))     # float8 by table
                     else:
                         args.append(None)
                 val = self.cm.fn(*args, alpha, beta, mode=self.plan.recipe.mode, out=bufs[3][: o.numel()], ctx=ctx)
@@ -181,7 +182,7 @@ class _Runner:
                     self._overflow(job.key)
             chunked(res, tuple(x for x in (a, b, c) if x is not None), body, chunk=CHUNK)
             return self._finish(job, res, checked=res.dtype == a.dtype)
-        up = [None if x is None else x.to(work) for x in (a, b, c)]
+        up = [None if x is None else to_dtype(x, work) for x in (a, b, c)]
         alpha, beta = job.ratios
         if job.channels is None:
             val = self.cm.fn(*up, alpha, beta, mode=self.plan.recipe.mode, out=None, ctx=ctx)

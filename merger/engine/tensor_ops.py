@@ -79,8 +79,14 @@ def chunked(out: torch.Tensor, inputs: tuple[torch.Tensor, ...],
 
 
 def same_dtype(x: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor | None:
-    """``x`` in ``ref``'s dtype (SuperMerger converts B and C to A's precision)."""
-    return x if x is None or x.dtype == ref.dtype else x.to(ref.dtype)
+    """``x`` in ``ref``'s dtype (SuperMerger converts B and C to A's precision); float8 by table
+    (:mod:`.kernels.fp8`, torch's values)."""
+    if x is None or x.dtype == ref.dtype:
+        return x
+    if is_fp8(x.dtype):
+        from .kernels.fp8 import to_dtype
+        return to_dtype(x, ref.dtype)
+    return x.to(ref.dtype)
 
 
 class ReusableBuffer:

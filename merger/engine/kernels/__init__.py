@@ -15,6 +15,7 @@ Tensors cross over as zero-copy numpy views whose dtype names the stored format
 - :mod:`.dare`: DARE's masked weighted sum in one pass.
 - :mod:`.della_mask`: DELLA's rank-dependent masks without sorting; :mod:`.ranks`: the radix ranks.
 - :mod:`.median`: Weiszfeld's iterations and Model Stock's Gram matrix, a pass each.
+- :mod:`.fp8`: float8 widened by a 256-entry table (torch's values, 10x its conversion here).
 """
 from __future__ import annotations
 
