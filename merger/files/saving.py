@@ -219,6 +219,7 @@ class SaveTransform:
         return out
 
     def stream(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        from ..engine.kernels.fp8 import to_dtype
         for key, t in items:
             if not self.keep(key):
                 continue
@@ -227,7 +228,7 @@ class SaveTransform:
             if self.o.reset_clip_ids and key == CLIP_IDS:
                 t = torch.arange(77, dtype=torch.int64)[None]
             want = self._dtype(key, t.dtype)
-            yield self.name(key), t if t.dtype == want else t.to(want)
+            yield self.name(key), to_dtype(t, want)             # float8 by table
 
 
 # ----------------------------------------------------------------------------- public API

@@ -27,6 +27,7 @@ from ..errors import MergeError
 from .keymap import VAE as VAE_PREFIX, Target, component_of, targets_for
 from ..ldm_layout import sized_layout, sized_params
 from .pipeline_config import pipeline_folder
+from ..engine.kernels.fp8 import copy_into
 from ..engine.tensor_ops import ReusableBuffer
 from .weight_storage import store_low_precision
 
@@ -326,7 +327,7 @@ class ResidentPipeline:
                 if src.numel() != param.numel():
                     raise MergeError(f"{key}: {list(src.shape)} does not fit the pipeline's "
                                      f"{target.component}.{target.param} {list(param.shape)}")
-                param.data.copy_(src.reshape(param.shape))
+                copy_into(param.data, src.reshape(param.shape))       # float8 merges by table
                 stats.copied += 1
         if not partial:
             self.vae_missing = False
