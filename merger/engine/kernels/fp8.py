@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..tensor_ops import is_fp8
 from . import HAVE_NUMBA, VIEWS, as_numpy, available, compile_failed, split_for
 
-FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _tables: dict[tuple[torch.dtype, torch.dtype], np.ndarray] = {}
 
 if HAVE_NUMBA:
@@ -42,7 +42,7 @@ def widen(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) 
     ``out`` when given (same number of elements, contiguous); None where the table path does not
     apply (then the caller converts with torch: the same values)."""
     from ..compiled import enabled
-    if (x.dtype not in FP8 or dtype not in VIEWS or x.device.type != "cpu" or not x.is_contiguous()
+    if (not is_fp8(x.dtype) or dtype not in VIEWS or x.device.type != "cpu" or not x.is_contiguous()
             or not available() or not enabled()):
         return None
     res = out if out is not None else torch.empty(x.shape, dtype=dtype)
