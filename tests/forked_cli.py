@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -145,13 +146,11 @@ class _Helper:
         if os.environ.get("SDMW_FORKED_CLI") == "0" or not hasattr(os, "fork"):
             return False
         if not self.start():
-            import warnings
             warnings.warn("forked CLI: a fresh interpreter, as the helper is not running", stacklevel=3)
             return False
         changed = sorted(k for k in set(env) | set(self.env)
                          if k.startswith(IMPORT_TIME_ENV) and k not in READ_WHEN_USED and env.get(k) != self.env.get(k))
         if changed:           # correct, only slower: said, so that a variable set on the way is noticed
-            import warnings
             warnings.warn(f"forked CLI: a fresh interpreter, as {', '.join(changed)} changed", stacklevel=3)
         return not changed
 

@@ -1,15 +1,13 @@
 """End-to-end: the real app on demo models, driven by Playwright in Debian's headless Chromium."""
 import os
-import shutil
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from merger.files.checkpoint_io import load_checkpoint
-from tests.conftest import ROOT
+from tests.conftest import CHROMIUM, ROOT
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 if not Path(CHROMIUM).exists():
     if os.environ.get("CI"):
         raise RuntimeError("CI needs Debian's chromium (apt-get install -y chromium)")
