@@ -66,30 +66,55 @@ def models(tmp_path):
             for i, s in enumerate("abc")}
 
 
+_demo_template: list = []
+
+
+def demo_models(dirs) -> None:
+    """The app's demo models (``merger.demo.ensure_demo_models``: tiny SD1 A/B/C, SDXL, a LoRA, a
+    VAE) in the folders of ``dirs``, those missing copied from one set written for the session
+    (writing them took 0.5 s, mostly safetensors' per-tensor work on ~5,000 tensors; a copy 0.01 s)."""
+    import tempfile
+
+    from merger.demo import ensure_demo_models
+    from merger.files.model_dirs import ModelDirs
+    if not _demo_template:
+        root = Path(tempfile.mkdtemp(prefix="sdmw-demo-models-"))
+        _demo_template.append(ModelDirs.from_models_dir(root / "models"))
+        ensure_demo_models(_demo_template[0])
+        import atexit
+        atexit.register(shutil.rmtree, root, True)
+    dirs.create()
+    for kind in ("ckpt", "lora", "vae"):
+        for f in getattr(_demo_template[0], kind).iterdir():
+            if not (getattr(dirs, kind) / f.name).exists():
+                shutil.copyfile(f, getattr(dirs, kind) / f.name)
+
+
 @pytest.fixture
 def demo_ws(tmp_path):
     """A workstation on the demo models (tiny SD1 A/B/C, SDXL, a LoRA, a VAE), CPU fp32."""
-    from merger.demo import ensure_demo_models
     from merger.files.model_dirs import ModelDirs
     from merger.workstation import Workstation
     dirs = ModelDirs.from_models_dir(tmp_path / "models")
-    ensure_demo_models(dirs)
+    demo_models(dirs)
     return Workstation(dirs, device="cpu", dtype=torch.float32, outputs=tmp_path / "out")
 
 
-@pytest.fixture(scope="session")
-def browser_app(tmp_path_factory):
-    """The real app (``app.py``) on the demo models, for the browser tests (``test_browser*``),
-    started once for the session; its data folder and log under one temporary folder."""
-    import subprocess
-    import time
-    import urllib.request
+_early_app: list = []          # the app started for the browser tests at collection (below)
 
-    from merger.demo import ensure_demo_models
+
+def _launch_app() -> dict:
+    """Start the real app (``app.py``) on the demo models in a new temporary folder (its data
+    folder, models and log); returns where, without waiting for it."""
+    import atexit
+    import subprocess
+    import tempfile
+
     from merger.files.model_dirs import ModelDirs
-    base = tmp_path_factory.mktemp("app")
+    base = Path(tempfile.mkdtemp(prefix="sdmw-app-"))
+    atexit.register(shutil.rmtree, base, True)
     dirs = ModelDirs.from_models_dir(base / "models")
-    ensure_demo_models(dirs)
+    demo_models(dirs)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -97,16 +122,53 @@ def browser_app(tmp_path_factory):
     log = open(base / "app.log", "w")
     proc = subprocess.Popen([sys.executable, "app.py", "--models-dir", str(base / "models"), "--port", str(port)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
+    return {"url": f"http://127.0.0.1:{port}/", "dirs": dirs, "data": base / "data", "proc": proc, "log": log}
+
+
+def _uses_the_app(item) -> bool:
+    return "browser_app" in getattr(item, "fixturenames", ())
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """The browser tests (in their order) after all others."""
+    items[:] = [it for it in items if not _uses_the_app(it)] + [it for it in items if _uses_the_app(it)]
+
+
+def pytest_collection_finish(session):
+    """Where browser tests were collected and Chromium is here, their app starts now, in the
+    background: its ~10 s of imports overlap the other tests instead of delaying the first
+    browser test."""
+    if any(_uses_the_app(it) for it in session.items) and os.path.exists(CHROMIUM) and not _early_app:
+        _early_app.append(_launch_app())
+
+
+def pytest_sessionfinish(session):
+    """An app started early whose tests never ran (a run stopped before them) is stopped too."""
+    for app in _early_app:
+        app["proc"].terminate()
+        app["proc"].wait(timeout=30)
+        app["log"].close()
+
+
+@pytest.fixture(scope="session")
+def browser_app():
+    """The real app on the demo models, for the browser tests (``test_browser*``), once for the
+    session: {url, dirs, data (its data folder, whose parent holds ``app.log``)}."""
+    import time
+    import urllib.request
+    app = _early_app.pop() if _early_app else _launch_app()
+    proc = app.pop("proc")
+    log = app.pop("log")
     for _ in range(240):
         try:
-            urllib.request.urlopen(url, timeout=1)
+            urllib.request.urlopen(app["url"], timeout=1)
             break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError((base / "app.log").read_text())
+                raise RuntimeError((app["data"].parent / "app.log").read_text())
             time.sleep(0.5)
-    yield {"url": url, "dirs": dirs, "data": base / "data"}
+    yield app
     proc.terminate()
     proc.wait(timeout=30)
     log.close()

@@ -35,12 +35,12 @@ GEN = GenParams(prompt="a cat", steps=2, width=64, height=64, seed=3)
 
 
 def make_ws(root: Path):
-    from merger.demo import ensure_demo_models
+    from tests.conftest import demo_models
     from merger.files.model_dirs import ModelDirs
     from merger.workstation import Workstation
     from mergehistory import MergeHistory
     dirs = ModelDirs.from_models_dir(root / "models")
-    ensure_demo_models(dirs)
+    demo_models(dirs)
     return Workstation(dirs, device="cpu", dtype=torch.float32, outputs=root / "out",
                        history=MergeHistory(root / "history.csv"))
 

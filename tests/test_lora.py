@@ -315,11 +315,11 @@ def test_cli_merge_loras_and_extract(base, tmp_path):
 # ----------------------------------------------------------------------------- in the workstation
 @pytest.fixture
 def ws(tmp_path):
-    from merger.demo import ensure_demo_models
+    from tests.conftest import demo_models
     from merger.files.model_dirs import ModelDirs
     from merger.workstation import Workstation
     dirs = ModelDirs.from_models_dir(tmp_path / "models")
-    ensure_demo_models(dirs)
+    demo_models(dirs)
     return Workstation(dirs, device="cpu", dtype=torch.float32, outputs=tmp_path / "out")
 
 

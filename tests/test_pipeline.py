@@ -19,6 +19,7 @@ from merger.recipe import Recipe
 from merger.files.saving import SaveOptions, save_tensors
 from merger.synthetic import random_checkpoint
 from merger.workstation import Workstation
+from tests.conftest import demo_models
 
 
 def ck(arch, seed, dtype=torch.float16):
@@ -279,6 +280,28 @@ def test_tokenizers_are_the_real_clip_ones():
     assert pad1 == [49406, 320, 2368, 49407, 49407, 49407] and pad2 == [49406, 320, 2368, 49407, 0, 0]
 
 
+def test_tokenizers_are_loaded_once_per_pad_token(tmp_path, monkeypatch):
+    """Pipelines built from other folders share the tokenizer of each pad token (the files are
+    the same but for it), which encodes as one loaded from its own folder."""
+    from transformers import CLIPTokenizer
+
+    from merger.pipeline.pipeline_config import clip_tokenizer
+    pipes = []
+    for sub in ("one", "two"):
+        monkeypatch.setenv("SDMW_DATA_DIR", str(tmp_path / sub))
+        rp = ResidentPipeline("cpu", torch.float32)
+        rp.ensure(spec_for(random_checkpoint("sdxl", seed=1)))
+        pipes.append(rp.pipe)
+    assert pipes[0].tokenizer is pipes[1].tokenizer and pipes[0].tokenizer_2 is pipes[1].tokenizer_2
+    assert pipes[0].tokenizer is not pipes[0].tokenizer_2                       # pads "<|endoftext|>" and "!"
+    folder = next((tmp_path / "two" / "pipelines").glob("sdxl-*")) / "tokenizer_2"
+    assert clip_tokenizer(folder) is pipes[1].tokenizer_2
+    fresh = CLIPTokenizer.from_pretrained(folder)
+    text = "a photo of a cat, (masterpiece:1.2) BREAK 日本"
+    assert pipes[1].tokenizer_2(text, padding="max_length", max_length=40).input_ids == \
+        fresh(text, padding="max_length", max_length=40).input_ids
+
+
 def test_prediction_type_override_and_detection():
     rp = ResidentPipeline("cpu", torch.float32)
     rp.load_checkpoint(ck("sd2", 1), prediction_type="v_prediction")
@@ -293,7 +316,7 @@ def test_prediction_type_override_and_detection():
 @pytest.fixture
 def ws(tmp_path):
     dirs = ModelDirs.from_models_dir(tmp_path / "models")
-    ensure_demo_models(dirs)
+    demo_models(dirs)
     return Workstation(dirs, device="cpu", dtype=torch.float32, outputs=tmp_path / "out")
 
 

@@ -26,13 +26,13 @@ SEARCHED = ["BASE", "OUT11", "OUT07"]
 def ws(tmp_path_factory):
     import safetensors.torch as st
 
-    from merger.demo import ensure_demo_models
+    from tests.conftest import demo_models
     from merger.files.model_dirs import ModelDirs
     from merger.synthetic import random_checkpoint
     from merger.workstation import Workstation
     root = tmp_path_factory.mktemp("search")
     dirs = ModelDirs.from_models_dir(root / "models")
-    ensure_demo_models(dirs)
+    demo_models(dirs)
     for seed, name in ((1, A), (2, B)):
         st.save_file(random_checkpoint("sd1", seed=seed, dtype=torch.float16, scale=0.5), str(dirs.ckpt / name))
     return Workstation(dirs, device="cpu", dtype=torch.float32, outputs=root / "out")

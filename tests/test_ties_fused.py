@@ -160,7 +160,8 @@ def test_numba_failing_to_compile_here_falls_back_to_torch(monkeypatch, capsys):
         raise LoweringError("no lowering for this intrinsic on this CPU")
     monkeypatch.setattr(kernels, "_broken", [])
     monkeypatch.setattr(ties_kth, "_split_range", fail)
-    monkeypatch.setattr(ties_combine, "_combine", fail)
+    monkeypatch.setattr(ties_combine, "_combine_count", fail)
+    monkeypatch.setattr(ties_combine, "_combine_sum", fail)
     fresh = [Checkpoint(ck.path, dict(ck.tensors)) for ck in cks]        # no thresholds kept
     got = merge(recipe, fresh[0], models=fresh[1:]).tensors
     assert all(torch.equal(got[k], eager[k]) for k in eager)

@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch as st
 import torch
 
-from merger.demo import DEMO_VAE, ensure_demo_models
+from merger.demo import DEMO_VAE
 from merger.engine import merge
 from merger.errors import MergeError
 from merger.files.checkpoint_io import Checkpoint
@@ -17,6 +17,7 @@ from merger.pipeline.generate import GenParams
 from merger.recipe import Recipe
 from merger.synthetic import random_checkpoint
 from merger.workstation import Workstation
+from tests.conftest import demo_models
 from tests.variant_corpus import sd1_variants, sdxl_variants
 
 CANON = {"sd1": (random_checkpoint("sd1", seed=1, dtype=torch.float16), random_checkpoint("sd1", seed=2, dtype=torch.float16)),
@@ -29,7 +30,7 @@ GEN = GenParams(prompt="a cat", steps=1, width=64, height=64, seed=1)
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("variants")
     dirs = ModelDirs.from_models_dir(root / "models")
-    ensure_demo_models(dirs)
+    demo_models(dirs)
     for arch, (a, b) in CANON.items():
         st.save_file(a, str(dirs.ckpt / f"{arch}-A.safetensors"))
         st.save_file(b, str(dirs.ckpt / f"{arch}-B.safetensors"))

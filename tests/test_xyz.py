@@ -5,7 +5,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from merger.demo import ensure_demo_models
 from merger.sweeps.dice import DiceSettings, roll
 from merger.engine import plan_merge
 from merger.errors import MergeError
@@ -19,7 +18,7 @@ from merger.synthetic import random_checkpoint
 from merger.workstation import Workstation
 from merger.sweeps.xyz import parse_axis, plan_cells
 from merger.sweeps.xyz_run import PlotSpec, prepare, run
-from tests.conftest import tiny
+from tests.conftest import demo_models, tiny
 
 A, B = "demo-sd1-tiny-A.safetensors", "demo-sd1-tiny-B.safetensors"
 GEN = GenParams(prompt="a cat", steps=2, width=64, height=64, seed=3)
@@ -28,7 +27,7 @@ GEN = GenParams(prompt="a cat", steps=2, width=64, height=64, seed=3)
 @pytest.fixture
 def ws(tmp_path):
     dirs = ModelDirs.from_models_dir(tmp_path / "models")
-    ensure_demo_models(dirs)
+    demo_models(dirs)
     return Workstation(dirs, device="cpu", dtype=torch.float32, outputs=tmp_path / "out")
 
 

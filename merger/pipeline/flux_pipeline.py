@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MergeError
-from .pipeline_config import config_folder, text_config, vae_config
+from .pipeline_config import clip_tokenizer, config_folder, text_config, vae_config
 
 
 def transformer_config(t: dict) -> dict:
@@ -73,7 +73,7 @@ def t5_tokenizer(folder: str | Path | None):
 def build_flux(params: dict, device: str, dtype, tokenizer_dir, empty_module):
     """A FluxPipeline with empty (uninitialised) modules, ready for a swap."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
     tok2 = t5_tokenizer(tokenizer_dir)
     folder = flux_folder(params)
     parts = {
@@ -85,7 +85,7 @@ def build_flux(params: dict, device: str, dtype, tokenizer_dir, empty_module):
                                      device, dtype),
         "text_encoder_2": empty_module(lambda: T5EncoderModel(T5Config.from_pretrained(folder / "text_encoder_2")),
                                        device, dtype),
-        "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        "tokenizer": clip_tokenizer(folder / "tokenizer"),
         "tokenizer_2": tok2,
         "scheduler": FlowMatchEulerDiscreteScheduler.from_config(
             FlowMatchEulerDiscreteScheduler.load_config(folder / "scheduler")),

@@ -40,16 +40,37 @@ def clip_vocab() -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
+@lru_cache(maxsize=1)
+def _vocab_files() -> tuple[str, str]:
+    """The texts of ``vocab.json`` and ``merges.txt``, the same in every CLIP tokenizer folder."""
+    vocab, merges = clip_vocab()
+    return json.dumps(vocab, ensure_ascii=False), "#version: 0.2\n" + "\n".join(merges) + "\n"
+
+
 def write_tokenizer(folder: Path, pad_token: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = clip_vocab()
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    vocab, merges = _vocab_files()
+    (folder / "vocab.json").write_text(vocab, encoding="utf-8")
+    (folder / "merges.txt").write_text(merges, encoding="utf-8")
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
                "unk_token": "<|endoftext|>", "pad_token": pad_token}
     (folder / "special_tokens_map.json").write_text(json.dumps(special))
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}))
+
+
+_tokenizers: dict = {}
+
+
+def clip_tokenizer(folder: Path):
+    """The CLIP tokenizer in ``folder`` (written by :func:`write_tokenizer`): loaded once per pad
+    token in this process (every such folder holds the same vocabulary, the pad token aside) and
+    shared by the pipelines built here, which only read it. A load took 0.1 s per pipeline."""
+    from transformers import CLIPTokenizer
+    pad = json.loads((folder / "special_tokens_map.json").read_text())["pad_token"]
+    if pad not in _tokenizers:
+        _tokenizers[pad] = CLIPTokenizer.from_pretrained(folder)
+    return _tokenizers[pad]
 
 
 def unet_config(p: dict) -> dict:

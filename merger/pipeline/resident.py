@@ -26,7 +26,7 @@ from ..engine import MergePlan, check_inputs, iter_merge
 from ..errors import MergeError
 from .keymap import VAE as VAE_PREFIX, Target, component_of, targets_for
 from ..ldm_layout import sized_layout, sized_params
-from .pipeline_config import pipeline_folder
+from .pipeline_config import clip_tokenizer, pipeline_folder
 from ..engine.kernels.fp8 import copy_into
 from ..engine.tensor_ops import ReusableBuffer
 from .weight_storage import store_low_precision
@@ -169,7 +169,7 @@ def _build_components(spec: Spec, device: str, dtype: torch.dtype, t5_tokenizer=
         return build_flux(spec.params(), device, dtype, t5_tokenizer, empty_module)
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.schedulers import EulerDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     pred = "epsilon" if spec.prediction_type == "auto" else spec.prediction_type
     folder = pipeline_folder(spec.arch, spec.params(), pred)
@@ -183,13 +183,13 @@ def _build_components(spec: Spec, device: str, dtype: torch.dtype, t5_tokenizer=
         "vae": empty("vae", lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))),
         "text_encoder": empty("text_encoder", lambda: CLIPTextModel(
             CLIPTextConfig.from_pretrained(folder / "text_encoder"))),
-        "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        "tokenizer": clip_tokenizer(folder / "tokenizer"),
         "scheduler": EulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
     }
     if spec.arch == "sdxl":
         parts["text_encoder_2"] = empty("text_encoder_2", lambda: CLIPTextModelWithProjection(
             CLIPTextConfig.from_pretrained(folder / "text_encoder_2")))
-        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+        parts["tokenizer_2"] = clip_tokenizer(folder / "tokenizer_2")
         return StableDiffusionXLPipeline(**parts), folder
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False), folder

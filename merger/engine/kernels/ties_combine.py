@@ -62,65 +62,71 @@ if HAVE_NUMBA:
         out[j] = narrow(q * lam + b, out)
 
     @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
-    def _combine(base, models, thr, w, lam, count, out, masks=None, div=None):
-        """The key's slice: ``base``, ``models`` (a tuple of same-format views) and ``out`` are
-        slices of one element range, indexed from 0 (see ties_kth: an offset index kept LLVM
-        from vectorizing). ``thr``/``w`` are tuples of float32 (kept in registers): thresholds
-        (−inf keeps everything) and weights, or None for unit weights. The loop over the models
-        is unrolled by LLVM (the tuple's length is a constant), so each element's values stay in
-        registers; τᵢ is made again for the agreement pass rather than stored (LLVM reuses the
-        conversions). ``masks`` (a tuple of uint8 slices like ``models``) and ``div``: dare_ties,
-        whose τᵢ are masked and whose mean is divided by 1 − p (:mod:`.dare`). The masking is
-        written out in each loop: a helper taking the masks' tuple and the model index stopped
-        LLVM from vectorizing (dare_ties 7-60x slower; the README's "found on the way").
+    def _combine_count(base, models, thr, w, lam, out, masks=None, div=None):
+        """The key's slice, the sign elected by count: ``base``, ``models`` (a tuple of same-format
+        views) and ``out`` are slices of one element range, indexed from 0 (see ties_kth: an offset
+        index kept LLVM from vectorizing). ``thr``/``w`` are tuples of float32 (kept in registers):
+        thresholds (−inf keeps everything) and weights, or None for unit weights. The loop over
+        the models is unrolled by LLVM (the tuple's length is a constant), so each element's
+        values stay in registers; τᵢ is made again for the agreement pass rather than stored (LLVM
+        reuses the conversions). ``masks`` (a tuple of uint8 slices like ``models``) and ``div``:
+        dare_ties, whose τᵢ are masked and whose mean is divided by 1 − p (:mod:`.dare`). The
+        masking is written out in each loop: a helper taking the masks' tuple and the model index
+        stopped LLVM from vectorizing (dare_ties 7-60x slower; the README's "found on the way").
 
         Written with float selects only: boolean arithmetic (the count vote as
         float(τ > 0) − float(τ < 0)) made LLVM narrow the masks to bytes and widen them back,
         and an int32 count is promoted to int64 by numba; the copysign form below and the
         relu form of the agreement took an SD1.5-sized key from 37 to 27 ms (count) and to
-        23 ms (sum) on one Zen 3 thread with unit weights."""
+        23 ms (sum) on one Zen 3 thread with unit weights. One function per sign rule (not a
+        flag): each signature then compiles only the loop it runs (1.6-1.8 s a signature with
+        both, here)."""
         z = np.float32(0.0)
         one = np.float32(1.0)
-        if count:
-            for j in range(out.size):
-                b = f32(base[j])
-                vote = z
-                for i in range(len(models)):
-                    v = f32(models[i][j]) - b
-                    if masks is not None:
-                        v = v * np.float32(masks[i][j])
-                    t = v if abs(v) >= thr[i] else z
-                    x = np.copysign(one, t) if t != z else z
-                    vote = x if i == 0 else vote + x
-                _agree_and_store(vote, models, thr, w, lam, out, j, b, masks, div)
-        else:
-            for j in range(out.size):
-                b = f32(base[j])
-                vote = z
-                for i in range(len(models)):
-                    v = f32(models[i][j]) - b
-                    if masks is not None:
-                        v = v * np.float32(masks[i][j])
-                    x = v if abs(v) >= thr[i] else z
-                    if w is not None:
-                        x = x * w[i]
-                    vote = x if i == 0 else vote + x
-                _agree_and_store(vote, models, thr, w, lam, out, j, b, masks, div)
+        for j in range(out.size):
+            b = f32(base[j])
+            vote = z
+            for i in range(len(models)):
+                v = f32(models[i][j]) - b
+                if masks is not None:
+                    v = v * np.float32(masks[i][j])
+                t = v if abs(v) >= thr[i] else z
+                x = np.copysign(one, t) if t != z else z
+                vote = x if i == 0 else vote + x
+            _agree_and_store(vote, models, thr, w, lam, out, j, b, masks, div)
 
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _combine_sum(base, models, thr, w, lam, out, masks=None, div=None):
+        """:func:`_combine_count` with the sign elected by the sum of the (weighted) trimmed τᵢ."""
+        z = np.float32(0.0)
+        for j in range(out.size):
+            b = f32(base[j])
+            vote = z
+            for i in range(len(models)):
+                v = f32(models[i][j]) - b
+                if masks is not None:
+                    v = v * np.float32(masks[i][j])
+                x = v if abs(v) >= thr[i] else z
+                if w is not None:
+                    x = x * w[i]
+                vote = x if i == 0 else vote + x
+            _agree_and_store(vote, models, thr, w, lam, out, j, b, masks, div)
 
 def combine(base: np.ndarray, models: tuple, thr, w, lam: float, count: bool, out: np.ndarray,
             parts: list[tuple[int, int]], run, masks: np.ndarray | None = None, div: float | None = None) -> None:
     """Write the key into ``out`` (a view naming its format); ``thr`` and ``w`` per model;
     ``parts`` of the elements are mapped over the workers by ``run``; ``masks`` (n × elements,
-    uint8) and ``div``: see :func:`_combine`."""
+    uint8) and ``div``: see :func:`_combine_count`."""
     thr_t = tuple(np.float32(x) for x in thr)
     w_t = None if all(x == 1 for x in w) else tuple(np.float32(x) for x in w)
     lam32 = np.float32(lam)
     div32 = None if div is None else np.float32(div)
 
+    kernel = _combine_count if count else _combine_sum
+
     def part(p):
         s, e = p
         mk = None if masks is None else tuple(m[s:e] for m in masks)
-        _combine(base[s:e], tuple(m[s:e] for m in models), thr_t, w_t, lam32, count, out[s:e], mk, div32)
+        kernel(base[s:e], tuple(m[s:e] for m in models), thr_t, w_t, lam32, out[s:e], mk, div32)
     for _ in run(part, parts):
         pass
