@@ -149,7 +149,9 @@ def empty_module(make, device: str, dtype: torch.dtype, storage: torch.dtype | N
     in that dtype and cast to ``dtype`` around each forward pass."""
     with torch.device("meta"):
         module = make()
-    module = module.to(dtype=dtype)
+    # torch's own ``to``: diffusers' override only adds a console warning per build (about
+    # modules it would keep in float32; none here) and casts the same
+    module = torch.nn.Module.to(module, dtype=dtype)
     if storage is not None and storage != dtype:
         store_low_precision(module, storage, dtype, keep)
     tied = _tied_parameters(module)
