@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random checkpoints with real LDM key names, an isolated data folder,
 and no network."""
+import functools
 import os
 import shutil
 import socket
@@ -66,26 +67,29 @@ def models(tmp_path):
             for i, s in enumerate("abc")}
 
 
-_demo_template: list = []
-
-
-def demo_models(dirs) -> None:
-    """The app's demo models (``merger.demo.ensure_demo_models``: tiny SD1 A/B/C, SDXL, a LoRA, a
-    VAE) in the folders of ``dirs``, those missing copied from one set written for the session
-    (writing them took 0.5 s, mostly safetensors' per-tensor work on ~5,000 tensors; a copy 0.01 s)."""
+@functools.lru_cache(maxsize=1)
+def _demo_template():
+    """The app's demo models (``merger.demo.ensure_demo_models``) written once for the session,
+    in a temporary folder removed at exit; their ``ModelDirs``."""
+    import atexit
     import tempfile
 
     from merger.demo import ensure_demo_models
     from merger.files.model_dirs import ModelDirs
-    if not _demo_template:
-        root = Path(tempfile.mkdtemp(prefix="sdmw-demo-models-"))
-        _demo_template.append(ModelDirs.from_models_dir(root / "models"))
-        ensure_demo_models(_demo_template[0])
-        import atexit
-        atexit.register(shutil.rmtree, root, True)
+    root = Path(tempfile.mkdtemp(prefix="sdmw-demo-models-"))
+    atexit.register(shutil.rmtree, root, True)
+    dirs = ModelDirs.from_models_dir(root / "models")
+    ensure_demo_models(dirs)
+    return dirs
+
+
+def demo_models(dirs) -> None:
+    """The demo models (tiny SD1 A/B/C, SDXL, a LoRA, a VAE) in the folders of ``dirs``, those
+    missing copied from :func:`_demo_template` (writing them took 0.5 s, mostly safetensors'
+    per-tensor work on ~5,000 tensors; a copy 0.01 s)."""
     dirs.create()
     for kind in ("ckpt", "lora", "vae"):
-        for f in getattr(_demo_template[0], kind).iterdir():
+        for f in getattr(_demo_template(), kind).iterdir():
             if not (getattr(dirs, kind) / f.name).exists():
                 shutil.copyfile(f, getattr(dirs, kind) / f.name)
 
