@@ -16,10 +16,11 @@ from .errors import MergeError
 from .pipeline.generate import GenParams, GenResult, generate
 from .files.model_cache import ModelCache
 from .files.model_dirs import ModelDirs
+from .files.warmup import Warmer
 from .files.paths import data_dir
 from .pipeline.resident import ResidentPipeline
 from .pipeline.pnginfo import draw_merge_id, save_png
-from .recipe import Recipe
+from .recipe import MODES_WITH_C, Recipe
 from .files.saving import (SaveOptions, auto_filename, exists_error, model_label, recipe_metadata, save_merge,
                            save_tensors)
 
@@ -58,6 +59,7 @@ class Workstation:
         from mergehistory import MergeHistory
         self.dirs = dirs
         self.cache = ModelCache(cache_bytes)
+        self.warmer = Warmer(self.cache, lambda name: self.dirs.resolve("ckpt", name))
         self.pipeline = ResidentPipeline(device, dtype, storage)
         self.history = history if history is not None else MergeHistory()   # an empty one is falsy
         self.outputs = Path(outputs) if outputs else data_dir() / "outputs"
@@ -102,6 +104,18 @@ class Workstation:
                       hash_a=short_hash(paths["a"]), hash_b=short_hash(paths["b"]) if "b" in paths else "",
                       hash_c=short_hash(paths["c"]) if "c" in paths else "", models=list(models),
                       model_hashes=[short_hash(self.dirs.resolve("ckpt", n)) for n in models], **settings)
+
+    def warm(self, model_a: str, model_b: str = "", model_c: str = "", models=(), mode: str = "weight_sum",
+             method: str = "") -> tuple[Path, ...]:
+        """Start reading, in the background, the models a merge of these picks would read (by
+        name: A and B, C where the mode uses it; a method's base A and its models), so that the
+        next merge finds them loaded and scanned (:mod:`.files.warmup`). Returns those files."""
+        names = [model_a, *models] if method else [model_a, model_b] + ([model_c] if mode in MODES_WITH_C else [])
+        return self.warmer.request(names)
+
+    def warm_recipe(self, recipe: Recipe) -> tuple[Path, ...]:
+        """:meth:`warm` for the models a recorded recipe reads (Load settings, a dropped PNG)."""
+        return self.warmer.request(name for _, name, _ in recipe.slots())
 
     def _load(self, recipe: Recipe):
         """(slot -> Checkpoint, slot -> path) of every model the recipe reads, refusing files
@@ -380,6 +394,7 @@ class Workstation:
         return None
 
     def clear_cache(self) -> str:
+        self.warmer.cancel()
         return f"cleared {self.cache.clear()} cached model(s)"
 
 

@@ -258,6 +258,13 @@ def _wire(ws, c):
     for key in ("a", "b", "c"):        # the full names, which a narrow dropdown may cut (in the browser)
         c[key].change(None, [c["a"], c["b"], c["c"]], c["model_names"], js=MODELS_LINE_JS)
 
+    def models_picked(a, b, cc, models, mode, method):
+        ws.warm(a, b, cc, models or (), mode, method)
+    # the picked models are read in the background while the user sets ratios (merger/files/warmup.py)
+    for key in ("a", "b", "c", "models", "mode", "method"):
+        c[key].input(models_picked, [c[k] for k in ("a", "b", "c", "models", "mode", "method")], None,
+                     queue=False, show_progress="hidden")
+
     @safe(29)
     def preset_picked(name, arch, target):
         vals = forms.text_to_sliders(name, arch)
@@ -393,9 +400,9 @@ def _wire(ws, c):
 
     @safe(1 + len(recipe_outputs))
     def load_settings(ref, shown_arch=None):
-        row = ws.history.get(ref)
-        return (f"loaded settings of merge #{row['id']}: {row['label']}",
-                *recipe_updates(ws.history.recipe(ref), shown_arch))
+        row, recipe = ws.history.get(ref), ws.history.recipe(ref)
+        ws.warm_recipe(recipe)
+        return (f"loaded settings of merge #{row['id']}: {row['label']}", *recipe_updates(recipe, shown_arch))
     # instant, and a progress marker on each of its ~110 outputs made every load 35% slower
     # (0.61 s against 0.39 s per load in the browser; both grow as a Gradio page ages); not queued:
     # one HTTP request instead of the queue's join + event stream (0.47 -> 0.35 s from click to
@@ -423,6 +430,8 @@ def _wire(ws, c):
         recipe, gen, notes = settings_from_png(dict(image.info), ws.dirs.checkpoints())
         gen_values = forms.gen_to_widgets(gen)
         merge = recipe_updates(recipe) if recipe is not None else [gr.update()] * len(recipe_outputs)
+        if recipe is not None:
+            ws.warm_recipe(recipe)
         what = (f"merge ({model_label(recipe)}) and " if recipe is not None else "") + "generation settings"
         return (f"loaded {what} from the PNG" + "".join(f"; note: {n}" for n in notes), *merge,
                 *[gen_values.get(k, gr.update()) for k in gen_keys])

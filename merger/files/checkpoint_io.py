@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import struct
+import threading
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -96,7 +97,8 @@ class Checkpoint:
     def value_stats(self) -> tuple[frozenset[str], float]:
         """(keys holding NaN/Inf, largest finite |value|) over the float tensors; computed once
         per loaded file (one pass, about memory speed: :func:`..engine.tensor_ops.finite_top`)
-        and cached."""
+        and cached. A second thread asking while the first scans (a merge while the background
+        warm-up of :mod:`.warmup` reads the file) waits for its result."""
         from ..engine.tensor_ops import finite_top
 
         def scan():
@@ -109,7 +111,8 @@ class Checkpoint:
                     else:
                         bad.add(k)
             return frozenset(bad), top
-        return self.cached("value_stats", scan)
+        with self.__dict__.setdefault("_scan_lock", threading.Lock()):
+            return self.cached("value_stats", scan)
 
 
 def read_safetensors_header(path: Path) -> tuple[dict, int]:

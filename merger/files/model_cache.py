@@ -11,12 +11,14 @@ from .checkpoint_io import Checkpoint, load_checkpoint
 
 class ModelCache:
     """Keeps recently used checkpoints in RAM; evicts least recently used ones past ``budget``
-    bytes. A file changed on disk (size or mtime) is reloaded. Thread-safe."""
+    bytes. A file changed on disk (size or mtime) is reloaded. Thread-safe: two threads asking
+    for the same file (the background warm-up and a merge) load it once, the second waiting."""
 
     def __init__(self, budget_bytes: int = 16 << 30):
         self.budget = budget_bytes
         self._items: OrderedDict[Path, tuple[tuple[int, int], Checkpoint]] = OrderedDict()
         self._lock = threading.Lock()
+        self._loading: dict[Path, threading.Lock] = {}      # per file, held while it is loaded
 
     @staticmethod
     def _stamp(path: Path) -> tuple[int, int]:
@@ -29,6 +31,12 @@ class ModelCache:
     def get(self, path: str | os.PathLike, pinned: tuple = ()) -> Checkpoint:
         """Load (or reuse) ``path``; ``pinned`` paths are never evicted by this call."""
         path = Path(path).resolve()
+        with self._lock:
+            loading = self._loading.setdefault(path, threading.Lock())
+        with loading:
+            return self._get(path, pinned)
+
+    def _get(self, path: Path, pinned: tuple) -> Checkpoint:
         with self._lock:
             hit = self._items.get(path)
             if hit and path.exists() and hit[0] == self._stamp(path):

@@ -1,0 +1,114 @@
+"""Read the models a user has picked before they press Merge, on a background thread.
+
+Picking a model in the Merge tab costs nothing; the merge then loads it and scans it for NaN/Inf
+(:meth:`.checkpoint_io.Checkpoint.value_stats`), which reads every byte of the file. For a file
+that is not in the page cache that read runs at the disk's speed (two SD1.5 files from a SATA
+SSD: about 8 s; two SDXL files: about 28 s), and it used to start only when Merge was pressed.
+A :class:`Warmer` starts it as soon as the models are picked, while the user is still setting
+ratios: the merge then finds them loaded and scanned, or waits only for the rest of the scan
+(``value_stats`` and :class:`.model_cache.ModelCache` let a second caller wait for the first
+instead of doing the work twice).
+
+The warm-up reads on one thread with torch single-threaded there and, on Linux, a lower priority
+(nice 10), so a generation running meanwhile keeps the cores; a newer pick replaces a pending one and stops the current one at the
+next model; :meth:`Warmer.cancel` (Clear cache) also drops what a running warm-up loaded after
+the cache was cleared. A name that does not resolve inside the models' folder is skipped: the
+merge reports it. Nothing is written anywhere.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from ..errors import MergeError
+from .model_cache import ModelCache
+
+
+NICE = 10       # the warm-up thread's niceness (Linux sets it per thread)
+
+
+class Warmer:
+    """Loads and scans checkpoints named by the UI, in the background (see the module)."""
+
+    def __init__(self, cache: ModelCache, resolve: Callable[[str], Path]):
+        self._cache, self._resolve = cache, resolve
+        self._lock = threading.Lock()
+        self._wanted: tuple[Path, ...] | None = None     # the newest request not yet taken up
+        self._epoch = 0                                   # moved on by cancel()
+        self._thread: threading.Thread | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+
+    def request(self, names: Iterable[str]) -> tuple[Path, ...]:
+        """Warm these models (names relative to the models' folder; empty ones and names that do
+        not resolve there are skipped). Returns the files it will read."""
+        paths: list[Path] = []
+        for name in names:
+            if not name:
+                continue
+            try:
+                path = self._resolve(name)
+            except MergeError:
+                continue
+            if path not in paths:
+                paths.append(path)
+        with self._lock:
+            self._wanted = tuple(paths)
+            self._idle.clear()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="model-warm-up", daemon=True)
+                self._thread.start()
+        return tuple(paths)
+
+    def cancel(self) -> None:
+        """Drop the pending request and stop the running one at its next model; what it loads
+        from now on is taken out of the cache again."""
+        with self._lock:
+            self._epoch += 1
+            self._wanted = None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until no warm-up is pending or running (True), or ``timeout`` seconds (False)."""
+        return self._idle.wait(timeout)
+
+    def _take(self) -> tuple[tuple[Path, ...] | None, int]:
+        with self._lock:
+            wanted, self._wanted = self._wanted, None
+            if wanted is None:            # decided under the lock: a request now starts a new thread
+                self._thread = None
+                self._idle.set()
+            return wanted, self._epoch
+
+    def _stale(self, epoch: int) -> bool:
+        with self._lock:
+            return self._wanted is not None or self._epoch != epoch
+
+    def _run(self) -> None:
+        from ..engine.omp_threads import one_torch_thread
+        one_torch_thread()
+        try:                    # Linux: this thread alone yields the CPU to merges and generation
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            wanted, epoch = self._take()
+            if wanted is None:
+                return
+            for path in wanted:
+                if self._stale(epoch):
+                    break
+                self._warm(path, wanted, epoch)
+
+    def _warm(self, path: Path, pinned: tuple[Path, ...], epoch: int) -> None:
+        try:
+            ck = self._cache.get(path, pinned=pinned)
+            with self._lock:
+                cleared = self._epoch != epoch
+            if cleared:                           # the cache was cleared meanwhile: leave it cleared
+                self._cache.unload(path)
+                return
+            ck.value_stats()
+        except Exception:  # noqa: BLE001 - a bad file: the merge reads it again and says what is wrong
+            pass
