@@ -165,6 +165,24 @@ def empty_module(make, device: str, dtype: torch.dtype, storage: torch.dtype | N
     return module.eval().requires_grad_(False)
 
 
+def import_pipeline_modules() -> None:
+    """Import now the modules that building an SD1/SD2/SDXL pipeline and generating with it load.
+    ``import diffusers`` defers its modules to their first use: at the app's first merge the U-Net
+    and VAE classes alone took 2.5-3.4 s of imports on 2 cores. The app runs this on a background
+    thread at start (``app.py``); ``tests/pipeline_imports_probe.py`` checks that a build and a
+    generation afterwards import nothing more."""
+    import diffusers
+    import transformers
+
+    from .generate import SAMPLERS
+    for name in ("AutoencoderKL", "StableDiffusionPipeline", "StableDiffusionXLPipeline", "UNet2DConditionModel"):
+        getattr(diffusers, name)                           # a lazy module's attribute: imports it
+    for name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+        getattr(transformers, name)
+    for cls_name, _ in SAMPLERS.values():
+        getattr(diffusers, cls_name)._get_compatibles()      # from_config imports these too
+
+
 def _build_components(spec: Spec, device: str, dtype: torch.dtype, t5_tokenizer=None):
     if spec.arch == "flux":
         from .flux_pipeline import build_flux
