@@ -1,7 +1,7 @@
 """Merge pressed -> merged into the resident pipeline, with and without the background warm-up of
 the picked models (merger/files/warmup.py), SD1.5-shaped fp16 files (2.1 GB each).
 
-    python bench/warm_bench.py [--dir D] [--rounds 3]
+    python bench/warm_bench.py [--dir D] [--rounds 3] [--ties]
 
 Each round picks two models not merged before in this process (the model cache cleared), then:
 
@@ -18,6 +18,7 @@ beside them is the merge alone: the same merge again with the models loaded and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -46,11 +47,41 @@ def drop_page_cache() -> bool:
         return False
 
 
+def bench_ties(ws: Workstation, files: list[str], rounds: int) -> None:
+    """TIES (density 0.2, sign by count) over the base and four models, in the page cache: Merge
+    pressed at once after the pick, and after the warm-up (load, scan, every key's thresholds on
+    one thread) has finished; the bound: the same merge with only α changed."""
+    rows: dict[str, list[float]] = {}
+    for r in range(rounds):
+        for warm in (False, True):
+            ws.clear_cache()
+            recipe = ws.recipe(files[0], models=files[1:], method="ties", density=0.2, sign="count",
+                               alpha=0.5 + 0.01 * (2 * r + warm))
+            if warm:
+                t = time.perf_counter()
+                ws.warm_recipe(recipe)
+                ws.warmer.wait()
+                rows.setdefault("warm-up itself (one thread)", []).append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ws.merge(recipe)
+            rows.setdefault("warmed" if warm else "no warm-up", []).append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ws.merge(dataclasses.replace(recipe, alpha=recipe.alpha + 0.2))
+            rows.setdefault("α changed (thresholds kept): the bound", []).append(time.perf_counter() - t)
+    bound = min(rows["α changed (thresholds kept): the bound"])
+    print("TIES, base + 4 models: Merge pressed -> merged into the resident pipeline (best / median):")
+    for label in ("no warm-up", "warm-up itself (one thread)", "warmed", "α changed (thresholds kept): the bound"):
+        vals = sorted(rows[label])
+        print(f"  {label:40} {vals[0]:6.2f} s / {vals[len(vals) // 2]:6.2f} s   {vals[0] / bound:5.1f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default=str(Path(__file__).resolve().parent.parent / "bench-models"),
                     help="where the five SD1.5-shaped files are (written there when missing)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ties", action="store_true", help="TIES over the base and four models instead (files in the "
+                    "page cache): the warm-up also computes the thresholds")
     args = ap.parse_args()
     folder = Path(args.dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -64,6 +95,9 @@ def main() -> None:
     t = time.perf_counter()
     ws.merge(ws.recipe(files[0], files[1], alpha=0.5))        # builds the resident pipeline once
     print(f"first merge (builds the pipeline): {time.perf_counter() - t:.2f} s\n")
+    if args.ties:
+        bench_ties(ws, files, args.rounds)
+        return
     pairs = [(files[i % 5], files[(i + 1) % 5]) for i in range(1, 2 * args.rounds + 1)]
     can_drop = drop_page_cache()
     rows: dict[str, list[float]] = {}

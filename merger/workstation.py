@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .files.checkpoint_io import short_hash
 from .arch import UNET
-from .engine import plan_for
+from .engine import plan_for, prepare
 from .errors import MergeError
 from .pipeline.generate import GenParams, GenResult, generate
 from .files.model_cache import ModelCache
@@ -114,8 +114,16 @@ class Workstation:
         return self.warmer.request(names)
 
     def warm_recipe(self, recipe: Recipe) -> tuple[Path, ...]:
-        """:meth:`warm` for the models a recorded recipe reads (Load settings, a dropped PNG)."""
-        return self.warmer.request(name for _, name, _ in recipe.slots())
+        """:meth:`warm` for the models ``recipe`` reads (the Merge tab's complete settings, Load
+        settings, a dropped PNG); for a method, also what its merge does not need α for (TIES:
+        every key's thresholds, :func:`.engine.prepare`), so that Merge costs one pass."""
+        return self.warmer.request((name for _, name, _ in recipe.slots()),
+                                   then=(lambda stop: self._prepare(recipe, stop)) if recipe.method else None)
+
+    def _prepare(self, recipe: Recipe, should_stop) -> None:
+        recipe.check()
+        models, _ = self._load(recipe)
+        prepare(plan_for(recipe, models), should_stop, device=self.pipeline.device)
 
     def _load(self, recipe: Recipe):
         """(slot -> Checkpoint, slot -> path) of every model the recipe reads, refusing files
@@ -135,6 +143,7 @@ class Workstation:
         plot (``interruptible=False``) Stop ends the plot after the cell instead."""
         if interruptible:
             self.stop_event.clear()
+        self.warmer.hand_over()               # what a background warm-up prepared stays; it stops
         t = Timings()
         t0 = time.perf_counter()
         recipe.check()
@@ -288,6 +297,7 @@ class Workstation:
         its history row once the file is written."""
         options = options or SaveOptions()
         self.stop_event.clear()
+        self.warmer.hand_over()
         t0 = time.perf_counter()
         path = self.dirs.new_file("ckpt", name or auto_filename(recipe, options), _ext(options))
         models, paths = self._load(recipe)

@@ -177,8 +177,10 @@ def _listeners(demo, component, event):
 
 
 def test_the_merge_tab_warms_what_is_picked_loaded_or_dropped(demo_ws, monkeypatch):
-    """The Merge tab's model, mode and method pickers start the warm-up on input; Load settings
-    warms the recalled recipe's models."""
+    """The Merge tab's model, mode, method and density pickers start the warm-up of the complete
+    settings on input (of the picked models alone while the settings are incomplete); Load
+    settings and a dropped PNG warm the recipe's models."""
+    from ui import forms
     from ui.app_ui import build_ui
     ws = demo_ws
     asked: list = []
@@ -186,13 +188,20 @@ def test_the_merge_tab_warms_what_is_picked_loaded_or_dropped(demo_ws, monkeypat
     monkeypatch.setattr(ws, "warm_recipe", lambda r: asked.append(("recipe", r)))
     demo = build_ui(ws)
     by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
-    for elem in ("model_a", "model_b", "model_c", "method_models", "mode", "method"):
-        fns = [f for f in _listeners(demo, by_id[elem], "input") if [getattr(i, "elem_id", None) for i in f.inputs]
-               == ["model_a", "model_b", "model_c", "method_models", "mode", "method"]]
+    ties = ws.recipe(A, models=[B, C], method="ties", density=0.4, alpha=0.7)
+    values = dict(forms.recipe_to_widgets(ties), arch="sd1")
+    incomplete = dict(values, alpha=None)                          # the α box emptied: no recipe yet
+    (merge,) = _listeners(demo, by_id["merge"], "click")
+    settings = [i._id for i in merge.inputs[:len(forms.RECIPE_KEYS)]]   # the Merge button's recipe inputs
+    for elem in ("model_a", "model_b", "model_c", "method_models", "mode", "method", "method_density"):
+        fns = [f for f in _listeners(demo, by_id[elem], "input") if [i._id for i in f.inputs] == settings]
         assert len(fns) == 1, elem
         asked.clear()
-        fns[0].fn(A, B, C, [B], "add_difference", "")
-        assert asked == [(A, B, C, [B], "add_difference", "")]
+        fns[0].fn(*[values[k] for k in forms.RECIPE_KEYS])
+        assert asked == [("recipe", ties)]
+        asked.clear()
+        fns[0].fn(*[incomplete[k] for k in forms.RECIPE_KEYS])
+        assert asked == [(A, "", "", [B, C], "weight_sum", "ties")]
     asked.clear()
     recipe = ws.recipe(A, B, alpha=0.2)
     ws.merge(recipe)
@@ -204,3 +213,72 @@ def test_the_merge_tab_warms_what_is_picked_loaded_or_dropped(demo_ws, monkeypat
     image.info = {"parameters": "a cat\nSteps: 3, Seed: 1", "sdmw_recipe": recipe.to_line()}
     (dropped,) = _listeners(demo, by_id["png_in"], "upload")
     assert dropped.fn(image)[0].startswith("loaded merge") and asked == [("recipe", recipe)]
+
+
+
+def _fresh(ws):
+    from merger.workstation import Workstation
+    return Workstation(ws.dirs, device="cpu", dtype=torch.float32, outputs=ws.outputs)
+
+
+def _same_weights(ws1, ws2):
+    one, two = ws1.pipeline.state_dict(), ws2.pipeline.state_dict()
+    return one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
+def test_a_method_s_thresholds_are_computed_in_the_background_and_the_merge_uses_them(demo_ws, monkeypatch):
+    import merger.engine.methods.ties as ties
+    ws = demo_ws
+    calls = Calls(ties.input_thresholds)
+    monkeypatch.setattr(ties, "input_thresholds", calls)
+    recipe = ws.recipe(A, models=[B, C], method="ties", density=0.3, alpha=0.8, sign="count")
+    reference = _fresh(ws)
+    reference.merge(recipe)                     # no warm-up: the merge computes every threshold
+    keys = calls.total
+    assert keys > 0 and "model-warm-up" not in calls.by_thread
+    calls.by_thread.clear()
+    assert ws.warm_recipe(recipe) == tuple(ws.dirs.resolve("ckpt", n) for n in (A, B, C))
+    assert ws.warmer.wait(60)
+    assert calls.by_thread == {"model-warm-up": keys}       # all of them, on the warm-up's thread alone
+    ws.merge(recipe)
+    assert calls.total == keys                  # the merge found them all
+    assert _same_weights(ws, reference)
+
+
+def test_a_merge_takes_over_from_a_background_preparation_without_computing_anything_twice(demo_ws, monkeypatch):
+    import merger.engine.methods.ties as ties
+    ws = demo_ws
+    recipe = ws.recipe(A, models=[B, C], method="ties", density=0.6, alpha=0.5)
+    counted = Calls(ties.input_thresholds)
+    monkeypatch.setattr(ties, "input_thresholds", counted)
+    reference = _fresh(ws)
+    reference.merge(recipe)
+    keys = counted.total
+    gated = Calls(ties.input_thresholds, gate=True)   # the warm-up's first key waits for the merge
+    monkeypatch.setattr(ties, "input_thresholds", gated)
+    ws.warm_recipe(recipe)
+    assert gated.entered.wait(60)
+    done: list = []
+    merging = threading.Thread(target=lambda: done.append(ws.merge(recipe)), name="merge")
+    merging.start()
+    merging.join(0.3)
+    assert merging.is_alive()                   # waiting for the warm-up to stop at its next key
+    gated.release.set()
+    merging.join(60)
+    assert done and ws.warmer.wait(30)
+    assert gated.by_thread.get("model-warm-up") == 1     # it stopped after the key it was on
+    assert gated.total == keys                  # the merge computed the rest, nothing twice
+    assert _same_weights(ws, reference)
+
+
+def test_a_bad_method_recipe_in_the_background_is_left_to_the_merge_to_report(demo_ws):
+    ws = demo_ws
+    recipe = ws.recipe(A, models=[B, C], method="ties", density=0.3, alpha=0.8)
+    bad = ws.recipe("demo-sdxl-tiny.safetensors", models=[B, C], method="ties", density=0.3, alpha=0.8)
+    ws.warm_recipe(bad)                         # SDXL base with SD1 models: refused, quietly
+    assert ws.warmer.wait(60)
+    with pytest.raises(MergeError):
+        ws.merge(bad)
+    ws.warm_recipe(recipe)
+    assert ws.warmer.wait(60)
+    assert ws.merge(recipe).history_id == 1

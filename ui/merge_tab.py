@@ -258,12 +258,16 @@ def _wire(ws, c):
     for key in ("a", "b", "c"):        # the full names, which a narrow dropdown may cut (in the browser)
         c[key].change(None, [c["a"], c["b"], c["c"]], c["model_names"], js=MODELS_LINE_JS)
 
-    def models_picked(a, b, cc, models, mode, method):
-        ws.warm(a, b, cc, models or (), mode, method)
-    # the picked models are read in the background while the user sets ratios (merger/files/warmup.py)
-    for key in ("a", "b", "c", "models", "mode", "method"):
-        c[key].input(models_picked, [c[k] for k in ("a", "b", "c", "models", "mode", "method")], None,
-                     queue=False, show_progress="hidden")
+    def picked(*args):
+        """The models these settings merge are read in the background while the user sets
+        ratios, and a method's α-independent part computed (merger/files/warmup.py)."""
+        try:
+            ws.warm_recipe(forms.build_recipe(ws, *args))
+        except Exception:  # noqa: BLE001 - settings not complete yet: the picked models alone
+            v = dict(zip(forms.RECIPE_KEYS, args))
+            ws.warm(v["a"], v["b"], v["c"], v["models"] or (), v["mode"], v["method"])
+    for key in ("a", "b", "c", "models", "mode", "method", "density"):
+        c[key].input(picked, recipe_inputs, None, queue=False, show_progress="hidden")
 
     @safe(29)
     def preset_picked(name, arch, target):

@@ -6,6 +6,6 @@ the merged tensors. The math lives in ``modes`` (SuperMerger's four formulas), `
 and ``adjust`` turn MBW vectors, elemental lines and adjust values into per-key numbers.
 """
 from .plan import KeyJob, MergePlan, plan_for, plan_merge
-from .run import MergeResult, check_inputs, iter_merge, merge
+from .run import MergeResult, check_inputs, iter_merge, merge, prepare
 
-__all__ = ["KeyJob", "MergePlan", "MergeResult", "check_inputs", "iter_merge", "merge", "plan_for", "plan_merge"]
+__all__ = ["KeyJob", "MergePlan", "MergeResult", "check_inputs", "iter_merge", "merge", "plan_for", "plan_merge", "prepare"]

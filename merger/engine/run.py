@@ -34,6 +34,19 @@ def check_inputs(plan: MergePlan) -> None:
     _Runner(plan, check_finite=True)
 
 
+def prepare(plan: MergePlan, should_stop: Callable[[], bool] | None = None, device: str | None = None) -> bool:
+    """Do ahead of the merge of ``plan``, on the calling thread alone, what does not depend on λ:
+    the inputs' NaN/Inf check and the method's memos (TIES: every key's thresholds, kept by the
+    base model, where a merge of the same models on ``device`` finds them). For the background
+    warm-up of picked models (:mod:`...files.warmup`); ``should_stop()`` is polled before each
+    key. True where there was a prefetch to do. Raises :class:`MergeError` as the merge would."""
+    runner = _Runner(plan, check_finite=True, device=device)
+    if not runner.prefetches():
+        return False
+    runner.prefetch(should_stop, serial=True)
+    return True
+
+
 SATURATING = (torch.float8_e4m3fn, torch.float32)   # casts that never make a finite value non-finite
 
 
@@ -105,13 +118,13 @@ class _Runner:
         than RAM)."""
         return self.method is not None and self.method.prefetch is not None and not self.per_key
 
-    def prefetch(self, should_stop: Callable[[], bool] | None) -> None:
+    def prefetch(self, should_stop: Callable[[], bool] | None, serial: bool = False) -> None:
         p = self.plan
         items = [(p.a.tensors[j.key], [ck.tensors[j.key] for ck in p.models],
                   with_second(self.method, self.method_args, j.ratios[1]), self._memo(j.key))
                  for j in p.jobs if j.ratios is not None and j.channels is None]
         on_device = self.device is not None and torch.device(self.device).type != "cpu"
-        self.method.prefetch(items, should_stop, every_size=on_device)
+        self.method.prefetch(items, should_stop, every_size=on_device, serial=serial)
 
     def _check_key(self, key: str) -> None:
         """``per_key``: NaN/Inf in this key's inputs is the same clear error as the up-front check."""

@@ -7,13 +7,17 @@ SSD: about 8 s; two SDXL files: about 28 s), and it used to start only when Merg
 A :class:`Warmer` starts it as soon as the models are picked, while the user is still setting
 ratios: the merge then finds them loaded and scanned, or waits only for the rest of the scan
 (``value_stats`` and :class:`.model_cache.ModelCache` let a second caller wait for the first
-instead of doing the work twice).
+instead of doing the work twice). A request may add a last step once its files are read (the
+workstation's: a method's part of the merge that does not depend on α, TIES's thresholds);
+:meth:`Warmer.hand_over` stops that step at its next key when a merge starts, so the two never
+compute the same thing.
 
-The warm-up reads on one thread with torch single-threaded there and, on Linux, a lower priority
-(nice 10), so a generation running meanwhile keeps the cores; a newer pick replaces a pending one and stops the current one at the
-next model; :meth:`Warmer.cancel` (Clear cache) also drops what a running warm-up loaded after
-the cache was cleared. A name that does not resolve inside the models' folder is skipped: the
-merge reports it. Nothing is written anywhere.
+The warm-up runs on one thread with torch single-threaded there and, on Linux, a lower priority
+(nice 10), so a generation running meanwhile keeps the cores; a newer pick replaces a pending one
+and stops the current one at the next model; :meth:`Warmer.cancel` (Clear cache) also drops what
+a running warm-up loaded after the cache was cleared. A name that does not resolve inside the
+models' folder is skipped, and so is a file that fails to load: the merge reports them. Nothing
+is written anywhere.
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ from .model_cache import ModelCache
 
 NICE = 10       # the warm-up thread's niceness (Linux sets it per thread)
 
+# a request's last step: then(should_stop), polling should_stop() between its pieces of work
+Then = Callable[[Callable[[], bool]], object]
+
 
 class Warmer:
     """Loads and scans checkpoints named by the UI, in the background (see the module)."""
@@ -35,15 +42,19 @@ class Warmer:
     def __init__(self, cache: ModelCache, resolve: Callable[[str], Path]):
         self._cache, self._resolve = cache, resolve
         self._lock = threading.Lock()
-        self._wanted: tuple[Path, ...] | None = None     # the newest request not yet taken up
+        self._wanted: tuple[tuple[Path, ...], Then | None] | None = None   # the newest request not yet taken up
         self._epoch = 0                                   # moved on by cancel()
+        self._handed_over = False                         # a merge started: no last step until the next request
         self._thread: threading.Thread | None = None
         self._idle = threading.Event()
         self._idle.set()
+        self._then_done = threading.Event()               # clear while a request's last step runs
+        self._then_done.set()
 
-    def request(self, names: Iterable[str]) -> tuple[Path, ...]:
+    def request(self, names: Iterable[str], then: Then | None = None) -> tuple[Path, ...]:
         """Warm these models (names relative to the models' folder; empty ones and names that do
-        not resolve there are skipped). Returns the files it will read."""
+        not resolve there are skipped), then run ``then(should_stop)`` if given and the request
+        is still current. Returns the files it will read."""
         paths: list[Path] = []
         for name in names:
             if not name:
@@ -55,7 +66,8 @@ class Warmer:
             if path not in paths:
                 paths.append(path)
         with self._lock:
-            self._wanted = tuple(paths)
+            self._wanted = (tuple(paths), then)
+            self._handed_over = False
             self._idle.clear()
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="model-warm-up", daemon=True)
@@ -69,11 +81,19 @@ class Warmer:
             self._epoch += 1
             self._wanted = None
 
+    def hand_over(self, timeout: float = 30.0) -> None:
+        """A merge is starting: a request's last step stops at its next piece of work (this
+        waits until it has, at most ``timeout`` s) and none starts until the next request. The
+        reading of files goes on: the merge waits for the ones it needs."""
+        with self._lock:
+            self._handed_over = True
+        self._then_done.wait(timeout)
+
     def wait(self, timeout: float | None = None) -> bool:
         """Until no warm-up is pending or running (True), or ``timeout`` seconds (False)."""
         return self._idle.wait(timeout)
 
-    def _take(self) -> tuple[tuple[Path, ...] | None, int]:
+    def _take(self):
         with self._lock:
             wanted, self._wanted = self._wanted, None
             if wanted is None:            # decided under the lock: a request now starts a new thread
@@ -96,10 +116,13 @@ class Warmer:
             wanted, epoch = self._take()
             if wanted is None:
                 return
-            for path in wanted:
+            paths, then = wanted
+            for path in paths:
                 if self._stale(epoch):
                     break
-                self._warm(path, wanted, epoch)
+                self._warm(path, paths, epoch)
+            if then is not None:
+                self._then(then, epoch)
 
     def _warm(self, path: Path, pinned: tuple[Path, ...], epoch: int) -> None:
         try:
@@ -112,3 +135,22 @@ class Warmer:
             ck.value_stats()
         except Exception:  # noqa: BLE001 - a bad file: the merge reads it again and says what is wrong
             pass
+
+    def _superseded(self, epoch: int) -> bool:
+        """(The lock held.) Whether a request's last step should not start or go on."""
+        return self._handed_over or self._wanted is not None or self._epoch != epoch
+
+    def _then(self, then: Then, epoch: int) -> None:
+        def should_stop() -> bool:
+            with self._lock:
+                return self._superseded(epoch)
+        with self._lock:
+            if self._superseded(epoch):
+                return
+            self._then_done.clear()
+        try:
+            then(should_stop)
+        except Exception:  # noqa: BLE001 - the merge meets the same problem and reports it
+            pass
+        finally:
+            self._then_done.set()

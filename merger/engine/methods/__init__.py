@@ -62,10 +62,11 @@ class Method:
     # (None, or a contiguous buffer of base's shape and out_dtype that aliases no input) receives
     # the result, which is then ``out`` itself.
     fused: Callable | None = None
-    # optional: prefetch(items, should_stop, every_size) fills the memos of the keys ``fused`` will
-    # compute, items = [(base, models, args, memo)] with the inputs on the CPU, before the first key
-    # (TIES: every key's thresholds); ``every_size``: also keys too small for a fused CPU kernel,
-    # as a merge on a GPU asks (its fused path takes every key whose memo is filled)
+    # optional: prefetch(items, should_stop, every_size, serial) fills the memos of the keys ``fused``
+    # will compute, items = [(base, models, args, memo)] with the inputs on the CPU, before the first
+    # key (TIES: every key's thresholds); ``every_size``: also keys too small for a fused CPU kernel,
+    # as a merge on a GPU asks (its fused path takes every key whose memo is filled); ``serial``: all
+    # on the calling thread (a background warm-up ahead of the merge: engine.run.prepare)
     prefetch: Callable | None = None
     # optional: growth(args) -> g with |merge(τ₁…τₙ)| ≤ g·maxᵢ|τᵢ| element by element, or None where
     # no such bound holds; lets the engine skip scanning results that cannot overflow

@@ -364,14 +364,15 @@ def _fusable(base: torch.Tensor, models: list[torch.Tensor]) -> bool:
 
 
 def ties_prefetch(items: list[tuple[torch.Tensor, list[torch.Tensor], MethodArgs, dict]],
-                  should_stop=None, every_size: bool = False) -> None:
+                  should_stop=None, every_size: bool = False, serial: bool = False) -> None:
     """The thresholds of every key a merge will fuse, into each key's memo, before the first key
     is combined: ``items`` are (base, models, args, memo) per key. Whole keys go to the workers,
     largest first, each computed on one thread: no per-key hand-offs between the threads, and no
     OpenMP op of the combination between two threshold passes, whose spinning threads took a
     core from them (SD1.5, 4 models: thresholds 1.9 s instead of 2.6–3.1 s key by key).
     ``should_stop()`` is polled before each key (Stop pressed: the rest are left undone).
-    ``every_size`` (a merge on a GPU): every key with its inputs on the CPU, small ones too."""
+    ``every_size`` (a merge on a GPU): every key with its inputs on the CPU, small ones too.
+    ``serial``: every key on the calling thread (the background warm-up: one core, not both)."""
     wanted = _host_inputs if every_size else _fusable
     todo = [(b, ms, a.density, memo) for b, ms, a, memo in items
             if ("thresholds", a.density) not in memo and wanted(b, ms)]
@@ -381,7 +382,7 @@ def ties_prefetch(items: list[tuple[torch.Tensor, list[torch.Tensor], MethodArgs
         base, models, density, memo = item
         if should_stop is None or not should_stop():
             memo[("thresholds", density)] = input_thresholds(base, models, density, parallel=False)
-    for _ in kernels.workers().map(one, todo):
+    for _ in (map if serial else kernels.workers().map)(one, todo):
         pass
 
 
