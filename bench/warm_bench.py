@@ -1,7 +1,7 @@
 """Merge pressed -> merged into the resident pipeline, with and without the background warm-up of
 the picked models (merger/files/warmup.py), SD1.5-shaped fp16 files (2.1 GB each).
 
-    python bench/warm_bench.py [--dir D] [--rounds 3] [--ties]
+    python bench/warm_bench.py [--dir D] [--rounds 3] [--ties] [--new]
 
 Each round picks two models not merged before in this process (the model cache cleared), then:
 
@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.merge_bench import write_models  # noqa: E402
+from merger.files import checkpoint_io  # noqa: E402
 from merger.files.model_dirs import ModelDirs  # noqa: E402
 from merger.ldm_layout import checkpoint_layout  # noqa: E402
 from merger.workstation import Workstation  # noqa: E402
@@ -47,7 +48,7 @@ def drop_page_cache() -> bool:
         return False
 
 
-def bench_ties(ws: Workstation, files: list[str], rounds: int) -> None:
+def bench_ties(ws: Workstation, files: list[str], rounds: int, forget_hashes) -> None:
     """TIES (density 0.2, sign by count) over the base and four models, in the page cache: Merge
     pressed at once after the pick, and after the warm-up (load, scan, every key's thresholds on
     one thread) has finished; the bound: the same merge with only α changed."""
@@ -55,14 +56,15 @@ def bench_ties(ws: Workstation, files: list[str], rounds: int) -> None:
     for r in range(rounds):
         for warm in (False, True):
             ws.clear_cache()
-            recipe = ws.recipe(files[0], models=files[1:], method="ties", density=0.2, sign="count",
-                               alpha=0.5 + 0.01 * (2 * r + warm))
+            forget_hashes()
+            settings = dict(models=files[1:], method="ties", density=0.2, sign="count", alpha=0.5 + 0.01 * (2 * r + warm))
             if warm:
                 t = time.perf_counter()
-                ws.warm_recipe(recipe)
+                ws.warm_recipe(ws.recipe(files[0], hashed=False, **settings))    # as the Merge tab does
                 ws.warmer.wait()
                 rows.setdefault("warm-up itself (one thread)", []).append(time.perf_counter() - t)
             t = time.perf_counter()
+            recipe = ws.recipe(files[0], **settings)
             ws.merge(recipe)
             rows.setdefault("warmed" if warm else "no warm-up", []).append(time.perf_counter() - t)
             t = time.perf_counter()
@@ -80,6 +82,8 @@ def main() -> None:
     ap.add_argument("--dir", default=str(Path(__file__).resolve().parent.parent / "bench-models"),
                     help="where the five SD1.5-shaped files are (written there when missing)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new", action="store_true", help="forget the files' hashes before each pick: models new "
+                    "to the app, whose A1111 hash (the sha256 of the whole file) is not known yet")
     ap.add_argument("--ties", action="store_true", help="TIES over the base and four models instead (files in the "
                     "page cache): the warm-up also computes the thresholds")
     args = ap.parse_args()
@@ -88,7 +92,13 @@ def main() -> None:
     files = [f"{n}.safetensors" for n in NAMES]
     if not all((folder / f).exists() for f in files):
         write_models(checkpoint_layout("sd1"), NAMES, folder)
-    scratch = tempfile.TemporaryDirectory()               # the merges' history rows: not the user's
+    scratch = tempfile.TemporaryDirectory()               # history rows and hashes: not the user's
+    os.environ["SDMW_DATA_DIR"] = scratch.name
+
+    def forget_hashes() -> None:
+        if args.new:
+            (Path(scratch.name) / "cache" / "hashes.json").unlink(missing_ok=True)
+            checkpoint_io._default_hashes = None
     ws = Workstation(ModelDirs.from_models_dir(folder, ckpt=folder), device="cpu", dtype=torch.float16,
                      outputs=Path(scratch.name), history=MergeHistory(Path(scratch.name) / "history.csv"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
@@ -96,7 +106,7 @@ def main() -> None:
     ws.merge(ws.recipe(files[0], files[1], alpha=0.5))        # builds the resident pipeline once
     print(f"first merge (builds the pipeline): {time.perf_counter() - t:.2f} s\n")
     if args.ties:
-        bench_ties(ws, files, args.rounds)
+        bench_ties(ws, files, args.rounds, forget_hashes)
         return
     pairs = [(files[i % 5], files[(i + 1) % 5]) for i in range(1, 2 * args.rounds + 1)]
     can_drop = drop_page_cache()
@@ -106,6 +116,7 @@ def main() -> None:
         for cold in ((False, True) if can_drop else (False,)):
             for warm in (False, True):
                 ws.clear_cache()
+                forget_hashes()
                 if cold:
                     drop_page_cache()
                 else:                                  # in the page cache: read once

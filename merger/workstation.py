@@ -94,16 +94,22 @@ class Workstation:
     def should_stop(self) -> bool:
         return self.stop_event.is_set()
 
-    def recipe(self, model_a: str, model_b: str = "", model_c: str = "", models=(), **settings) -> Recipe:
+    def recipe(self, model_a: str, model_b: str = "", model_c: str = "", models=(), hashed: bool = True,
+               **settings) -> Recipe:
         """A recipe naming models by file name with their short hashes (``models``: a method's
-        M1…Mn, with ``model_a`` its base)."""
+        M1…Mn, with ``model_a`` its base). ``hashed=False``: without the hashes (a file not
+        hashed yet is read whole for its hash: the UI's warm-up does that in the background)."""
         if not model_a:
             raise MergeError("model A is not selected")
         paths = {s: self.dirs.resolve("ckpt", n) for s, n in (("a", model_a), ("b", model_b), ("c", model_c)) if n}
+
+        def hash_of(path: Path) -> str:
+            return short_hash(path) if hashed else ""
         return Recipe(model_a=model_a, model_b=model_b or "", model_c=model_c or "",
-                      hash_a=short_hash(paths["a"]), hash_b=short_hash(paths["b"]) if "b" in paths else "",
-                      hash_c=short_hash(paths["c"]) if "c" in paths else "", models=list(models),
-                      model_hashes=[short_hash(self.dirs.resolve("ckpt", n)) for n in models], **settings)
+                      hash_a=hash_of(paths["a"]), hash_b=hash_of(paths["b"]) if "b" in paths else "",
+                      hash_c=hash_of(paths["c"]) if "c" in paths else "", models=list(models),
+                      model_hashes=[hash_of(self.dirs.resolve("ckpt", n)) for n in models] if hashed else [],
+                      **settings)
 
     def warm(self, model_a: str, model_b: str = "", model_c: str = "", models=(), mode: str = "weight_sum",
              method: str = "") -> tuple[Path, ...]:

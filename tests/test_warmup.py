@@ -190,6 +190,8 @@ def test_the_merge_tab_warms_what_is_picked_loaded_or_dropped(demo_ws, monkeypat
     by_id = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
     ties = ws.recipe(A, models=[B, C], method="ties", density=0.4, alpha=0.7)
     values = dict(forms.recipe_to_widgets(ties), arch="sd1")
+    unhashed = ws.recipe(A, models=[B, C], method="ties", density=0.4, alpha=0.7, hashed=False)
+    assert unhashed.hash_a == "" and unhashed.model_hashes == [] and ties.hash_a
     incomplete = dict(values, alpha=None)                          # the α box emptied: no recipe yet
     (merge,) = _listeners(demo, by_id["merge"], "click")
     settings = [i._id for i in merge.inputs[:len(forms.RECIPE_KEYS)]]   # the Merge button's recipe inputs
@@ -198,7 +200,7 @@ def test_the_merge_tab_warms_what_is_picked_loaded_or_dropped(demo_ws, monkeypat
         assert len(fns) == 1, elem
         asked.clear()
         fns[0].fn(*[values[k] for k in forms.RECIPE_KEYS])
-        assert asked == [("recipe", ties)]
+        assert asked == [("recipe", unhashed)]                      # the warm-up hashes the files itself
         asked.clear()
         fns[0].fn(*[incomplete[k] for k in forms.RECIPE_KEYS])
         assert asked == [(A, "", "", [B, C], "weight_sum", "ties")]
@@ -282,3 +284,25 @@ def test_a_bad_method_recipe_in_the_background_is_left_to_the_merge_to_report(de
     ws.warm_recipe(recipe)
     assert ws.warmer.wait(60)
     assert ws.merge(recipe).history_id == 1
+
+
+def test_the_warm_up_hashes_the_files_and_a_second_caller_waits_for_its_hash(demo_ws, monkeypatch):
+    """A1111's short hash (the sha256 of the whole file) is computed by the warm-up, once: the
+    recipe made at Merge and the merge find it; a recipe made meanwhile waits for it."""
+    import merger.files.checkpoint_io as checkpoint_io
+    ws = demo_ws
+    hashes = Calls(checkpoint_io.file_sha256, gate=True)
+    monkeypatch.setattr(checkpoint_io, "file_sha256", hashes)
+    ws.warm(A, B)
+    assert hashes.entered.wait(30)                        # the warm-up is hashing A
+    made: list = []
+    recipe_thread = threading.Thread(target=lambda: made.append(ws.recipe(A, B, alpha=0.5)), name="recipe")
+    recipe_thread.start()
+    recipe_thread.join(0.3)
+    assert recipe_thread.is_alive()                       # waiting for A's hash, not computing it again
+    hashes.release.set()
+    recipe_thread.join(30)
+    assert ws.warmer.wait(30) and made
+    assert hashes.total == 2 and hashes.by_thread["model-warm-up"] >= 1   # each file hashed once, by either
+    assert ws.merge(made[0]).history_id == 1 and hashes.total == 2
+    assert made[0].hash_a == checkpoint_io.file_sha256(ws.dirs.resolve("ckpt", A))[:10]

@@ -135,13 +135,14 @@ def method_settings(method, models, weights, density, drop, seed, sign, della_ep
 
 def build_recipe(ws, arch: str, a, b, c, mode, calcmode, alpha, beta, gamma, use_mbw, mbw_a, mbw_b,
                  elemental, inex, inex_text, adjust, loras="", method="", models=(), weights="", density=None,
-                 drop=None, method_seed=-1, sign="sum", della_eps=0.1, stock="tensor", ema=False) -> Recipe:
+                 drop=None, method_seed=-1, sign="sum", della_eps=0.1, stock="tensor", ema=False,
+                 hashed: bool = True) -> Recipe:
     blocks, elements = split_inex(inex_text or "", arch)
     adj = adjust_values(adjust) if adjust else None
     extra = method_settings(method, models, weights, density, drop, method_seed, sign, della_eps, stock)
     if extra:
         b = c = ""                     # a method merges A (its base) with its own list of models
-    return ws.recipe(a or "", b or "", c or "", **extra, mode=mode, calcmode=calcmode, alpha=number(alpha, "alpha"),
+    return ws.recipe(a or "", b or "", c or "", hashed=hashed, **extra, mode=mode, calcmode=calcmode, alpha=number(alpha, "alpha"),
                      beta=number(beta, "beta"), gamma=number(gamma, "gamma"), mbw_alpha=parse_vector(mbw_a, arch, "MBW alpha") if use_mbw else None,
                      mbw_beta=parse_vector(mbw_b, arch, "MBW beta") if use_mbw and mbw_b else None,
                      elemental=elemental or "", inex=inex, inex_blocks=blocks if inex != "off" else [],

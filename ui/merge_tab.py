@@ -262,7 +262,7 @@ def _wire(ws, c):
         """The models these settings merge are read in the background while the user sets
         ratios, and a method's α-independent part computed (merger/files/warmup.py)."""
         try:
-            ws.warm_recipe(forms.build_recipe(ws, *args))
+            ws.warm_recipe(forms.build_recipe(ws, *args, hashed=False))    # hashed by the warm-up
         except Exception:  # noqa: BLE001 - settings not complete yet: the picked models alone
             v = dict(zip(forms.RECIPE_KEYS, args))
             ws.warm(v["a"], v["b"], v["c"], v["models"] or (), v["mode"], v["method"])

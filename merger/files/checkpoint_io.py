@@ -313,10 +313,16 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+_HASHING: dict[Path, threading.Lock] = {}     # per file, held while its sha256 is computed
+_HASHING_LOCK = threading.Lock()
+
+
 class HashCache:
     """sha256 of model files, computed once per (path, size, mtime) and kept in a JSON file.
 
-    The short hash is A1111's: the first 10 hex digits of the file's sha256."""
+    The short hash is A1111's: the first 10 hex digits of the file's sha256. Thread-safe: a file
+    asked for by two threads at once (the background warm-up and a merge) is read once, the
+    second waiting for the first's result."""
 
     def __init__(self, cache_file: str | os.PathLike | None = None):
         from .paths import data_dir
@@ -336,15 +342,19 @@ class HashCache:
         if p.is_dir():                 # a diffusers folder: over its components' files
             from .diffusers_format import folder_sha256
             return folder_sha256(p, self.sha256)
-        st = p.stat()
-        data = self._load()
-        entry = data.get(str(p))
-        if entry and entry.get("size") == st.st_size and entry.get("mtime") == st.st_mtime_ns:
-            return entry["sha256"]
-        digest = file_sha256(p)
-        data[str(p)] = {"size": st.st_size, "mtime": st.st_mtime_ns, "sha256": digest}
-        self._save()
-        return digest
+        with _HASHING_LOCK:
+            hashing = _HASHING.setdefault(p, threading.Lock())
+        with hashing:
+            st = p.stat()
+            with _HASHING_LOCK:
+                entry = self._load().get(str(p))
+            if entry and entry.get("size") == st.st_size and entry.get("mtime") == st.st_mtime_ns:
+                return entry["sha256"]
+            digest = file_sha256(p)
+            with _HASHING_LOCK:
+                self._data[str(p)] = {"size": st.st_size, "mtime": st.st_mtime_ns, "sha256": digest}
+                self._save()
+            return digest
 
     def short_hash(self, path: str | os.PathLike) -> str:
         return self.sha256(path)[:10]

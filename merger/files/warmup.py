@@ -1,13 +1,14 @@
 """Read the models a user has picked before they press Merge, on a background thread.
 
-Picking a model in the Merge tab costs nothing; the merge then loads it and scans it for NaN/Inf
-(:meth:`.checkpoint_io.Checkpoint.value_stats`), which reads every byte of the file. For a file
+Picking a model in the Merge tab costs nothing; the merge then hashes it (A1111's short hash, the
+sha256 of the whole file, once per file: :class:`.checkpoint_io.HashCache`), loads it and scans it
+for NaN/Inf (:meth:`.checkpoint_io.Checkpoint.value_stats`), which reads every byte again. For a file
 that is not in the page cache that read runs at the disk's speed (two SD1.5 files from a SATA
 SSD: about 8 s; two SDXL files: about 28 s), and it used to start only when Merge was pressed.
 A :class:`Warmer` starts it as soon as the models are picked, while the user is still setting
-ratios: the merge then finds them loaded and scanned, or waits only for the rest of the scan
-(``value_stats`` and :class:`.model_cache.ModelCache` let a second caller wait for the first
-instead of doing the work twice). A request may add a last step once its files are read (the
+ratios: the merge then finds them hashed, loaded and scanned, or waits only for the rest
+(``HashCache``, ``value_stats`` and :class:`.model_cache.ModelCache` let a second caller wait for
+the first instead of doing the work twice). A request may add a last step once its files are read (the
 workstation's: a method's part of the merge that does not depend on α, TIES's thresholds);
 :meth:`Warmer.hand_over` stops that step at its next key when a merge starts, so the two never
 compute the same thing.
@@ -27,6 +28,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from ..errors import MergeError
+from .checkpoint_io import short_hash
 from .model_cache import ModelCache
 
 
@@ -37,7 +39,8 @@ Then = Callable[[Callable[[], bool]], object]
 
 
 class Warmer:
-    """Loads and scans checkpoints named by the UI, in the background (see the module)."""
+    """Hashes, loads and scans the checkpoints named by the UI, then runs the request's last
+    step, all on one background thread (see the module)."""
 
     def __init__(self, cache: ModelCache, resolve: Callable[[str], Path]):
         self._cache, self._resolve = cache, resolve
@@ -126,6 +129,7 @@ class Warmer:
 
     def _warm(self, path: Path, pinned: tuple[Path, ...], epoch: int) -> None:
         try:
+            short_hash(path)          # the hash a merge's recipe records: the whole file read, in order
             ck = self._cache.get(path, pinned=pinned)
             with self._lock:
                 cleared = self._epoch != epoch
