@@ -115,7 +115,7 @@ class Workstation:
              method: str = "") -> tuple[Path, ...]:
         """Start reading, in the background, the models a merge of these picks would read (by
         name: A and B, C where the mode uses it; a method's base A and its models), so that the
-        next merge finds them loaded and scanned (:mod:`.files.warmup`). Returns those files."""
+        next merge finds them hashed, loaded and scanned (:mod:`.files.warmup`). Returns those files."""
         names = [model_a, *models] if method else [model_a, model_b] + ([model_c] if mode in MODES_WITH_C else [])
         return self.warmer.request(names)
 
