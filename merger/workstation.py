@@ -20,7 +20,7 @@ from .files.warmup import Warmer
 from .files.paths import data_dir
 from .pipeline.resident import ResidentPipeline
 from .pipeline.pnginfo import draw_merge_id, save_png
-from .recipe import MODES_WITH_C, Recipe
+from .recipe import Recipe
 from .files.saving import (SaveOptions, auto_filename, exists_error, model_label, recipe_metadata, save_merge,
                            save_tensors)
 
@@ -114,10 +114,13 @@ class Workstation:
     def warm(self, model_a: str, model_b: str = "", model_c: str = "", models=(), mode: str = "weight_sum",
              method: str = "") -> tuple[Path, ...]:
         """Start reading, in the background, the models a merge of these picks would read (by
-        name: A and B, C where the mode uses it; a method's base A and its models), so that the
-        next merge finds them hashed, loaded and scanned (:mod:`.files.warmup`). Returns those files."""
-        names = [model_a, *models] if method else [model_a, model_b] + ([model_c] if mode in MODES_WITH_C else [])
-        return self.warmer.request(names)
+        name, as :meth:`.Recipe.slots` lists them: A and B, C where the mode uses it; a method's
+        base A and its models), so that the next merge finds them hashed, loaded and scanned
+        (:mod:`.files.warmup`); the picks alone, while the other settings are incomplete.
+        Returns those files."""
+        picks = Recipe(model_a=model_a or "", model_b=model_b or "", model_c=model_c or "", models=list(models),
+                       mode=mode, method=method or "")
+        return self.warmer.request(name for _, name, _ in picks.slots())
 
     def warm_recipe(self, recipe: Recipe) -> tuple[Path, ...]:
         """:meth:`warm` for the models ``recipe`` reads (the Merge tab's complete settings, Load

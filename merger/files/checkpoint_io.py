@@ -313,8 +313,22 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-_HASHING: dict[Path, threading.Lock] = {}     # per file, held while its sha256 is computed
-_HASHING_LOCK = threading.Lock()
+class KeyedLocks:
+    """One lock per key (a file), made on first use: two threads asking for the same file's hash
+    or load compute it once, the second waiting for the first (:class:`HashCache`,
+    :class:`.model_cache.ModelCache`)."""
+
+    def __init__(self):
+        self._locks: dict = {}
+        self._guard = threading.Lock()
+
+    def __call__(self, key) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+
+_HASHING = KeyedLocks()                       # per file, held while its sha256 is computed
+_HASH_DATA_LOCK = threading.Lock()            # the cache's dict and its JSON file
 
 
 class HashCache:
@@ -342,16 +356,14 @@ class HashCache:
         if p.is_dir():                 # a diffusers folder: over its components' files
             from .diffusers_format import folder_sha256
             return folder_sha256(p, self.sha256)
-        with _HASHING_LOCK:
-            hashing = _HASHING.setdefault(p, threading.Lock())
-        with hashing:
+        with _HASHING(p):
             st = p.stat()
-            with _HASHING_LOCK:
+            with _HASH_DATA_LOCK:
                 entry = self._load().get(str(p))
             if entry and entry.get("size") == st.st_size and entry.get("mtime") == st.st_mtime_ns:
                 return entry["sha256"]
             digest = file_sha256(p)
-            with _HASHING_LOCK:
+            with _HASH_DATA_LOCK:
                 self._data[str(p)] = {"size": st.st_size, "mtime": st.st_mtime_ns, "sha256": digest}
                 self._save()
             return digest

@@ -6,7 +6,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from .checkpoint_io import Checkpoint, load_checkpoint
+from .checkpoint_io import Checkpoint, KeyedLocks, load_checkpoint
 
 
 class ModelCache:
@@ -18,7 +18,7 @@ class ModelCache:
         self.budget = budget_bytes
         self._items: OrderedDict[Path, tuple[tuple[int, int], Checkpoint]] = OrderedDict()
         self._lock = threading.Lock()
-        self._loading: dict[Path, threading.Lock] = {}      # per file, held while it is loaded
+        self._loading = KeyedLocks()                         # per file, held while it is loaded
 
     @staticmethod
     def _stamp(path: Path) -> tuple[int, int]:
@@ -31,9 +31,7 @@ class ModelCache:
     def get(self, path: str | os.PathLike, pinned: tuple = ()) -> Checkpoint:
         """Load (or reuse) ``path``; ``pinned`` paths are never evicted by this call."""
         path = Path(path).resolve()
-        with self._lock:
-            loading = self._loading.setdefault(path, threading.Lock())
-        with loading:
+        with self._loading(path):
             return self._get(path, pinned)
 
     def _get(self, path: Path, pinned: tuple) -> Checkpoint:
