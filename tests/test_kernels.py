@@ -221,7 +221,7 @@ def test_avx2_permutes_store_what_the_vector_compress_stores():
     lo, hi = np.quantile(mags, 0.78, axis=1).astype(np.float32), np.quantile(mags, 0.81, axis=1).astype(np.float32)
     parts = [(0, 150_016), (150_016, 300_001)]
     got = [ties_kth.split(b, ms, lo, hi, parts, 40_000, map, permute=p) for p in (False, True)]
-    for (below, vals) in got:
+    for (below, vals, _) in got:
         assert below.tolist() == [int((mags[i] < lo[i]).sum()) for i in range(3)]
         assert [v.tolist() for v in vals] == [mags[i][(mags[i] >= lo[i]) & (mags[i] <= hi[i])].tolist()
                                               for i in range(3)]

@@ -7,6 +7,7 @@ order, computing each merged tensor straight into a caller-supplied buffer when 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ from ..recipe import Recipe
 from .adjust import apply_adjust
 from .calcmodes import CalcContext, get_calcmode
 from .kernels.fp8 import copy_into, to_dtype
-from .methods import get_method, method_args, stack_taus, with_second
+from .methods import INPUT_STATS, get_method, method_args, stack_taus, with_second
 from .plan import KeyJob, MergePlan, plan_merge
 from .tensor_ops import CHUNK, chunked, finite_top, is_fp8, release_scratch, same_dtype, scratch, work_dtype
 
@@ -29,9 +30,15 @@ Progress = Callable[[int, int, str], None]
 OutFor = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 
 
-def check_inputs(plan: MergePlan) -> None:
-    """Raise before any arithmetic if a tensor to be merged holds NaN/Inf (cached per model)."""
-    _Runner(plan, check_finite=True)
+def check_inputs(plan: MergePlan, should_stop: Callable[[], bool] | None = None, device: str | None = None,
+                 progress: Progress | None = None) -> None:
+    """Raise before any result is made if a tensor to be merged holds NaN/Inf (cached per model).
+    For a method with a prefetch (TIES) the check comes after it, which reads the inputs anyway
+    and finds their NaN/Inf on the way (the memos it fills serve the merge on ``device`` that
+    follows); a stop during it raises :class:`MergeStopped`."""
+    runner = _Runner(plan, check_finite=True, device=device)
+    if runner.prefetches() and not runner.prefetch(should_stop, progress=progress):
+        raise MergeStopped()
 
 
 def prepare(plan: MergePlan, should_stop: Callable[[], bool] | None = None, device: str | None = None) -> bool:
@@ -39,7 +46,8 @@ def prepare(plan: MergePlan, should_stop: Callable[[], bool] | None = None, devi
     the inputs' NaN/Inf check and the method's memos (TIES: every key's thresholds, kept by the
     base model, where a merge of the same models on ``device`` finds them). For the background
     warm-up of picked models (:mod:`...files.warmup`); ``should_stop()`` is polled before each
-    key. True where there was a prefetch to do. Raises :class:`MergeError` as the merge would."""
+    key (stopped, the check is left to the merge). True where there was a prefetch to do.
+    Raises :class:`MergeError` as the merge would."""
     runner = _Runner(plan, check_finite=True, device=device)
     if not runner.prefetches():
         return False
@@ -66,10 +74,21 @@ class _Runner:
         self.ctx = CalcContext(gamma=plan.recipe.gamma)
         self.method = get_method(plan.recipe.method) if plan.recipe.method else None
         self.method_args = method_args(plan.recipe) if self.method else None
-        if per_key:       # inputs checked key by key as they are read (one pass over files larger than RAM)
-            self.check_finite = check_finite
-        else:
-            self.check_finite = check_finite and not (self._check_inputs() and self._cannot_overflow())
+        self.check_finite = check_finite
+        # the up-front NaN/Inf check (not ``per_key``: there inputs are checked key by key as they
+        # are read, one pass over files larger than RAM); after the prefetch where there is one
+        self._unchecked = check_finite and not per_key
+        self._checking = threading.Lock()
+        if not self.prefetches():
+            self.check()
+
+    def check(self) -> None:
+        """The up-front check of every merged input for NaN/Inf (once); whether results need a
+        scan for overflow too."""
+        with self._checking:
+            if self._unchecked:
+                self.check_finite = not (self._check_inputs() and self._cannot_overflow())
+                self._unchecked = False
 
     def _inputs(self):
         r = self.plan.recipe
@@ -118,13 +137,25 @@ class _Runner:
         than RAM)."""
         return self.method is not None and self.method.prefetch is not None and not self.per_key
 
-    def prefetch(self, should_stop: Callable[[], bool] | None, serial: bool = False) -> None:
+    def prefetch(self, should_stop: Callable[[], bool] | None, serial: bool = False,
+                 progress: Progress | None = None) -> bool:
+        """The method's prefetch, then :meth:`check`, skipping the inputs the prefetch read
+        (``INPUT_STATS``). False, unchecked, where ``should_stop()`` stopped it."""
         p = self.plan
+        jobs = [j for j in p.jobs if j.ratios is not None and j.channels is None]
         items = [(p.a.tensors[j.key], [ck.tensors[j.key] for ck in p.models],
-                  with_second(self.method, self.method_args, j.ratios[1]), self._memo(j.key))
-                 for j in p.jobs if j.ratios is not None and j.channels is None]
+                  with_second(self.method, self.method_args, j.ratios[1]), self._memo(j.key)) for j in jobs]
         on_device = self.device is not None and torch.device(self.device).type != "cpu"
+        if progress:
+            progress(0, len(p.jobs), f"{self.method.name}: preparing")
         self.method.prefetch(items, should_stop, every_size=on_device, serial=serial)
+        if should_stop is not None and should_stop():
+            return False
+        for j, (_, _, _, memo) in zip(jobs, items):
+            for ck, (finite, top) in zip((p.a, *p.models), memo.get(INPUT_STATS, ())):
+                ck.note_stats(j.key, ck.tensors[j.key], finite, top)
+        self.check()
+        return True
 
     def _check_key(self, key: str) -> None:
         """``per_key``: NaN/Inf in this key's inputs is the same clear error as the up-front check."""
@@ -134,6 +165,7 @@ class _Runner:
                 raise MergeError(f"model {n} ({ck.name}) contains NaN/Inf values in {key}")
 
     def compute(self, job: KeyJob, out: torch.Tensor | None) -> torch.Tensor:
+        self.check()                       # nothing is computed from unchecked inputs
         if self.per_key and self.check_finite:
             self._check_key(job.key)
         if self.method is not None:
@@ -340,10 +372,8 @@ def iter_merge(plan: MergePlan, *, out_for: OutFor | None = None, progress: Prog
             progress(0, len(plan.jobs), "computing similarities")
         runner.ctx.stats = cm.prepare(plan.a.tensors, plan.b.tensors)
     total = len(plan.jobs)
-    if runner.prefetches():
-        if progress:
-            progress(0, total, f"{runner.method.name}: preparing")
-        runner.prefetch(should_stop)
+    if runner.prefetches() and not runner.prefetch(should_stop, progress=progress):
+        raise MergeStopped()
     # methods (calcmode normal) run keys in turn: their ops use every core, and in parallel
     # threads they ran 1.4x slower on 2 cores
     pool = ThreadPoolExecutor(os.cpu_count() or 2) if cm.parallel else None

@@ -94,18 +94,28 @@ class Checkpoint:
             hit = memo[what] = (stamp, compute())
         return hit[1]
 
+    def note_stats(self, key: str, tensor: torch.Tensor, finite: bool, top: float) -> None:
+        """Record what :func:`..engine.tensor_ops.finite_top` would find in ``tensor`` (this
+        checkpoint's ``key``), found by a pass that read it anyway (TIES's thresholds), so that
+        :meth:`value_stats` does not read it again. Ignored unless ``tensor`` is still that key's."""
+        if self.tensors.get(key) is tensor:
+            self.__dict__.setdefault("_key_stats", {})[key] = (tensor, finite, top)
+
     def value_stats(self) -> tuple[frozenset[str], float]:
         """(keys holding NaN/Inf, largest finite |value|) over the float tensors; computed once
-        per loaded file (one pass, about memory speed: :func:`..engine.tensor_ops.finite_top`)
-        and cached. A second thread asking while the first scans (a merge while the background
-        warm-up of :mod:`.warmup` reads the file) waits for its result."""
+        per loaded file (one pass, about memory speed: :func:`..engine.tensor_ops.finite_top`,
+        skipping the tensors :meth:`note_stats` recorded) and cached. A second thread asking
+        while the first scans (a merge while the background warm-up of :mod:`.warmup` reads the
+        file) waits for its result."""
         from ..engine.tensor_ops import finite_top
+        noted = self.__dict__.get("_key_stats", {})
 
         def scan():
             bad, top = set(), 0.0
             for k, t in self.tensors.items():
                 if t.is_floating_point() and t.numel():
-                    finite, most = finite_top(t)
+                    hit = noted.get(k)
+                    finite, most = hit[1:] if hit is not None and hit[0] is t else finite_top(t)
                     if finite:
                         top = max(top, most)
                     else:

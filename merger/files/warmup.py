@@ -123,11 +123,14 @@ class Warmer:
             for path in paths:
                 if self._stale(epoch):
                     break
-                self._warm(path, paths, epoch)
+                self._warm(path, paths, epoch, scan=then is None)
             if then is not None:
                 self._then(then, epoch)
 
-    def _warm(self, path: Path, pinned: tuple[Path, ...], epoch: int) -> None:
+    def _warm(self, path: Path, pinned: tuple[Path, ...], epoch: int, scan: bool = True) -> None:
+        """Hash, load and (``scan``) NaN/Inf-scan one file. A request with a last step (a
+        method's preparation, which checks its inputs itself, on the way where it reads them:
+        TIES) leaves the scan to that step."""
         try:
             short_hash(path)          # the hash a merge's recipe records: the whole file read, in order
             ck = self._cache.get(path, pinned=pinned)
@@ -136,7 +139,8 @@ class Warmer:
             if cleared:                           # the cache was cleared meanwhile: leave it cleared
                 self._cache.unload(path)
                 return
-            ck.value_stats()
+            if scan:
+                ck.value_stats()
         except Exception:  # noqa: BLE001 - a bad file: the merge reads it again and says what is wrong
             pass
 

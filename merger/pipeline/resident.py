@@ -454,7 +454,8 @@ class ResidentPipeline:
         only that block)."""
         spec = self._spec(plan.a.tensors, plan.a.name, prediction_type,
                           {k: dt for k, (_, dt) in plan.output_spec().items()})
-        check_inputs(plan)   # bad input is refused while the pipeline still holds its last merge
+        # bad input is refused while the pipeline still holds its last merge
+        check_inputs(plan, should_stop=should_stop, device=self.device, progress=progress)
         sig = self._signature(plan, spec)
         ratios = {j.key: (j.ratios, j.channels, repr(j.adjust), j.source) for j in plan.jobs}
         todo = plan

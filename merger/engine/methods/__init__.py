@@ -66,7 +66,10 @@ class Method:
     # will compute, items = [(base, models, args, memo)] with the inputs on the CPU, before the first
     # key (TIES: every key's thresholds); ``every_size``: also keys too small for a fused CPU kernel,
     # as a merge on a GPU asks (its fused path takes every key whose memo is filled); ``serial``: all
-    # on the calling thread (a background warm-up ahead of the merge: engine.run.prepare)
+    # on the calling thread (a background warm-up ahead of the merge: engine.run.prepare). A
+    # prefetch that reads every input of a key anyway may leave memo[INPUT_STATS] = ((finite,
+    # largest |value|) of base, of each model): the engine's NaN/Inf check then reads that key
+    # no more (it checks after the prefetch and before any result is made)
     prefetch: Callable | None = None
     # optional: growth(args) -> g with |merge(τ₁…τₙ)| ≤ g·maxᵢ|τᵢ| element by element, or None where
     # no such bound holds; lets the engine skip scanning results that cannot overflow
@@ -74,6 +77,7 @@ class Method:
 
 
 REGISTRY: dict[str, Method] = {}
+INPUT_STATS = "input_stats"          # a memo's entry: see Method.prefetch
 
 
 def remembered(memo: dict | None, tag, make: Callable[[], object]):

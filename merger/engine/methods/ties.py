@@ -11,7 +11,7 @@ from ..compiled import MIN_NUMEL, compiled, enabled, usable
 from ..tensor_ops import is_fp8, scratch
 from .. import kernels
 from ..kernels import ties_combine, ties_kth
-from . import MethodArgs, method, remembered, stack_taus
+from . import INPUT_STATS, MethodArgs, method, remembered, stack_taus
 
 SMALL = 1 << 17        # at most this many elements are selected from directly
 SAMPLE = 1 << 15       # sample size bracketing the k-th value of larger tensors (2^15 beat 2^14, 2^16)
@@ -134,12 +134,16 @@ def thresholds(taus: torch.Tensor, density: float) -> torch.Tensor | None:
 
 
 def input_thresholds(base: torch.Tensor, models: list[torch.Tensor], density: float,
-                     parallel: bool = True) -> torch.Tensor | None:
+                     parallel: bool = True, stats: list | None = None) -> torch.Tensor | None:
     """:func:`thresholds` of τᵢ = Mᵢ − BASE straight from the inputs, without the stacked float32
     task vectors: the same exact k-th smallest |τᵢ| (same sample, same bracket), from one numba
     pass over the inputs (:func:`_numba_kths`) or, where that does not apply, chunk by chunk per
     model (:func:`_input_kth`). ``parallel``: split the work between the workers (else run it
-    all on the calling thread, itself a worker in :func:`ties_prefetch`)."""
+    all on the calling thread, itself a worker in :func:`ties_prefetch`).
+
+    ``stats``: where the numba pass ran, it receives each input's (no NaN/Inf, largest |value|),
+    BASE first, as :func:`..tensor_ops.finite_top` gives them, read on the way; the thresholds
+    are then NaN if an input is not finite (a merge refuses such inputs before using them)."""
     flat_b = base.reshape(-1)
     total = flat_b.numel()
     kth = trim_rank(density, total)
@@ -154,7 +158,8 @@ def input_thresholds(base: torch.Tensor, models: list[torch.Tensor], density: fl
     flat_ms = [m.reshape(-1) for m in models]
     run = kernels.workers().map if parallel else map
     try:
-        found = _numba_kths(flat_b, flat_ms, kth, run, kernels.parts(total, ties_kth.BLOCK) if parallel else [(0, total)])
+        found = _numba_kths(flat_b, flat_ms, kth, run, kernels.parts(total, ties_kth.BLOCK) if parallel else [(0, total)],
+                            stats)
     except Exception as e:
         if not kernels.compile_failed(e):
             raise
@@ -168,10 +173,11 @@ def input_thresholds(base: torch.Tensor, models: list[torch.Tensor], density: fl
 
 
 def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], kth: int, run,
-                parts: list[tuple[int, int]]) -> list[float] | None:
+                parts: list[tuple[int, int]], stats: list | None = None) -> list[float] | None:
     """The k-th smallest |τᵢ| of every model from one pass over the inputs (:mod:`..kernels.ties_kth`),
     its element ``parts`` mapped by ``run``; None where that does not apply (numba missing, a
-    dtype other than float16/bfloat16/float32, models of different dtypes, a store overflowed)."""
+    dtype other than float16/bfloat16/float32, models of different dtypes, a store overflowed).
+    ``stats``: see :func:`input_thresholds` (NaN thresholds, no selection, for a non-finite input)."""
     if not kernels.available() or len({m.dtype for m in flat_ms}) != 1:
         return None
     b, ms = kernels.as_numpy(flat_b), tuple(kernels.as_numpy(m) for m in flat_ms)
@@ -183,7 +189,12 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], kth: int, run
     got = ties_kth.split(b, ms, lo, hi, parts, room, run)
     if got is None:
         return None
-    below, vals = got
+    below, vals, tops = got
+    seen = [ties_kth.value_stats(v, top) for v, top in zip((b, *ms), tops)]
+    if stats is not None:
+        stats[:] = seen
+    if not all(finite for finite, _ in seen):
+        return [math.nan] * len(ms)
 
     def pick(i: int) -> float:
         r = kth - int(below[i])
@@ -381,7 +392,12 @@ def ties_prefetch(items: list[tuple[torch.Tensor, list[torch.Tensor], MethodArgs
     def one(item):
         base, models, density, memo = item
         if should_stop is None or not should_stop():
-            memo[("thresholds", density)] = input_thresholds(base, models, density, parallel=False)
+            stats: list = []
+            thr = input_thresholds(base, models, density, parallel=False, stats=stats)
+            if stats:
+                memo[INPUT_STATS] = tuple(stats)
+            if all(finite for finite, _ in stats):
+                memo[("thresholds", density)] = thr
     for _ in (map if serial else kernels.workers().map)(one, todo):
         pass
 
