@@ -1,6 +1,7 @@
-"""A TIES merge on the CPU checks its inputs for NaN/Inf in its threshold pass, which reads every
-input of the large keys anyway: those keys are not scanned a second time, the check still comes
-before any result, and it finds exactly what the scan (``finite_top``) finds."""
+"""The NaN/Inf check of the inputs from their bits (``kernels.magnitude``): the scan finds what
+torch's ``aminmax`` finds, and a TIES merge on the CPU makes the check in its threshold pass, which
+reads every input of the large keys anyway: those keys are not scanned a second time and the check
+still comes before any result."""
 from __future__ import annotations
 
 import math
@@ -28,8 +29,41 @@ def _inputs(numel, n, dtype, base_dtype=None, seed=0):
     return base, models
 
 
+def truth(x: torch.Tensor) -> tuple[bool, float]:
+    """(no NaN/Inf, largest |value|) by torch's own operations, to check the kernels against."""
+    lo, hi = (float(v) for v in torch.aminmax(x.float()))
+    return (True, max(-lo, hi)) if math.isfinite(lo) and math.isfinite(hi) else (False, math.nan)
+
+
 def _same(got, want):
     return all(g[0] == w[0] and (g[1] == w[1] or math.isnan(g[1]) and math.isnan(w[1])) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("numel", [5, 4099, (1 << 20) + 77])
+def test_the_bits_scan_finds_what_aminmax_finds(dtype, numel, monkeypatch):
+    from merger.engine.kernels import magnitude
+    g = torch.Generator().manual_seed(numel)
+    x = (torch.randn(numel, generator=g) * 0.02).to(dtype)
+    x[numel - 2] = -3.25                                    # the largest magnitude is negative
+    x[1] = -0.0
+    x[2] = torch.finfo(dtype).tiny / 4                      # a subnormal
+    assert magnitude.finite_top(x) == truth(x) == (True, 3.25)
+    assert tensor_ops.finite_top(x.reshape(1, -1)) == truth(x)
+    for bad in (math.nan, math.inf, -math.inf):
+        y = x.clone()
+        y[numel - 1] = bad                                  # the last element, past every full part
+        assert _same([magnitude.finite_top(y)], [(False, math.nan)])
+    y = x.clone()
+    y[3] = torch.finfo(dtype).max                           # the largest finite value is finite
+    assert magnitude.finite_top(y) == (True, float(torch.finfo(dtype).max))
+    monkeypatch.setattr(magnitude, "PARALLEL_FROM", 1)      # split between the workers, or not
+    one = magnitude.finite_top(x)
+    torch.set_num_threads(1)
+    try:
+        assert magnitude.finite_top(x) == one == truth(x)
+    finally:
+        torch.set_num_threads(2)
 
 
 @pytest.mark.parametrize("dtype,base_dtype", [(torch.float16, None), (torch.bfloat16, None),
@@ -39,13 +73,13 @@ def test_the_threshold_pass_finds_what_the_scan_finds(dtype, base_dtype):
     models[2][1234] = 7.5                                   # the largest magnitude of one input
     stats: list = []
     thr = ties_mod.input_thresholds(base, models, 0.3, stats=stats)
-    assert stats == [tensor_ops.finite_top(x) for x in (base, *models)]
+    assert stats == [truth(x) for x in (base, *models)]
     assert torch.equal(thr, ties_mod.thresholds(torch.stack([m.float() - base.float() for m in models]), 0.3))
     for x, bad in ((models[1], math.nan), (base, -math.inf), (models[0], math.inf)):
         x[299_999] = bad                                    # in the tail past the last full block
         stats = []
         thr = ties_mod.input_thresholds(base, models, 0.3, stats=stats)
-        assert _same(stats, [tensor_ops.finite_top(y) for y in (base, *models)])
+        assert _same(stats, [truth(y) for y in (base, *models)])
         assert [s[0] for s in stats].count(False) >= 1 and torch.isnan(thr).all()
 
 
@@ -76,7 +110,7 @@ def test_a_first_merge_scans_only_the_keys_its_threshold_pass_did_not_read(monke
     got = merge(RECIPE, cks[0], models=cks[1:]).tensors
     assert sorted(scanned) == [4 * 320 * 9] * 3             # the small key of each input, not the big one
     for ck in cks:                                          # what a whole scan would have found
-        assert ck.value_stats() == (frozenset(), max(tensor_ops.finite_top(t)[1] for t in ck.tensors.values()))
+        assert ck.value_stats() == (frozenset(), max(truth(t)[1] for t in ck.tensors.values()))
     monkeypatch.setenv("SDMW_COMPILE", "0")                 # the stacked path, inputs scanned whole
     fresh = _models()
     want = merge(RECIPE, fresh[0], models=fresh[1:]).tensors

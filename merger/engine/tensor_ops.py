@@ -35,14 +35,27 @@ FP8_FIRST_NONFINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
 
 
 def finite_top(t: torch.Tensor) -> tuple[bool, float]:
-    """(no NaN/Inf anywhere, largest |value|) of a float tensor: one ``aminmax`` pass (NaN
-    propagates, Inf is the min or max; about memory speed). Float8 is read as bytes: with the
+    """(no NaN/Inf anywhere, largest |value|) of a float tensor: on the CPU, for float16, bfloat16
+    and float32, one pass over the bits (:mod:`.kernels.magnitude`, 1.8x ``aminmax`` here);
+    elsewhere one ``aminmax`` pass (NaN propagates, Inf is the min or max). Float8 is read as bytes: with the
     sign bit cleared, its bit patterns order as its magnitudes (NaN/Inf above every finite
     value), so one AND and one max per chunk: 13 G values/s on 2 cores here, against 0.30 when
     each chunk was widened to float32 (a 12 B-parameter float8 Flux file: 40 s -> 1 s)."""
     flat = t.reshape(-1)
     if flat.numel() == 0:
         return True, 0.0
+    if flat.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        from . import kernels
+        if kernels.available():
+            from .kernels import magnitude
+            try:
+                found = magnitude.finite_top(flat)
+            except Exception as e:
+                if not kernels.compile_failed(e):
+                    raise
+                found = None
+            if found is not None:
+                return found
     if not is_fp8(t.dtype):
         lo, hi = (v.item() for v in torch.aminmax(flat))
         finite = math.isfinite(lo) and math.isfinite(hi)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import HAVE_NUMBA, host_features
+from .magnitude import bits_view
 
 BLOCK = 256          # |τ| values made per model before they are compressed (L1-resident)
 LANES = 16           # values per compress step; a model's store buffer has LANES spare slots
@@ -50,6 +51,7 @@ if HAVE_NUMBA:
 
     from .convert import f32 as _f32
     from .convert import widen
+    from .magnitude import mag_max
 
     def _packing(lanes: int, pack):
         """The code of an intrinsic (src, off, dst, at, lo, hi, ...) that loads ``src[off:off+lanes]``
@@ -157,24 +159,13 @@ if HAVE_NUMBA:
         return k, below
 
     @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
-    def _mag_max(x, mask, top):
-        """max(top, the largest of x[j] & mask): the bits of a float with its sign cleared, which
-        order as the magnitudes do, NaN and Inf above every finite value. Written so that the
-        maximum stays in x's unsigned type: LLVM then keeps 32 lanes of uint16 per AVX-512
-        vector (38 G values/s from L1 here, against 5.4 with numba's int64 arithmetic)."""
-        t = x.dtype.type(0)
-        for j in range(x.size):
-            t = max(t, x.dtype.type(x[j] & mask))
-        return max(top, np.int64(t))
-
-    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
     def _split_range(base, models, start, stop, lo, hi, store, below, inside, table,
                      bbits, mbits, bmask, mmask, tops):
         """Over elements [start, stop) (a multiple of BLOCK long, or the key's tail): per model i,
         add to ``below[i]`` how many |τᵢ| are below ``lo[i]`` and to ``inside[i]`` how many are in
         [lo[i], hi[i]], storing those in ``store[i]`` while it has room (the caller compares).
         ``table``: see :func:`_keep_inside`. On the way, the inputs' NaN/Inf check: ``tops[0]``
-        (BASE) and ``tops[1 + i]`` (model i) become the largest magnitude bits (:func:`_mag_max`)
+        (BASE) and ``tops[1 + i]`` (model i) become the largest magnitude bits (:func:`.magnitude.mag_max`)
         of ``bbits`` and ``mbits[i]``, the inputs' unsigned views, under ``bmask``/``mmask``."""
         n = len(models)
         cap = store.shape[1] - LANES
@@ -183,10 +174,10 @@ if HAVE_NUMBA:
         for o in range(start, stop, BLOCK):
             c = min(BLOCK, stop - o)
             widen(base[o:o + c], b)
-            tops[0] = _mag_max(bbits[o:o + c], bmask, tops[0])
+            tops[0] = mag_max(bbits[o:o + c], bmask, tops[0])
             for i in range(n):
                 _abs_diff(models[i][o:o + c], b, a)
-                tops[1 + i] = _mag_max(mbits[i][o:o + c], mmask, tops[1 + i])
+                tops[1 + i] = mag_max(mbits[i][o:o + c], mmask, tops[1 + i])
                 k, under = _keep_inside(a, c, lo[i], hi[i], store[i], inside[i], cap, table)
                 inside[i] = k
                 below[i] += under
@@ -257,32 +248,18 @@ def samples(base: np.ndarray, models: tuple, idx: np.ndarray) -> np.ndarray:
     return out
 
 
-# per kernel view (:func:`..as_numpy`): its unsigned view, the mask clearing the sign, the
-# smallest NaN/Inf magnitude, and how magnitude bits become the float
-_BITS = {np.dtype(np.uint16): (np.uint16, 0x7FFF, 0x7C00, lambda m: float(np.uint16(m).view(np.float16))),
-         np.dtype(np.int16): (np.uint16, 0x7FFF, 0x7F80, lambda m: float(np.uint32(m << 16).view(np.float32))),
-         np.dtype(np.float32): (np.uint32, 0x7FFFFFFF, 0x7F800000, lambda m: float(np.uint32(m).view(np.float32)))}
-
-
-def value_stats(view: np.ndarray, top: int) -> tuple[bool, float]:
-    """(no NaN/Inf, largest |value|) of a kernel view from its largest magnitude bits ``top``, as
-    :func:`...tensor_ops.finite_top` gives them (NaN for the largest when not finite)."""
-    _, _, first_bad, to_float = _BITS[view.dtype]
-    return (True, to_float(top)) if top < first_bad else (False, float("nan"))
-
-
 def split(base: np.ndarray, models: tuple, lo: np.ndarray, hi: np.ndarray, parts: list[tuple[int, int]],
           room: int, run, permute: bool = PERMUTE8) -> tuple[np.ndarray, list[np.ndarray], list[int]] | None:
     """Per model: how many |τᵢ| are below ``lo[i]``, and the values inside [lo[i], hi[i]]
     (unordered); and, read on the way, each input's largest magnitude bits (BASE first; to
-    :func:`value_stats`). ``parts`` split the elements between the workers (``run`` maps a
+    :func:`.magnitude.stats`). ``parts`` split the elements between the workers (``run`` maps a
     function over them), each storing at most ``room`` values per model; None when one
     overflowed (the caller then takes its exact fallback). ``permute``: AVX2's table permutes,
     not LLVM's compress (:data:`PERMUTE8`; only on a CPU with AVX2)."""
     n = len(models)
     table = LANE_TABLE if permute else None
-    (bview, bmask, _, _), (mview, mmask, _, _) = _BITS[base.dtype], _BITS[models[0].dtype]
-    bbits, mbits = base.view(bview), tuple(m.view(mview) for m in models)
+    (bbits, bmask), mbits = bits_view(base), tuple(bits_view(m)[0] for m in models)
+    mmask = bits_view(models[0])[1]
 
     def one(part):
         store = np.empty((n, room + LANES), np.float32)

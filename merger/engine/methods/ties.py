@@ -10,7 +10,7 @@ import torch
 from ..compiled import MIN_NUMEL, compiled, enabled, usable
 from ..tensor_ops import is_fp8, scratch
 from .. import kernels
-from ..kernels import ties_combine, ties_kth
+from ..kernels import magnitude, ties_combine, ties_kth
 from . import INPUT_STATS, MethodArgs, method, remembered, stack_taus
 
 SMALL = 1 << 17        # at most this many elements are selected from directly
@@ -190,7 +190,7 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], kth: int, run
     if got is None:
         return None
     below, vals, tops = got
-    seen = [ties_kth.value_stats(v, top) for v, top in zip((b, *ms), tops)]
+    seen = [magnitude.stats(v, top) for v, top in zip((b, *ms), tops)]
     if stats is not None:
         stats[:] = seen
     if not all(finite for finite, _ in seen):
