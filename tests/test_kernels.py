@@ -117,6 +117,23 @@ def test_an_overflowing_store_falls_back_exactly(monkeypatch):
     assert torch.equal(ties_mod.input_thresholds(base, models, 0.3), want)
 
 
+def test_the_values_of_one_key_survive_the_next_key_on_the_same_thread():
+    """The threshold pass stores into one buffer per thread, reused from key to key: what it
+    returns for a key is its own, not a view that the thread's next key (perhaps another
+    caller's) overwrites."""
+    first = _pair(300_001, 2, torch.float16, seed=1)
+    second = _pair(300_001, 2, torch.float16, seed=2)
+    lo, hi = np.zeros(2, np.float32), np.full(2, 0.004, np.float32)
+
+    def run(pair):
+        b, ms = as_numpy(pair[0]), tuple(as_numpy(m) for m in pair[1])
+        return ties_kth.split(b, ms, lo, hi, [(0, 300_001)], 300_001, map)[1]
+    got = run(first)
+    kept = [v.copy() for v in got]
+    run(second)
+    assert all(np.array_equal(v, k) for v, k in zip(got, kept)) and got[0].size > 1000
+
+
 @pytest.mark.parametrize("dtype,out_dtype,sign,weights,density", [
     (torch.float16, torch.float16, "count", (), 0.2),
     (torch.bfloat16, torch.bfloat16, "sum", (1.0, 0.5, 2.0), 0.5),
