@@ -108,23 +108,30 @@ def test_a_first_merge_scans_only_the_keys_its_threshold_pass_did_not_read(monke
     scanned = _spy_scans(monkeypatch)
     cks = _models()
     got = merge(RECIPE, cks[0], models=cks[1:]).tensors
-    assert sorted(scanned) == [4 * 320 * 9] * 3             # the small key of each input, not the big one
+    assert scanned == []                                    # both keys' inputs were read by the pass
     for ck in cks:                                          # what a whole scan would have found
         assert ck.value_stats() == (frozenset(), max(truth(t)[1] for t in ck.tensors.values()))
     monkeypatch.setenv("SDMW_COMPILE", "0")                 # the stacked path, inputs scanned whole
     fresh = _models()
     want = merge(RECIPE, fresh[0], models=fresh[1:]).tensors
     assert all(torch.equal(got[k], want[k]) for k in want)
+    monkeypatch.delenv("SDMW_COMPILE")
+    scanned.clear()
+    fresh = _models()                                       # density 1 trims nothing: no pass, a scan
+    merge(Recipe(model_a="m0.safetensors", method="ties", models=["m1.safetensors", "m2.safetensors"],
+                 alpha=0.8, density=1.0), fresh[0], models=fresh[1:])
+    assert sorted(scanned) == sorted([4 * 320 * 9, 1280 * 320] * 3)
 
 
-@pytest.mark.parametrize("which,label", [(0, "A (m0.safetensors)"), (2, "M2 (m2.safetensors)")])
-def test_nan_in_a_big_key_is_refused_before_any_result(which, label, monkeypatch):
+@pytest.mark.parametrize("which,label,key", [(0, "A (m0.safetensors)", BIG_KEY), (2, "M2 (m2.safetensors)", BIG_KEY),
+                                             (1, "M1 (m1.safetensors)", SMALL_KEY)])
+def test_nan_in_an_input_is_refused_before_any_result(which, label, key, monkeypatch):
     cks = _models()
-    cks[which].tensors[BIG_KEY][17, 5] = float("nan")
+    cks[which].tensors[key].view(-1)[17] = float("nan")
     written = []
     items = iter_merge(plan_merge(RECIPE, cks[0], models=cks[1:]),
                        out_for=lambda k, like: written.append(k) or torch.empty_like(like))
-    with pytest.raises(MergeError, match=rf"model {label.replace('(', '.').replace(')', '.')} contains NaN/Inf values in {BIG_KEY}"):
+    with pytest.raises(MergeError, match=rf"model {label.replace('(', '.').replace(')', '.')} contains NaN/Inf values in {key}"):
         next(items)
     assert written == []
     with pytest.raises(MergeError, match="contains NaN/Inf"):          # again: the memo holds no thresholds
@@ -141,7 +148,7 @@ def test_a_stop_during_the_threshold_pass_skips_the_check(monkeypatch):
         check_inputs(plan_merge(RECIPE, cks[0], models=cks[1:]), should_stop=lambda: bool(stop))
     assert stop == [1] and scanned == []                    # one key, then stopped; nothing scanned
     out = merge(RECIPE, cks[0], models=cks[1:])             # the next merge does the rest and checks
-    assert sorted(scanned) == [4 * 320 * 9] * 3 and len(out.tensors) == 2
+    assert scanned == [] and len(out.tensors) == 2
 
 
 def test_the_overflow_proof_uses_the_largest_values_the_pass_found(monkeypatch):

@@ -193,6 +193,16 @@ if HAVE_NUMBA:
             for i in range(len(models)):
                 out[i, p] = abs(_f32(models[i][j]) - b)
 
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _all_abs(base, models, out, bbits, mbits, bmask, mmask, tops):
+        """out[i] = |τᵢ| at every element; ``tops`` as in :func:`_split_range`."""
+        b = np.empty(base.size, np.float32)
+        widen(base, b)
+        tops[0] = mag_max(bbits, bmask, tops[0])
+        for i in range(len(models)):
+            _abs_diff(models[i], b, out[i])
+            tops[1 + i] = mag_max(mbits[i], mmask, tops[1 + i])
+
     @njit(nogil=True, boundscheck=False, cache=True)
     def _kth_key(vals, r):
         """The order key (below) of the r-th smallest (1-based) of the float32 ``vals``: rounds
@@ -248,6 +258,18 @@ def samples(base: np.ndarray, models: tuple, idx: np.ndarray) -> np.ndarray:
     out = np.empty((len(models), idx.size), np.float32)
     _sample_abs(base, models, idx, out)
     return out
+
+
+def all_abs(base: np.ndarray, models: tuple) -> tuple[np.ndarray, list[int]]:
+    """For a key small enough to select from whole: every |τᵢ| (a row per model) and each input's
+    largest magnitude bits (BASE first), in one kernel call (the torch way, five conversions, a
+    subtraction and an absolute value per model, then a selection each, cost 0.6 ms per key:
+    0.45 s of the threshold pass's CPU time for SD1.5's 755 small keys, 5.2 M elements in all)."""
+    (bbits, bmask), mbits = bits_view(base), tuple(bits_view(m)[0] for m in models)
+    out = np.empty((len(models), base.size), np.float32)
+    tops = np.zeros(len(models) + 1, np.int64)
+    _all_abs(base, models, out, bbits, mbits, bmask, bits_view(models[0])[1], tops)
+    return out, [int(t) for t in tops]
 
 
 _stores = threading.local()

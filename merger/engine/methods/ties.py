@@ -150,11 +150,6 @@ def input_thresholds(base: torch.Tensor, models: list[torch.Tensor], density: fl
     if kth == 1:
         return None
     out = torch.empty(len(models), 1, dtype=torch.float32)
-    if total <= SMALL:
-        b = flat_b.float()
-        for i, m in enumerate(models):
-            out[i] = select((m.reshape(-1).float() - b).abs_(), [kth])[0]
-        return out
     flat_ms = [m.reshape(-1) for m in models]
     run = kernels.workers().map if parallel else map
     try:
@@ -164,6 +159,9 @@ def input_thresholds(base: torch.Tensor, models: list[torch.Tensor], density: fl
         if not kernels.compile_failed(e):
             raise
         found = None
+    if found is None and total <= SMALL:
+        b = flat_b.float()
+        found = [select((m.float() - b).abs_(), [kth])[0] for m in flat_ms]
     if found is None:
         idx = _sample_index(total, "cpu")
         sb = flat_b[idx].float()
@@ -183,6 +181,11 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], kth: int, run
     b, ms = kernels.as_numpy(flat_b), tuple(kernels.as_numpy(m) for m in flat_ms)
     if b is None or any(m is None for m in ms):
         return None
+    if b.size <= SMALL:                        # selected from whole
+        rows, tops = ties_kth.all_abs(b, ms)
+        if not _seen(b, ms, tops, stats):
+            return [math.nan] * len(ms)
+        return [ties_kth.kth_value(row, kth) for row in rows]
     lo, hi, frac = _brackets(b, ms, kth)
     step = parts[0][1]
     room = int(step * frac * 1.25 + 8 * math.sqrt(step * frac) + 1024)   # the sample's share, +7 sd
@@ -190,10 +193,7 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], kth: int, run
     if got is None:
         return None
     below, vals, tops = got
-    seen = [magnitude.stats(v, top) for v, top in zip((b, *ms), tops)]
-    if stats is not None:
-        stats[:] = seen
-    if not all(finite for finite, _ in seen):
+    if not _seen(b, ms, tops, stats):
         return [math.nan] * len(ms)
 
     def pick(i: int) -> float:
@@ -202,6 +202,14 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], kth: int, run
             return select((flat_ms[i].float() - flat_b.float()).abs_(), [kth])[0]
         return ties_kth.kth_value(vals[i], r)
     return list(run(pick, range(len(ms))))
+
+
+def _seen(b: np.ndarray, ms: tuple, tops: list[int], stats: list | None) -> bool:
+    """Whether every input is finite, from their largest magnitude bits; their stats into ``stats``."""
+    seen = [magnitude.stats(v, top) for v, top in zip((b, *ms), tops)]
+    if stats is not None:
+        stats[:] = seen
+    return all(finite for finite, _ in seen)
 
 
 def _brackets(b: np.ndarray, ms: tuple, kth: int) -> tuple[np.ndarray, np.ndarray, float]:
