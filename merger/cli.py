@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from .engine.calcmodes import calcmode_names
-from .files.checkpoint_io import load_checkpoint, short_hash
+from .files.checkpoint_io import load_checkpoint, short_hash, short_hashes
 from .elements import list_elements
 from .engine import plan_for
 from .engine.methods import MAX_MODELS, SIGNS, STOCKS, method_names
@@ -116,6 +116,7 @@ def _recipe_from_args(args, arch: str) -> Recipe:
         if args.exclude else ("off", "")
     blocks, elements = split_inex(text or "", arch)
     names = {s: getattr(args, f"model_{s}") for s in "abc"}
+    short_hashes([n for n in names.values() if n] + list(args.models or ()))   # side by side, then cached
     method = {}
     if args.method:
         method = dict(method=args.method, models=[Path(m).name for m in args.models],

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files.checkpoint_io import short_hash
+from .files.checkpoint_io import short_hash, short_hashes
 from .arch import UNET
 from .engine import plan_for, prepare
 from .errors import MergeError
@@ -102,6 +102,8 @@ class Workstation:
         if not model_a:
             raise MergeError("model A is not selected")
         paths = {s: self.dirs.resolve("ckpt", n) for s, n in (("a", model_a), ("b", model_b), ("c", model_c)) if n}
+        if hashed:                       # files new to the app hashed side by side, then cached
+            short_hashes([*paths.values(), *(self.dirs.resolve("ckpt", n) for n in models)])
 
         def hash_of(path: Path) -> str:
             return short_hash(path) if hashed else ""

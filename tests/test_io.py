@@ -116,6 +116,37 @@ def test_short_hash_is_a1111s_and_cached(tmp_path, monkeypatch):
     assert cache.short_hash(p) == want and len(calls) == 1
 
 
+@pytest.mark.parametrize("size", [0, 1, 1023, 1024, 1025, 5000])
+def test_file_sha256_is_hashlibs_at_any_size(tmp_path, size):
+    p = tmp_path / "f.bin"
+    p.write_bytes(os.urandom(size))
+    assert checkpoint_io.file_sha256(p, chunk=1024) == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="side by side needs two cores")
+def test_short_hashes_reads_distinct_files_side_by_side_and_each_once(tmp_path, monkeypatch):
+    import threading
+    paths = [write(tmp_path, f"m{i}.safetensors", {"model.diffusion_model.x.weight": torch.full((4,), float(i))})
+             for i in range(3)]
+    want = [hashlib.sha256(p.read_bytes()).hexdigest()[:10] for p in paths]
+    together = threading.Barrier(2, timeout=10)     # the first two reads wait for each other
+    calls = []
+    real = checkpoint_io.file_sha256
+
+    def hashing(q):
+        calls.append(q)
+        if len(calls) <= 2:
+            together.wait()
+        return real(q)
+    monkeypatch.setattr(checkpoint_io, "file_sha256", hashing)
+    got = checkpoint_io.short_hashes([paths[0], paths[1], paths[0], paths[2]])
+    assert got == [want[0], want[1], want[0], want[2]]
+    assert sorted(calls) == sorted(p.resolve() for p in paths)      # each file read once
+    assert checkpoint_io.short_hashes(paths) == want and len(calls) == 3
+    with pytest.raises(OSError):
+        checkpoint_io.short_hashes([paths[0], tmp_path / "missing.safetensors"])
+
+
 def test_model_cache_lru_budget(tmp_path):
     paths = [write(tmp_path, f"m{i}.safetensors", random_checkpoint("sd1", seed=i)) for i in range(3)]
     one = load_checkpoint(paths[0]).nbytes

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from ..arch import detect_arch_of_file
-from ..files.checkpoint_io import short_hash
+from ..files.checkpoint_io import short_hashes
 from .dice import DiceSettings, elist_csv, new_seed, roll
 from ..errors import MergeError, MergeStopped
 from ..presets import is_number
@@ -71,7 +71,8 @@ def prepare(ws, spec: PlotSpec) -> Prepared:
     fields = [f.strip() for f in spec.lora_legend.split(",") if f.strip()]
     for ax in axes.values():
         if ax.type.startswith("model_"):   # grid labels name each model with its short hash
-            ax.labels = [f"{ax.type[-1]}: {m} [{short_hash(ws.dirs.resolve('ckpt', m))}]" for m in ax.values]
+            hashes = short_hashes(ws.dirs.resolve("ckpt", m) for m in ax.values)
+            ax.labels = [f"{ax.type[-1]}: {m} [{h}]" for m, h in zip(ax.values, hashes)]
         if ax.type == "lora" and fields:   # Additional Networks' metadata legends
             ax.labels = [label + lora_legend(ws, value, fields) for label, value in zip(ax.labels, ax.values)]
     cells = plan_cells(r, spec.gen, axes["X"], axes["Y"], axes["Z"], arch)
