@@ -168,3 +168,24 @@ def test_the_overflow_proof_uses_the_largest_values_the_pass_found(monkeypatch):
         merge(Recipe(model_a="m0.safetensors", method="ties", models=["m1.safetensors", "m2.safetensors"],
                      alpha=2.0, density=0.9), big[0], models=big[1:])
     assert scans
+
+
+def test_stop_while_the_pipeline_prepares_a_merge_keeps_the_last_merge_intact(demo_ws, monkeypatch):
+    """The resident pipeline checks (and for TIES prepares) a merge before it writes a weight:
+    Stop pressed then ends the merge with the pipeline still holding the last one, intact."""
+    ws = demo_ws
+    names = ws.dirs.checkpoints()
+    sd1 = [n for n in names if "sdxl" not in n.lower()][:3]
+    ws.merge(ws.recipe(sd1[0], models=sd1[1:], method="ties", density=0.3, alpha=0.8))
+    before = {k: v.clone() for k, v in ws.pipeline.state_dict().items()}
+    real = ties_mod.input_thresholds
+    monkeypatch.setattr(ties_mod, "input_thresholds", lambda *a, **k: ws.stop() or real(*a, **k))
+    with pytest.raises(MergeStopped):
+        ws.merge(ws.recipe(sd1[0], models=sd1[1:], method="ties", density=0.6, alpha=0.8))
+    assert ws.pipeline.state == "ok"
+    after = ws.pipeline.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    monkeypatch.setattr(ties_mod, "input_thresholds", real)
+    ws.merge(ws.recipe(sd1[0], models=sd1[1:], method="ties", density=0.6, alpha=0.8))
+    assert ws.pipeline.state == "ok"
+    assert any(not torch.equal(before[k], v) for k, v in ws.pipeline.state_dict().items())
