@@ -142,6 +142,7 @@ def test_short_hashes_reads_distinct_files_side_by_side_and_each_once(tmp_path, 
     got = checkpoint_io.short_hashes([paths[0], paths[1], paths[0], paths[2]])
     assert got == [want[0], want[1], want[0], want[2]]
     assert sorted(calls) == sorted(p.resolve() for p in paths)      # each file read once
+    monkeypatch.setattr(checkpoint_io, "ThreadPoolExecutor", None)    # all known: no threads started
     assert checkpoint_io.short_hashes(paths) == want and len(calls) == 3
     with pytest.raises(OSError):
         checkpoint_io.short_hashes([paths[0], tmp_path / "missing.safetensors"])

@@ -373,6 +373,20 @@ class HashCache:
                 self._data = {}
         return self._data
 
+    def known(self, path: str | os.PathLike) -> str | None:
+        """The file's sha256 if this cache holds it for the file as it is now (same size and
+        modification time), else None (also for a folder or a file that cannot be read)."""
+        p = Path(path).resolve()
+        try:
+            st = p.stat()
+        except OSError:
+            return None
+        with _HASH_DATA_LOCK:
+            entry = self._load().get(str(p))
+        if entry and entry.get("size") == st.st_size and entry.get("mtime") == st.st_mtime_ns:
+            return entry["sha256"]
+        return None
+
     def sha256(self, path: str | os.PathLike) -> str:
         p = Path(path).resolve()
         if p.is_dir():                 # a diffusers folder: over its components' files
@@ -380,10 +394,8 @@ class HashCache:
             return folder_sha256(p, self.sha256)
         with _HASHING(p):
             st = p.stat()
-            with _HASH_DATA_LOCK:
-                entry = self._load().get(str(p))
-            if entry and entry.get("size") == st.st_size and entry.get("mtime") == st.st_mtime_ns:
-                return entry["sha256"]
+            if (digest := self.known(p)) is not None:
+                return digest
             digest = file_sha256(p)
             with _HASH_DATA_LOCK:
                 self._data[str(p)] = {"size": st.st_size, "mtime": st.st_mtime_ns, "sha256": digest}
@@ -406,14 +418,18 @@ class HashCache:
 _default_hashes: HashCache | None = None
 
 
-def short_hash(path: str | os.PathLike) -> str:
-    """A1111 short hash of a file (cached on disk, see :class:`HashCache`)."""
+def _hashes() -> HashCache:
+    """The hash cache of the data folder in use (made again when ``SDMW_DATA_DIR`` changes)."""
     global _default_hashes
     with _HASH_DATA_LOCK:      # one cache object, also when two threads ask first at once
         if _default_hashes is None or _default_hashes.file != HashCache().file:
             _default_hashes = HashCache()
-        cache = _default_hashes
-    return cache.short_hash(path)
+        return _default_hashes
+
+
+def short_hash(path: str | os.PathLike) -> str:
+    """A1111 short hash of a file (cached on disk, see :class:`HashCache`)."""
+    return _hashes().short_hash(path)
 
 
 def short_hashes(paths: Iterable[str | os.PathLike]) -> list[str]:
@@ -422,10 +438,11 @@ def short_hashes(paths: Iterable[str | os.PathLike]) -> list[str]:
     the command line took 8 s one after the other). Errors are raised as :func:`short_hash`
     raises them."""
     paths = list(paths)
-    distinct = list(dict.fromkeys(Path(p) for p in paths))
-    workers = min(len(distinct), os.cpu_count() or 1, 8)
+    cache = _hashes()
+    todo = [p for p in dict.fromkeys(Path(p) for p in paths) if cache.known(p) is None]
+    workers = min(len(todo), os.cpu_count() or 1, 8)
     if workers > 1:
         with ThreadPoolExecutor(workers, thread_name_prefix="hashing") as pool:
-            for f in [pool.submit(short_hash, p) for p in distinct]:
+            for f in [pool.submit(short_hash, p) for p in todo]:
                 f.exception()               # all finished; the first error is raised below
     return [short_hash(p) for p in paths]
