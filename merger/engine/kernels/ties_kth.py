@@ -275,9 +275,16 @@ def all_abs(base: np.ndarray, models: tuple) -> tuple[np.ndarray, list[int]]:
 _stores = threading.local()
 
 
+STORE_KEPT = 1 << 22     # float32 values (16 MB): the largest store a thread keeps between keys
+
+
 def _store(n: int, width: int) -> np.ndarray:
     """This thread's store for :func:`split`, (n, width) float32, reused from key to key: a fresh
-    one per key cost its page faults every time (about 0.6 GB of them per SD1.5 merge of 4 models)."""
+    one per key cost its page faults every time (about 0.6 GB of them per SD1.5 merge of 4 models).
+    A larger one (a few of the largest keys) is made for its key alone, so that an idle thread
+    holds at most 16 MB."""
+    if n * width > STORE_KEPT:
+        return np.empty((n, width), np.float32)
     buf = getattr(_stores, "buf", None)
     if buf is None or buf.size < n * width:
         buf = _stores.buf = np.empty(max(n * width, 1 << 16), np.float32)
