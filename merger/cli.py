@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 import time
 from pathlib import Path
 
 from .engine.calcmodes import calcmode_names
-from .files.checkpoint_io import load_checkpoint, short_hash, short_hashes
+from .files.checkpoint_io import load_checkpoint, short_hash, short_hashes, unhashed
 from .elements import list_elements
 from .engine import plan_for
 from .engine.methods import MAX_MODELS, SIGNS, STOCKS, method_names
@@ -116,24 +117,34 @@ def _recipe_from_args(args, arch: str) -> Recipe:
         if args.exclude else ("off", "")
     blocks, elements = split_inex(text or "", arch)
     names = {s: getattr(args, f"model_{s}") for s in "abc"}
-    short_hashes([n for n in names.values() if n] + list(args.models or ()))   # side by side, then cached
     method = {}
     if args.method:
-        method = dict(method=args.method, models=[Path(m).name for m in args.models],
-                      model_hashes=[short_hash(m) for m in args.models], weights=args.weights,
+        method = dict(method=args.method, models=[Path(m).name for m in args.models], weights=args.weights,
                       density=args.density, drop=args.drop, sign=args.sign, della_eps=args.della_eps,
                       stock=args.stock)
     return Recipe(**method,
         model_a=Path(names["a"]).name, model_b=Path(names["b"]).name if names["b"] else "",
         model_c=Path(names["c"]).name if names["c"] else "",
-        hash_a=short_hash(names["a"]), hash_b=short_hash(names["b"]) if names["b"] else "",
-        hash_c=short_hash(names["c"]) if names["c"] else "",
         mode=args.mode or "weight_sum", calcmode="smoothAddMT" if args.calcmode == "smoothAdd MT" else args.calcmode,
         alpha=args.alpha, beta=args.beta, gamma=args.gamma, seed=args.seed,
         mbw_alpha=parse_vector(args.mbw_alpha, arch, "MBW alpha") if args.mbw_alpha else None,
         mbw_beta=parse_vector(args.mbw_beta, arch, "MBW beta") if args.mbw_beta else None,
         elemental=args.elemental, ema=args.ema, inex=inex, inex_blocks=blocks, inex_elements=elements,
         adjust=_floats(args.adjust, 8, "--adjust") if args.adjust else None)
+
+
+def _with_hashes(recipe: Recipe, args, paths: dict[str, str]) -> Recipe:
+    """The recipe with its models' A1111 short hashes, once it is known to be valid: files new to
+    the app are read whole for them (side by side, one per core), and the command line says so."""
+    new = unhashed(paths.values())
+    if new and not args.quiet:
+        gb = sum(p.stat().st_size for p in new if p.is_file()) / 1e9
+        print(f"hashing {len(new)} model file(s) new to this app ({gb:.1f} GB, A1111 short hashes)",
+              file=sys.stderr)
+    short_hashes(paths.values())
+    return dataclasses.replace(recipe, hash_a=short_hash(paths["a"]), hash_b=short_hash(paths["b"]) if "b" in paths else "",
+                   hash_c=short_hash(paths["c"]) if "c" in paths else "",
+                   model_hashes=[short_hash(m) for m in args.models] if args.method else [])
 
 
 def _check_args(args) -> None:
@@ -169,6 +180,8 @@ def run_merge(args) -> Path | None:
             print("\n".join(kept))
         return None
     plan = plan_for(recipe, loaded)
+    recipe = _with_hashes(recipe, args, paths)
+    plan = dataclasses.replace(plan, recipe=recipe)
     options = SaveOptions(fmt="ckpt" if args.output.lower().endswith((".ckpt", ".pt")) else "safetensors",
                           fp16=args.fp16, prune=args.prune, overwrite=args.overwrite, vae=args.vae,
                           reset_clip_ids=args.reset_clip_ids, save_metadata=not args.no_metadata,

@@ -42,6 +42,28 @@ def test_cli_merge_matches_engine_and_records_history(models, tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in got)
 
 
+def test_cli_says_when_it_hashes_files_new_to_it(models, tmp_path):
+    """The recipe records each model's A1111 hash, which reads a file new to the app whole: the
+    command line says so before that pause, once per file."""
+    def run(name, *mode):
+        return cli("merge", "--model-a", models["a"], "--model-b", models["b"], "--alpha", "0.5",
+                   "--output", tmp_path / name, "--history", tmp_path / "h.csv", *mode)
+    first = run("one.safetensors", "--mode", "weight_sum")
+    assert first.returncode == 0, first.stderr
+    assert "hashing 2 model file(s) new to this app" in first.stderr
+    again = run("two.safetensors", "--mode", "add_difference", "--model-c", models["c"])   # C is new
+    assert again.returncode == 0 and "hashing 1 model file(s) new to this app" in again.stderr
+    known = run("three.safetensors", "--mode", "weight_sum")
+    assert known.returncode == 0 and "hashing" not in known.stderr
+    import hashlib
+    import json
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "two.safetensors"), "pt") as f:      # the hashes reach the file's recipe
+        meta = json.loads(f.metadata()["sd_merge_recipe"])
+    assert [meta[f"model_{s}"] for s in "abc"] == [hashlib.sha256(open(models[s], "rb").read()).hexdigest()[:10]
+                                                   for s in "abc"]
+
+
 def test_cli_folder_output_gets_automatic_name(models, tmp_path):
     r = cli("merge", "--model-a", models["a"], "--model-b", models["b"], "--mode", "weight_sum",
             "--alpha", "0.3", "--output", tmp_path, "--no-history", "--quiet")
@@ -90,7 +112,10 @@ def test_forked_cli_gives_what_a_fresh_interpreter_gives(models, tmp_path):
         fresh = cli(*args, fresh=True)
         assert (forked.returncode, forked.stdout) == (fresh.returncode, fresh.stdout)
         if args is cases[0]:       # the bar: its first and last lines, the speed aside (how many between is timing)
-            bars = [[re.sub(r"[\d.]+key/s", "key/s", r.stderr.splitlines()[i]) for i in (0, 1, -1)] for r in (forked, fresh)]
+            # the first of the two runs also hashed the models, new to the app then
+            assert forked.stderr.startswith("hashing 2 model file(s)") and "hashing" not in fresh.stderr
+            lines = [[ln for ln in r.stderr.splitlines() if not ln.startswith("hashing ")] for r in (forked, fresh)]
+            bars = [[re.sub(r"[\d.]+key/s", "key/s", ls[i]) for i in (0, 1, -1)] for ls in lines]
             assert bars[0] == bars[1] and "merging: 100%" in bars[0][-1], bars
         else:
             assert forked.stderr == fresh.stderr
