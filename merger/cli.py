@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .engine.calcmodes import calcmode_names
-from .files.checkpoint_io import load_checkpoint, short_hash, short_hashes, unhashed
+from .files.checkpoint_io import load_checkpoint, short_hashes, unhashed
 from .elements import list_elements
 from .engine import plan_for
 from .engine.methods import MAX_MODELS, SIGNS, STOCKS, method_names
@@ -141,10 +141,9 @@ def _with_hashes(recipe: Recipe, args, paths: dict[str, str]) -> Recipe:
         gb = sum(p.stat().st_size for p in new if p.is_file()) / 1e9
         print(f"hashing {len(new)} model file(s) new to this app ({gb:.1f} GB, A1111 short hashes)",
               file=sys.stderr)
-    short_hashes(paths.values())
-    return dataclasses.replace(recipe, hash_a=short_hash(paths["a"]), hash_b=short_hash(paths["b"]) if "b" in paths else "",
-                   hash_c=short_hash(paths["c"]) if "c" in paths else "",
-                   model_hashes=[short_hash(m) for m in args.models] if args.method else [])
+    hashes = dict(zip(paths, short_hashes(paths.values())))       # by slot: a, b, c, m1…mn
+    return dataclasses.replace(recipe, hash_a=hashes["a"], hash_b=hashes.get("b", ""), hash_c=hashes.get("c", ""),
+                               model_hashes=[hashes[f"m{i}"] for i in range(1, len(recipe.models) + 1)])
 
 
 def _check_args(args) -> None:

@@ -102,15 +102,13 @@ class Workstation:
         if not model_a:
             raise MergeError("model A is not selected")
         paths = {s: self.dirs.resolve("ckpt", n) for s, n in (("a", model_a), ("b", model_b), ("c", model_c)) if n}
+        hashes: dict = {}
         if hashed:                       # files new to the app hashed side by side, then cached
-            short_hashes([*paths.values(), *(self.dirs.resolve("ckpt", n) for n in models)])
-
-        def hash_of(path: Path) -> str:
-            return short_hash(path) if hashed else ""
+            paths.update({i: self.dirs.resolve("ckpt", n) for i, n in enumerate(models)})
+            hashes = dict(zip(paths, short_hashes(paths.values())))
         return Recipe(model_a=model_a, model_b=model_b or "", model_c=model_c or "",
-                      hash_a=hash_of(paths["a"]), hash_b=hash_of(paths["b"]) if "b" in paths else "",
-                      hash_c=hash_of(paths["c"]) if "c" in paths else "", models=list(models),
-                      model_hashes=[hash_of(self.dirs.resolve("ckpt", n)) for n in models] if hashed else [],
+                      hash_a=hashes.get("a", ""), hash_b=hashes.get("b", ""), hash_c=hashes.get("c", ""),
+                      models=list(models), model_hashes=[hashes[i] for i in range(len(models))] if hashed else [],
                       **settings)
 
     def warm(self, model_a: str, model_b: str = "", model_c: str = "", models=(), mode: str = "weight_sum",
