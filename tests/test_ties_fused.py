@@ -4,6 +4,7 @@ eager torch when nothing can be compiled."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -295,7 +296,7 @@ def _three_models(keys):
 
 def test_every_keys_thresholds_come_before_the_first_combination(monkeypatch):
     """A TIES merge on the CPU computes the thresholds of all its fused keys first, whole keys on
-    the workers (largest first), then combines them with those; results equal the eager path."""
+    the workers, then combines them with those; results equal the eager path."""
     from merger.engine import iter_merge, plan_merge
     keys = {"model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (640, 320, 3, 3),
             "model.diffusion_model.middle_block.1.proj_in.weight": (1280, 1280),
@@ -309,8 +310,8 @@ def test_every_keys_thresholds_come_before_the_first_combination(monkeypatch):
     monkeypatch.setitem(REGISTRY, "ties", dataclasses.replace(
         REGISTRY["ties"], fused=lambda *a: events.append(("combine",)) or real_fused(*a)))
     got = merge(recipe, cks[0], models=cks[1:]).tensors
-    assert events[:3] == [("thresholds", 640 * 320 * 9, False), ("thresholds", 1280 * 1280, False),
-                          ("thresholds", 4, False)]
+    assert sorted(events[:3]) == [("thresholds", 4, False), ("thresholds", 1280 * 1280, False),
+                                  ("thresholds", 640 * 320 * 9, False)]
     assert {e[0] for e in events[3:]} == {"combine"}       # the fused keys found their thresholds
     monkeypatch.setenv("SDMW_COMPILE", "0")
     eager = merge(recipe, cks[0], models=cks[1:]).tensors
@@ -321,6 +322,46 @@ def test_every_keys_thresholds_come_before_the_first_combination(monkeypatch):
     with pytest.raises(MergeStopped):
         next(stopped)
     assert events == []                                      # Stop: no threshold pass started
+
+
+def test_the_small_keys_are_one_task_handed_out_first(monkeypatch):
+    """The prefetch hands the small keys (≤ ``SMALL`` elements) to one worker as one task, before
+    the large ones (largest first): one thread takes them all while the other starts on the largest
+    key, instead of both contending for the GIL over them at the end. A Stop is still seen before
+    each key, inside that task too."""
+    import threading
+    keys = {"model.diffusion_model.out.2.bias": (4,),
+            "model.diffusion_model.middle_block.1.proj_in.weight": (1280, 1280),
+            "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": (640, 320, 3, 3),
+            "model.diffusion_model.input_blocks.1.0.in_layers.0.weight": (320,),
+            "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1)}
+    cks, _ = _three_models(keys)
+    args = MethodArgs(weights=(1.0, 1.0), density=0.3, sign="count")
+
+    def items():
+        return [(cks[0].tensors[k], [c.tensors[k] for c in cks[1:]], args, {}) for k in keys]
+    seen = []
+    real = ties_mod.input_thresholds
+    monkeypatch.setattr(ties_mod, "input_thresholds",
+                        lambda b, *a, **k: seen.append((b.numel(), threading.get_ident())) or real(b, *a, **k))
+    small = sorted((math.prod(s) for s in keys.values() if math.prod(s) <= ties_mod.SMALL), reverse=True)
+    large = sorted((math.prod(s) for s in keys.values() if math.prod(s) > ties_mod.SMALL), reverse=True)
+    assert len(small) == 3 and len(large) == 2
+    ties_mod.ties_prefetch(items(), serial=True)          # the tasks' order, on the calling thread
+    assert [n for n, _ in seen] == small + large
+    for _ in range(3):                                     # on the workers: the small keys on one thread
+        seen.clear()
+        got = items()
+        ties_mod.ties_prefetch(got)
+        assert sorted(n for n, _ in seen) == sorted(small + large)
+        assert len({t for n, t in seen if n <= ties_mod.SMALL}) == 1
+        assert all(("thresholds", 0.3) in memo for *_, memo in got)
+    seen.clear()
+    polls = []
+    got = items()
+    ties_mod.ties_prefetch(got, should_stop=lambda: polls.append(1) or len(polls) > 2, serial=True)
+    assert [n for n, _ in seen] == small[:2]               # stopped before the third small key
+    assert [("thresholds", 0.3) in memo for *_, memo in got].count(True) == 2
 
 
 def test_results_that_cannot_overflow_are_not_scanned_and_those_that_can_are(monkeypatch):
