@@ -386,9 +386,10 @@ def ties_prefetch(items: list[tuple[torch.Tensor, list[torch.Tensor], MethodArgs
                   should_stop=None, every_size: bool = False, serial: bool = False) -> None:
     """The thresholds of every key a merge will fuse, into each key's memo, before the first key
     is combined: ``items`` are (base, models, args, memo) per key. Whole keys go to the workers
-    (the small ones together, then the large ones largest first), each computed on one thread: no per-key hand-offs between the threads, and no
-    OpenMP op of the combination between two threshold passes, whose spinning threads took a
-    core from them (SD1.5, 4 models: thresholds 1.9 s instead of 2.6–3.1 s key by key).
+    (the small ones as one task, then the large ones largest first), each computed on one thread:
+    no per-key hand-offs between the threads, and no OpenMP op of the combination between two
+    threshold passes, whose spinning threads took a core from them (SD1.5, 4 models: thresholds
+    1.9 s instead of 2.6–3.1 s key by key).
     ``should_stop()`` is polled before each key (Stop pressed: the rest are left undone).
     ``every_size`` (a merge on a GPU): every key with its inputs on the CPU, small ones too.
     ``serial``: every key on the calling thread (the background warm-up: one core, not both)."""
