@@ -160,6 +160,16 @@ def test_only_kernel_formats_take_the_kernels():
     assert as_numpy(torch.zeros(4, 4)[:, 0]) is None                         # strided
     assert as_numpy(torch.zeros(4, dtype=torch.float16)).dtype == np.uint16
     assert as_numpy(torch.zeros(4, dtype=torch.bfloat16)).dtype == np.int16
+    minus = {torch.float16: np.float16(-2.5).view(np.uint16),               # -2.5 in each view
+             torch.bfloat16: np.array([-2.5], np.float32).view(np.int16)[1],  # float32's high half
+             torch.float32: np.float32(-2.5)}
+    for dtype, bits in ((torch.float16, np.uint16), (torch.bfloat16, np.int16), (torch.float32, np.float32)):
+        for shape in ((), (3,), (2, 3, 1)):       # flat views of the tensor's own memory, any shape
+            t = torch.zeros(shape, dtype=dtype)
+            v = as_numpy(t)
+            assert v.dtype == bits and v.shape == (t.numel(),)
+            v[-1] = minus[dtype]
+            assert float(t.reshape(-1)[-1]) == -2.5
 
 
 CPU_DEPENDENT = ("widening or narrowing or thresholds_are_exact or overflowing_store or numba_combination "

@@ -84,13 +84,16 @@ def compile_failed(e: Exception) -> bool:
 def as_numpy(t: torch.Tensor) -> np.ndarray | None:
     """The contiguous CPU tensor ``t``, flat, as the numpy view that names its dtype for the
     kernels (float16 → uint16, bfloat16 → int16, float32 → float32); None for other dtypes,
-    other devices or strided tensors."""
+    other devices or strided tensors. Called for every input and output of every key (six per
+    key of a TIES merge of four models): numpy's own float16 and float32 views, made from the
+    tensor as it is, take 2.5 µs against 5.7 µs for torch's reshape and dtype view first; numpy
+    has no bfloat16, so that one goes through torch's int16 view."""
     view = VIEWS.get(t.dtype)
     if view is None or t.device.type != "cpu" or not t.is_contiguous():
         return None
-    if t.dtype == torch.float32:
-        return t.reshape(-1).numpy()
-    return t.reshape(-1).view(torch.int16).numpy().view(view)
+    if t.dtype == torch.bfloat16:
+        return t.reshape(-1).view(torch.int16).numpy()
+    return t.numpy().reshape(-1).view(view)
 
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None
