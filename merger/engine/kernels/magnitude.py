@@ -40,6 +40,13 @@ def bits_view(view: np.ndarray) -> tuple[np.ndarray, int]:
     return view.view(unsigned), mask
 
 
+def input_bits(base: np.ndarray, models: tuple) -> tuple[np.ndarray, int, tuple, int]:
+    """For a kernel reading BASE and same-format models: (BASE's unsigned view, its mask, the
+    models' unsigned views, their mask), as :func:`bits_view` gives them."""
+    (bbits, bmask), mviews = bits_view(base), [bits_view(m) for m in models]
+    return bbits, bmask, tuple(v for v, _ in mviews), mviews[0][1]
+
+
 def stats(view: np.ndarray, top: int) -> tuple[bool, float]:
     """(no NaN/Inf, largest |value|) of a kernel view from its largest magnitude bits ``top``,
     as :func:`...tensor_ops.finite_top` gives them (NaN for the largest when not finite)."""

@@ -24,7 +24,7 @@ import threading
 import numpy as np
 
 from . import HAVE_NUMBA, host_features
-from .magnitude import bits_view
+from .magnitude import input_bits
 
 BLOCK = 256          # |τ| values made per model before they are compressed (L1-resident)
 LANES = 16           # values per compress step; a model's store buffer has LANES spare slots
@@ -265,10 +265,10 @@ def all_abs(base: np.ndarray, models: tuple) -> tuple[np.ndarray, list[int]]:
     largest magnitude bits (BASE first), in one kernel call (the torch way, five conversions, a
     subtraction and an absolute value per model, then a selection each, cost 0.6 ms per key:
     0.45 s of the threshold pass's CPU time for SD1.5's 755 small keys, 5.2 M elements in all)."""
-    (bbits, bmask), mbits = bits_view(base), tuple(bits_view(m)[0] for m in models)
+    bbits, bmask, mbits, mmask = input_bits(base, models)
     out = np.empty((len(models), base.size), np.float32)
     tops = np.zeros(len(models) + 1, np.int64)
-    _all_abs(base, models, out, bbits, mbits, bmask, bits_view(models[0])[1], tops)
+    _all_abs(base, models, out, bbits, mbits, bmask, mmask, tops)
     return out, [int(t) for t in tops]
 
 
@@ -301,8 +301,7 @@ def split(base: np.ndarray, models: tuple, lo: np.ndarray, hi: np.ndarray, parts
     not LLVM's compress (:data:`PERMUTE8`; only on a CPU with AVX2)."""
     n = len(models)
     table = LANE_TABLE if permute else None
-    (bbits, bmask), mbits = bits_view(base), tuple(bits_view(m)[0] for m in models)
-    mmask = bits_view(models[0])[1]
+    bbits, bmask, mbits, mmask = input_bits(base, models)
 
     def one(part):
         store = _store(n, room + LANES)
