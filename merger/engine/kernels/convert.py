@@ -28,6 +28,44 @@ HARDWARE_HALF = _hardware_half()
 # after changing a conversion here, touch the kernel modules (or delete their __pycache__).
 
 
+def _const(ty, v):
+    """The constant ``v`` of the integer or float type ``ty``, splat where ``ty`` is a vector."""
+    if isinstance(ty, ir.VectorType):
+        return ir.Constant(ty, [v] * ty.count)
+    return ir.Constant(ty, v)
+
+
+def _like(ty, element):
+    """``element`` as a vector of ``ty``'s lanes where ``ty`` is a vector, else itself."""
+    return ir.VectorType(element, ty.count) if isinstance(ty, ir.VectorType) else element
+
+
+def to_float32(builder, x, kind):
+    """float32 of a stored value, or of a vector of them (:func:`f32`'s conversion, for
+    intrinsics that load a vector of values themselves): ``kind`` is the numba type of the
+    value's numpy view (uint16 = float16 bits, int16 = bfloat16 bits, float32)."""
+    i32, f32t = _like(x.type, ir.IntType(32)), _like(x.type, ir.FloatType())
+
+    def const(v):
+        return _const(i32, v)
+    if kind == types.uint16 and HARDWARE_HALF:
+        return builder.fpext(builder.bitcast(x, _like(x.type, ir.HalfType())), f32t)
+    if kind == types.uint16:
+        h = builder.zext(x, i32)
+        em = builder.and_(h, const(0x7FFF))
+        sh = builder.shl(em, const(13))
+        normal = builder.add(sh, const((127 - 15) << 23))
+        special = builder.or_(sh, const(0x7F800000))
+        bits = builder.select(builder.icmp_unsigned(">=", em, const(0x7C00)), special, normal)
+        sub = builder.fmul(builder.uitofp(em, f32t), _const(f32t, 2.0 ** -24))
+        mag = builder.select(builder.icmp_unsigned("<", em, const(0x400)), builder.bitcast(sub, i32), bits)
+        sign = builder.shl(builder.and_(h, const(0x8000)), const(16))
+        return builder.bitcast(builder.or_(mag, sign), f32t)
+    if kind == types.int16:
+        return builder.bitcast(builder.shl(builder.zext(x, i32), const(16)), f32t)
+    return x
+
+
 @intrinsic
 def f32(typingctx, x):
     """float32 of one stored value: uint16 = float16 bits, int16 = bfloat16 bits (the high
@@ -39,36 +77,12 @@ def f32(typingctx, x):
     their exponent and mantissa into float32's fields, subnormals are m·2⁻²⁴ (an exact int
     to float conversion and scaling, no subnormal arithmetic, so immune to flush-to-zero),
     inf and NaN keep their payload under an all-ones exponent."""
-    i32 = ir.IntType(32)
-
-    def const(v):
-        return ir.Constant(i32, v)
-    if x == types.uint16 and HARDWARE_HALF:
-        def gen(context, builder, sig, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-    elif x == types.uint16:
-        def gen(context, builder, sig, args):
-            f32 = ir.FloatType()
-            h = builder.zext(args[0], i32)
-            em = builder.and_(h, const(0x7FFF))
-            sh = builder.shl(em, const(13))
-            normal = builder.add(sh, const((127 - 15) << 23))
-            special = builder.or_(sh, const(0x7F800000))
-            bits = builder.select(builder.icmp_unsigned(">=", em, const(0x7C00)), special, normal)
-            sub = builder.fmul(builder.uitofp(em, f32), ir.Constant(f32, 2.0 ** -24))
-            mag = builder.select(builder.icmp_unsigned("<", em, const(0x400)), builder.bitcast(sub, i32), bits)
-            sign = builder.shl(builder.and_(h, const(0x8000)), const(16))
-            return builder.bitcast(builder.or_(mag, sign), f32)
-    elif x == types.int16:
-        def gen(context, builder, sig, args):
-            return builder.bitcast(builder.shl(builder.zext(args[0], i32), const(16)), ir.FloatType())
-    elif x == types.float32:
-        def gen(context, builder, sig, args):
-            return args[0]
-    else:
+    if x not in (types.uint16, types.int16, types.float32):
         return None
-    return types.float32(x), gen
 
+    def gen(context, builder, sig, args):
+        return to_float32(builder, args[0], x)
+    return types.float32(x), gen
 
 
 def _f16_bits(builder, v):
