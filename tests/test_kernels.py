@@ -105,6 +105,54 @@ def test_one_pass_thresholds_are_exact(dtype, monkeypatch):
     assert len(calls) == 4
 
 
+@pytest.mark.parametrize("dtype,base_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+                                              (torch.float32, torch.float32), (torch.float16, torch.float32)])
+def test_the_threshold_pass_counts_stores_and_scans_exactly(dtype, base_dtype):
+    """:func:`ties_kth.split` against numpy, with both packings (the vector compress; AVX2's
+    permutes where the CPU has AVX2): per model the count below lo (NaN counted there), the
+    values inside [lo, hi] in their order, and each input's largest magnitude bits (NaN and Inf
+    among them), on parts that end mid-step and stores given exactly the room they need, so
+    that the loop in registers hands the last positions of a part to the one-at-a-time path."""
+    base, models = _pair(300_001, 3, dtype)
+    base = base.to(base_dtype)
+    models[1][300_000] = float("nan")
+    models[2][200_003] = float("inf")
+    base[123_457] = float("-inf")
+    b, ms = as_numpy(base), tuple(as_numpy(m) for m in models)
+    mags = np.abs(np.stack([m.float().numpy() - base.float().numpy() for m in models]))
+    lo, hi = np.quantile(mags, 0.78, axis=1).astype(np.float32), np.quantile(mags, 0.81, axis=1).astype(np.float32)
+    parts = [(0, 150_009), (150_009, 300_001)]
+    inside = (mags >= lo[:, None]) & (mags <= hi[:, None])
+    room = max(int(inside[:, s:e].sum(axis=1).max()) for s, e in parts)
+    from merger.engine.kernels.magnitude import bits_view
+    tops = [int((v & m).max()) for v, m in (bits_view(x) for x in (b, *ms))]
+    for permute in (False, True) if "avx2" in host_features() else (False,):
+        below, vals, got_tops = ties_kth.split(b, ms, lo, hi, parts, room, map, permute=permute)
+        assert below.tolist() == [int((~(mags[i] >= lo[i])).sum()) for i in range(3)]
+        assert [v.tolist() for v in vals] == [mags[i][inside[i]].tolist() for i in range(3)]
+        assert got_tops == tops
+        assert ties_kth.split(b, ms, lo, hi, parts, room - 1, map, permute=permute) is None
+
+
+def test_the_threshold_pass_writes_nothing_past_a_stores_room():
+    """However many values fall inside the brackets, the pass writes no slot of a store past
+    its room and the spare slots after it (each row here is followed by sentinels); the counts
+    go on past the room, which the caller reads as an overflow."""
+    base, models = _pair(50_001, 2, torch.float16)
+    b, ms = as_numpy(base), tuple(as_numpy(m) for m in models)
+    bbits, bmask, mbits, mmask = ties_kth.input_bits(b, ms)
+    lo, hi = np.zeros(2, np.float32), np.full(2, np.inf, np.float32)      # everything is inside
+    tables = (None, ties_kth.LANE_TABLE) if "avx2" in host_features() else (None,)
+    for room, table in ((r, t) for r in (0, 5, 1000, 4096, 30_000) for t in tables):
+        whole = np.full((2, room + ties_kth.LANES + 64), -7.0, np.float32)
+        store = whole[:, :room + ties_kth.LANES]
+        below, inside, tops = np.zeros(2, np.int64), np.zeros(2, np.int64), np.zeros(3, np.int64)
+        ties_kth._split_range(b, ms, 0, 50_001, lo, hi, store, below, inside, table, bbits, mbits, bmask, mmask, tops)
+        assert inside.tolist() == [50_001, 50_001] and below.tolist() == [0, 0]
+        assert (whole[:, room + ties_kth.LANES:] == -7.0).all()
+        assert (store[:, :room] >= 0).all()
+
+
 def test_an_overflowing_store_falls_back_exactly(monkeypatch):
     """The sample's share sizes each worker's store; far more values inside the bracket than
     that (a misleading sample) must not write past it, and the threshold stays exact."""
@@ -173,7 +221,7 @@ def test_only_kernel_formats_take_the_kernels():
 
 
 CPU_DEPENDENT = ("widening or narrowing or thresholds_are_exact or overflowing_store or numba_combination "
-                 "or permutes_store")
+                 "or permutes_store or counts_stores_and_scans or past_a_store")
 
 
 def test_kernels_are_exact_when_compiled_for_a_cpu_without_avx512(tmp_path):

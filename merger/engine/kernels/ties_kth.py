@@ -124,8 +124,9 @@ if HAVE_NUMBA:
                 return builder.gep(a.data, [ir.Constant(i64, i)])
             los = [_splat(builder, builder.load(at(loa, i)), lanes) for i in range(n)]
             his = [_splat(builder, builder.load(at(hia, i)), lanes) for i in range(n)]
-            width = builder.extract_value(sta.shape, 1)
-            rows = [builder.gep(sta.data, [builder.mul(width, ir.Constant(i64, i))]) for i in range(n)]
+            stride, byte = builder.extract_value(sta.strides, 0), ir.IntType(8).as_pointer()
+            rows = [builder.bitcast(builder.gep(builder.bitcast(sta.data, byte), [builder.mul(stride, ir.Constant(i64, i))]),
+                                    sta.data.type) for i in range(n)]
             k0 = [builder.load(at(ka, i)) for i in range(n)]
             src = [builder.gep(arr[0].data, [o_])] + [builder.gep(m.data, [o_]) for m in mas]
             kinds = [bkind] + [kind] * n
