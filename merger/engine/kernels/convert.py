@@ -86,40 +86,51 @@ def f32(typingctx, x):
 
 
 def _f16_bits(builder, v):
-    """float32 ``v`` → float16 bits (i16), round to nearest even as torch: F. Giesen's
-    branch-free float_to_half_fast3_rtne (overflow → ±inf, NaN → 0x7E00, subnormal halves by one
-    float addition of 0.5, which leaves the rounded mantissa in the low bits)."""
-    i32, f32t = ir.IntType(32), ir.FloatType()
+    """float32 ``v`` (or a vector of them) → float16 bits (i16), round to nearest even as torch:
+    F. Giesen's branch-free float_to_half_fast3_rtne (overflow → ±inf, NaN → 0x7E00, subnormal
+    halves by one float addition of 0.5, which leaves the rounded mantissa in the low bits)."""
+    i32, f32t = _like(v.type, ir.IntType(32)), v.type
 
     def const(x):
-        return ir.Constant(i32, x)
+        return _const(i32, x)
     u0 = builder.bitcast(v, i32)
     sign = builder.and_(u0, const(0x80000000))
     u = builder.xor(u0, sign)
     big = builder.select(builder.icmp_unsigned(">", u, const(0x7F800000)), const(0x7E00), const(0x7C00))
-    tiny = builder.sub(builder.bitcast(builder.fadd(builder.bitcast(u, f32t), ir.Constant(f32t, 0.5)), i32),
+    tiny = builder.sub(builder.bitcast(builder.fadd(builder.bitcast(u, f32t), _const(f32t, 0.5)), i32),
                        const(0x3F000000))
     odd = builder.and_(builder.lshr(u, const(13)), const(1))
     normal = builder.lshr(builder.add(builder.add(u, const(0xC8000FFF)), odd), const(13))
     o = builder.select(builder.icmp_unsigned("<", u, const(0x38800000)), tiny, normal)
     o = builder.select(builder.icmp_unsigned(">=", u, const(0x47800000)), big, o)
-    return builder.trunc(builder.or_(o, builder.lshr(sign, const(16))), ir.IntType(16))
+    return builder.trunc(builder.or_(o, builder.lshr(sign, const(16))), _like(v.type, ir.IntType(16)))
 
 
 def _f16_hw(builder, v):
-    """float32 ``v`` → float16 bits by LLVM's ``fptrunc`` (``vcvtps2ph``: round to nearest even,
-    overflow → ±inf, NaN stays NaN), where :data:`HARDWARE_HALF`."""
-    return builder.bitcast(builder.fptrunc(v, ir.HalfType()), ir.IntType(16))
+    """float32 ``v`` (or a vector) → float16 bits by LLVM's ``fptrunc`` (``vcvtps2ph``: round to
+    nearest even, overflow → ±inf, NaN stays NaN), where :data:`HARDWARE_HALF`."""
+    return builder.bitcast(builder.fptrunc(v, _like(v.type, ir.HalfType())), _like(v.type, ir.IntType(16)))
 
 
 def _bf16_bits(builder, v):
-    """float32 ``v`` → bfloat16 bits (i16), round to nearest even as torch; NaN → 0x7FC0."""
-    i32 = ir.IntType(32)
+    """float32 ``v`` (or a vector) → bfloat16 bits (i16), round to nearest even as torch; NaN → 0x7FC0."""
+    i32 = _like(v.type, ir.IntType(32))
     u = builder.bitcast(v, i32)
-    odd = builder.and_(builder.lshr(u, ir.Constant(i32, 16)), ir.Constant(i32, 1))
-    r = builder.lshr(builder.add(builder.add(u, ir.Constant(i32, 0x7FFF)), odd), ir.Constant(i32, 16))
-    r = builder.select(builder.fcmp_unordered("uno", v, v), ir.Constant(i32, 0x7FC0), r)
-    return builder.trunc(r, ir.IntType(16))
+    odd = builder.and_(builder.lshr(u, _const(i32, 16)), _const(i32, 1))
+    r = builder.lshr(builder.add(builder.add(u, _const(i32, 0x7FFF)), odd), _const(i32, 16))
+    r = builder.select(builder.fcmp_unordered("uno", v, v), _const(i32, 0x7FC0), r)
+    return builder.trunc(r, _like(v.type, ir.IntType(16)))
+
+
+def from_float32(builder, v, kind):
+    """A float32 value or vector as ``kind``'s stored format (the numba type of the output view's
+    dtype: uint16 = float16 bits, int16 = bfloat16 bits, float32), rounded as torch's
+    ``.to(dtype)``: :func:`narrow`'s conversion, for intrinsics that store vectors themselves."""
+    if kind == types.uint16:
+        return (_f16_hw if HARDWARE_HALF else _f16_bits)(builder, v)
+    if kind == types.int16:
+        return _bf16_bits(builder, v)
+    return v
 
 
 @intrinsic
@@ -129,12 +140,11 @@ def narrow(typingctx, v, out):
     if v != types.float32 or not isinstance(out, types.Array):
         return None
     kind = out.dtype
-    conv = {types.uint16: _f16_hw if HARDWARE_HALF else _f16_bits, types.int16: _bf16_bits, types.float32: lambda builder, x: x}.get(kind)
-    if conv is None:
+    if kind not in (types.uint16, types.int16, types.float32):
         return None
 
     def gen(context, builder, sig, args):
-        return conv(builder, args[0])
+        return from_float32(builder, args[0], kind)
     return kind(v, out), gen
 
 

@@ -15,6 +15,12 @@ expression (``ties._combine``) is the fallback. Over SD1.5's keys (base + 4, thr
 2 cores) a re-merge took 0.87 s with it against inductor's 1.12 s, since float16 is converted by
 the CPU's own instructions (:data:`.convert.HARDWARE_HALF`); with the integer conversions it
 was 1.16 s against 1.05 s.
+
+The bulk of each part (a multiple of 16 elements) now goes through the same operations written
+as one LLVM IR loop of 16-lane vectors with the agreement kept as compare masks (:func:`_block`):
+bit for bit the loop's result, 4-13% faster with the count vote and 1-6% with the sum vote on
+large keys here (one thread and two), 14-20% compiled for Haswell; numba's loop writes the
+rest and remains the reference the tests compare it with.
 """
 from __future__ import annotations
 
@@ -112,6 +118,129 @@ if HAVE_NUMBA:
                 vote = x if i == 0 else vote + x
             _agree_and_store(vote, models, thr, w, lam, out, j, b, masks, div)
 
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    from .convert import from_float32, to_float32
+    from .vectors import declare, load, splat, store
+
+    def _absent(t) -> bool:
+        return t is None or isinstance(t, (types.NoneType, types.Omitted))
+
+    def _block(count: bool):
+        """An intrinsic ``(base, models, thr, w, lam, out, masks, div, c)`` writing elements
+        [0, c) (c > 0, a multiple of :data:`LANES`) as one loop of 16-lane vectors: the same
+        float32 operations as :func:`_combine_count` (``count``) or :func:`_combine_sum` and
+        :func:`_agree_and_store`, so the same bits, with the agreement kept as compare masks.
+        Per model, kept = |τᵢ| ≥ thrᵢ, pᵢ = kept ∧ τᵢ > 0, qᵢ = kept ∧ τᵢ < 0; the count vote
+        adds 1 where pᵢ and takes 1 where qᵢ (the ±1/0 sum, exact in any order); τᵢ agrees where
+        (pᵢ ∧ vote > 0) ∨ (qᵢ ∧ vote < 0), and then |τᵢ| = τᵢ·s. With unit weights the sums add
+        |τᵢ| and 1 only where τᵢ agrees (adding the +0 that the others give changes nothing); with
+        weights every model's relu(τᵢ·s)·wᵢ and [agrees]·wᵢ are added in order, as there. The
+        mean's sign: s·num/den = ±(num/den) exactly. Measured here (one thread, 4 float16 models):
+        7-12% faster than the numba loop compiled for this CPU, 14-20% compiled for Haswell; the
+        numba loop still writes the last < 16 elements of a part."""
+        def typer(typingctx, base, models, thr, w, lam, out, masks, div, c):
+            arrays = (base, models.dtype, out) + (() if _absent(masks) else (masks.dtype,))
+            if any(a.layout != "C" for a in arrays):
+                return None                   # read at data pointer + index: contiguous only
+            sig = types.none(base, models, thr, w, lam, out, masks, div, c)
+
+            def gen(context, builder, sig, args):
+                n, lanes = models.count, LANES
+                f32v = ir.VectorType(ir.FloatType(), lanes)
+                i64 = ir.IntType(64)
+                mk = context.make_array
+                bptr = mk(sig.args[0])(context, builder, args[0]).data
+                mptrs = [mk(models.dtype)(context, builder, builder.extract_value(args[1], i)).data for i in range(n)]
+                optr = mk(sig.args[5])(context, builder, args[5]).data
+                kptrs = None if _absent(masks) else [
+                    mk(masks.dtype)(context, builder, builder.extract_value(args[6], i)).data for i in range(n)]
+                thrs = [splat(builder, builder.extract_value(args[2], i), lanes) for i in range(n)]
+                ws = None if _absent(w) else [splat(builder, builder.extract_value(args[3], i), lanes) for i in range(n)]
+                lam_v = splat(builder, args[4], lanes)
+                div_v = None if _absent(div) else splat(builder, args[7], lanes)
+                zero, one = ir.Constant(f32v, [0.0] * lanes), ir.Constant(f32v, [1.0] * lanes)
+                fabs = declare(builder, f"llvm.fabs.v{lanes}f32", f32v, [f32v])
+                entry = builder.block
+                loop = builder.append_basic_block("ties_block")
+                done = builder.append_basic_block("ties_block_done")
+                builder.branch(loop)
+                builder.position_at_end(loop)
+                j = builder.phi(i64)
+                j.add_incoming(ir.Constant(i64, 0), entry)
+                b = to_float32(builder, load(builder, bptr, j, lanes), base.dtype)
+                taus, mags, kept, pos, neg = [], [], [], [], []
+                vote = zero
+                for i in range(n):
+                    v = builder.fsub(to_float32(builder, load(builder, mptrs[i], j, lanes), models.dtype.dtype), b)
+                    if kptrs is not None:          # DARE's 0/1 mask: τ or ±0
+                        v = builder.fmul(v, builder.uitofp(load(builder, kptrs[i], j, lanes), f32v))
+                    a = builder.call(fabs, [v])
+                    k = builder.fcmp_ordered(">=", a, thrs[i])
+                    p = builder.and_(k, builder.fcmp_ordered(">", v, zero))
+                    q = builder.and_(k, builder.fcmp_ordered("<", v, zero))
+                    if count:
+                        vote = builder.select(p, builder.fadd(vote, one), vote)
+                        vote = builder.select(q, builder.fsub(vote, one), vote)
+                    else:
+                        x = builder.select(k, v, zero)
+                        if ws is not None:
+                            x = builder.fmul(x, ws[i])
+                        vote = x if i == 0 else builder.fadd(vote, x)
+                    taus.append(v)
+                    mags.append(a)
+                    kept.append(k)
+                    pos.append(p)
+                    neg.append(q)
+                up = builder.fcmp_ordered(">", vote, zero)
+                down = builder.fcmp_ordered("<", vote, zero)
+                num = den = zero
+                for i in range(n):
+                    agree = builder.or_(builder.and_(pos[i], up), builder.and_(neg[i], down))
+                    if ws is None:
+                        num = builder.select(agree, builder.fadd(num, mags[i]), num)
+                        den = builder.select(agree, builder.fadd(den, one), den)
+                    else:
+                        r = builder.fmul(builder.select(agree, mags[i], zero), ws[i])
+                        d = builder.fmul(builder.select(agree, one, zero), ws[i])
+                        num = r if i == 0 else builder.fadd(num, r)
+                        den = d if i == 0 else builder.fadd(den, d)
+                mean = builder.fdiv(num, den)
+                mean = builder.select(down, builder.fneg(mean), mean)
+                finite = builder.fcmp_ordered("<", builder.call(fabs, [mean]), ir.Constant(f32v, [float("inf")] * lanes))
+                mean = builder.select(finite, mean, zero)
+                if div_v is not None:
+                    mean = builder.fdiv(mean, div_v)
+                res = builder.fadd(builder.fmul(mean, lam_v), b)
+                store(builder, from_float32(builder, res, out.dtype), optr, j)
+                j_next = builder.add(j, ir.Constant(i64, lanes))
+                j.add_incoming(j_next, builder.block)
+                builder.cbranch(builder.icmp_signed("<", j_next, args[8]), loop, done)
+                builder.position_at_end(done)
+                return context.get_dummy_value()
+            return sig, gen
+        typer.__name__ = typer.__qualname__ = f"_block_{'count' if count else 'sum'}"
+        return intrinsic(typer)
+
+    _block_count = _block(True)
+    _block_sum = _block(False)
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _vector_count(base, models, thr, w, lam, out, masks=None, div=None):
+        """:func:`_combine_count` for slices of a multiple of 16 elements (:func:`_block`)."""
+        _block_count(base, models, thr, w, lam, out, masks, div, out.size)
+
+    @njit(nogil=True, boundscheck=False, error_model="numpy", cache=True)
+    def _vector_sum(base, models, thr, w, lam, out, masks=None, div=None):
+        """:func:`_combine_sum` for slices of a multiple of 16 elements (:func:`_block`)."""
+        _block_sum(base, models, thr, w, lam, out, masks, div, out.size)
+
+
+LANES = 16           # elements per step of the vector loop
+
+
 def combine(base: np.ndarray, models: tuple, thr, w, lam: float, count: bool, out: np.ndarray,
             parts: list[tuple[int, int]], run, masks: np.ndarray | None = None, div: float | None = None) -> None:
     """Write the key into ``out`` (a view naming its format); ``thr`` and ``w`` per model;
@@ -122,11 +251,14 @@ def combine(base: np.ndarray, models: tuple, thr, w, lam: float, count: bool, ou
     lam32 = np.float32(lam)
     div32 = None if div is None else np.float32(div)
 
-    kernel = _combine_count if count else _combine_sum
+    vector, kernel = (_vector_count, _combine_count) if count else (_vector_sum, _combine_sum)
 
     def part(p):
-        s, e = p
-        mk = None if masks is None else tuple(m[s:e] for m in masks)
-        kernel(base[s:e], tuple(m[s:e] for m in models), thr_t, w_t, lam32, out[s:e], mk, div32)
+        start, stop = p
+        mid = stop - (stop - start) % LANES           # the vector loop, then numba's for the rest
+        for f, s, e in ((vector, start, mid), (kernel, mid, stop)):
+            if e > s:
+                mk = None if masks is None else tuple(m[s:e] for m in masks)
+                f(base[s:e], tuple(m[s:e] for m in models), thr_t, w_t, lam32, out[s:e], mk, div32)
     for _ in run(part, parts):
         pass

@@ -56,16 +56,13 @@ if HAVE_NUMBA:
 
     from .convert import f32 as _f32
     from .convert import to_float32, widen
+    from .vectors import declare, splat
     from .magnitude import mag_max
-
-    def _declare(builder, name: str, ret, params):
-        mod = builder.module
-        return mod.globals.get(name) or ir.Function(mod, ir.FunctionType(ret, params), name=name)
 
     def _vector_compress(builder, v, mask, table):
         """LLVM's ``vector.compress`` of 16 lanes: ``vcompressps`` with AVX-512, an expansion elsewhere."""
         vty = v.type
-        fn = _declare(builder, f"llvm.experimental.vector.compress.v{vty.count}f32", vty,
+        fn = declare(builder, f"llvm.experimental.vector.compress.v{vty.count}f32", vty,
                       [vty, ir.VectorType(ir.IntType(1), vty.count), vty])
         return builder.call(fn, [v, mask, ir.Constant(vty, ir.Undefined)])
 
@@ -77,13 +74,7 @@ if HAVE_NUMBA:
         ity, i64 = ir.VectorType(ir.IntType(32), 8), ir.IntType(64)
         row = builder.mul(builder.zext(builder.bitcast(mask, ir.IntType(8)), i64), ir.Constant(i64, 8))
         perm = builder.load(builder.bitcast(builder.gep(table, [row]), ity.as_pointer()), align=4)
-        return builder.call(_declare(builder, "llvm.x86.avx2.permps", v.type, [v.type, ity]), [v, perm])
-
-    def _splat(builder, x, lanes: int):
-        vty = ir.VectorType(x.type, lanes)
-        one = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined),
-                                      ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+        return builder.call(declare(builder, "llvm.x86.avx2.permps", v.type, [v.type, ity]), [v, perm])
 
     def _bits_type(kind):
         return ir.IntType(32 if kind == types.float32 else 16)
@@ -127,8 +118,8 @@ if HAVE_NUMBA:
 
             def at(a, i):
                 return builder.gep(a.data, [ir.Constant(i64, i)])
-            los = [_splat(builder, builder.load(at(loa, i)), lanes) for i in range(n)]
-            his = [_splat(builder, builder.load(at(hia, i)), lanes) for i in range(n)]
+            los = [splat(builder, builder.load(at(loa, i)), lanes) for i in range(n)]
+            his = [splat(builder, builder.load(at(hia, i)), lanes) for i in range(n)]
             stride, byte = builder.extract_value(sta.strides, 0), ir.IntType(8).as_pointer()
             rows = [builder.bitcast(builder.gep(builder.bitcast(sta.data, byte), [builder.mul(stride, ir.Constant(i64, i))]),
                                     sta.data.type) for i in range(n)]
@@ -139,8 +130,8 @@ if HAVE_NUMBA:
             bit_t = [ir.VectorType(_bits_type(k), lanes) for k in kinds]
             mag_masks = [ir.Constant(t, [(1 << (t.element.width - 1)) - 1] * lanes) for t in bit_t]
             mask_t = ir.IntType(lanes)
-            pop = _declare(builder, f"llvm.ctpop.i{lanes}", mask_t, [mask_t])
-            fabs = _declare(builder, f"llvm.fabs.v{lanes}f32", fv, [fv])
+            pop = declare(builder, f"llvm.ctpop.i{lanes}", mask_t, [mask_t])
+            fabs = declare(builder, f"llvm.fabs.v{lanes}f32", fv, [fv])
 
             def count(m):
                 return builder.zext(builder.call(pop, [builder.bitcast(m, mask_t)]), i64)
@@ -188,7 +179,7 @@ if HAVE_NUMBA:
                 p = at(bea, i)
                 builder.store(builder.add(builder.load(p), builder.sub(c_, new_ge[i])), p)
             for i, (v, t) in enumerate(zip(new_tops, bit_t)):
-                red = _declare(builder, f"llvm.vector.reduce.umax.v{lanes}i{t.element.width}", t.element, [t])
+                red = declare(builder, f"llvm.vector.reduce.umax.v{lanes}i{t.element.width}", t.element, [t])
                 top, p = builder.zext(builder.call(red, [v]), i64), at(ta, i)
                 old = builder.load(p)
                 builder.store(builder.select(builder.icmp_signed(">", top, old), top, old), p)
