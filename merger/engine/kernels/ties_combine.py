@@ -123,7 +123,7 @@ if HAVE_NUMBA:
     from numba.extending import intrinsic
 
     from .convert import from_float32, to_float32
-    from .vectors import declare, load, splat, store
+    from .vectors import declare, load, loop, splat, store
 
     def _absent(t) -> bool:
         return t is None or isinstance(t, (types.NoneType, types.Omitted))
@@ -150,7 +150,6 @@ if HAVE_NUMBA:
             def gen(context, builder, sig, args):
                 n, lanes = models.count, LANES
                 f32v = ir.VectorType(ir.FloatType(), lanes)
-                i64 = ir.IntType(64)
                 mk = context.make_array
                 bptr = mk(sig.args[0])(context, builder, args[0]).data
                 mptrs = [mk(models.dtype)(context, builder, builder.extract_value(args[1], i)).data for i in range(n)]
@@ -163,13 +162,7 @@ if HAVE_NUMBA:
                 div_v = None if _absent(div) else splat(builder, args[7], lanes)
                 zero, one = ir.Constant(f32v, [0.0] * lanes), ir.Constant(f32v, [1.0] * lanes)
                 fabs = declare(builder, f"llvm.fabs.v{lanes}f32", f32v, [f32v])
-                entry = builder.block
-                loop = builder.append_basic_block("ties_block")
-                done = builder.append_basic_block("ties_block_done")
-                builder.branch(loop)
-                builder.position_at_end(loop)
-                j = builder.phi(i64)
-                j.add_incoming(ir.Constant(i64, 0), entry)
+                _, j, close = loop(builder, "ties_block")
                 b = to_float32(builder, load(builder, bptr, j, lanes), base.dtype)
                 taus, mags, kept, pos, neg = [], [], [], [], []
                 vote = zero
@@ -215,10 +208,7 @@ if HAVE_NUMBA:
                     mean = builder.fdiv(mean, div_v)
                 res = builder.fadd(builder.fmul(mean, lam_v), b)
                 store(builder, from_float32(builder, res, out.dtype), optr, j)
-                j_next = builder.add(j, ir.Constant(i64, lanes))
-                j.add_incoming(j_next, builder.block)
-                builder.cbranch(builder.icmp_signed("<", j_next, args[8]), loop, done)
-                builder.position_at_end(done)
+                close(lanes, args[8])
                 return context.get_dummy_value()
             return sig, gen
         typer.__name__ = typer.__qualname__ = f"_block_{'count' if count else 'sum'}"

@@ -56,7 +56,7 @@ if HAVE_NUMBA:
 
     from .convert import f32 as _f32
     from .convert import to_float32, widen
-    from .vectors import declare, splat
+    from .vectors import declare, loop, splat
     from .magnitude import mag_max
 
     def _vector_compress(builder, v, mask, table):
@@ -138,15 +138,9 @@ if HAVE_NUMBA:
 
             def umax(x, y):
                 return builder.select(builder.icmp_unsigned(">", x, y), x, y)
-            entry = builder.block
-            loop = builder.append_basic_block("split_block")
-            done = builder.append_basic_block("split_block_done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            j = builder.phi(i64)
+            entry, j, close = loop(builder, "split_block")
             ks, ges = [builder.phi(i64) for _ in range(n)], [builder.phi(i64) for _ in range(n)]
             tps = [builder.phi(t) for t in bit_t]
-            j.add_incoming(ir.Constant(i64, 0), entry)
             for i in range(n):
                 ks[i].add_incoming(k0[i], entry)
                 ges[i].add_incoming(ir.Constant(i64, 0), entry)
@@ -166,14 +160,10 @@ if HAVE_NUMBA:
                               align=4)
                 new_k.append(builder.add(ks[i], count(keep)))
                 new_ge.append(builder.add(ges[i], count(ge)))
-            j_next = builder.add(j, ir.Constant(i64, lanes))
-            end = builder.block
-            j.add_incoming(j_next, end)
+            end = close(lanes, c_)
             for phis, vals in ((ks, new_k), (ges, new_ge), (tps, new_tops)):
                 for p, v in zip(phis, vals):
                     p.add_incoming(v, end)
-            builder.cbranch(builder.icmp_signed("<", j_next, c_), loop, done)
-            builder.position_at_end(done)
             for i in range(n):
                 builder.store(new_k[i], at(ka, i))
                 p = at(bea, i)

@@ -28,3 +28,27 @@ def load(builder, ptr, at, lanes: int):
 def store(builder, value, ptr, at):
     """Store the vector ``value`` at ``ptr[at:]`` (``ptr``: a typed element pointer), unaligned."""
     builder.store(value, builder.bitcast(builder.gep(ptr, [at]), value.type.as_pointer()), align=1)
+
+
+def loop(builder, name: str):
+    """Open a counted loop at the builder's position: (the entry block, the index phi j = 0, step,
+    2·step, …, close). Emit the body, then ``close(step, count)``: j advances by ``step`` and the
+    body runs again while j < ``count`` (at least once: count > 0); the builder is left after the
+    loop and the block the body ended in is returned, for the body's other phis."""
+    i64 = ir.IntType(64)
+    entry = builder.block
+    body = builder.append_basic_block(name)
+    done = builder.append_basic_block(name + "_done")
+    builder.branch(body)
+    builder.position_at_end(body)
+    j = builder.phi(i64)
+    j.add_incoming(ir.Constant(i64, 0), entry)
+
+    def close(step: int, count):
+        j_next = builder.add(j, ir.Constant(i64, step))
+        end = builder.block
+        j.add_incoming(j_next, end)
+        builder.cbranch(builder.icmp_signed("<", j_next, count), body, done)
+        builder.position_at_end(done)
+        return end
+    return entry, j, close
