@@ -164,7 +164,7 @@ if HAVE_NUMBA:
                 fabs = declare(builder, f"llvm.fabs.v{lanes}f32", f32v, [f32v])
                 _, j, close = loop(builder, "ties_block")
                 b = to_float32(builder, load(builder, bptr, j, lanes), base.dtype)
-                taus, mags, kept, pos, neg = [], [], [], [], []
+                mags, pos, neg = [], [], []
                 vote = zero
                 for i in range(n):
                     v = builder.fsub(to_float32(builder, load(builder, mptrs[i], j, lanes), models.dtype.dtype), b)
@@ -182,9 +182,7 @@ if HAVE_NUMBA:
                         if ws is not None:
                             x = builder.fmul(x, ws[i])
                         vote = x if i == 0 else builder.fadd(vote, x)
-                    taus.append(v)
                     mags.append(a)
-                    kept.append(k)
                     pos.append(p)
                     neg.append(q)
                 up = builder.fcmp_ordered(">", vote, zero)

@@ -56,7 +56,8 @@ if HAVE_NUMBA:
 
     from .convert import f32 as _f32
     from .convert import to_float32, widen
-    from .vectors import declare, loop, splat
+    from .vectors import declare, load, loop, splat
+    from .vectors import store as store_vector
     from .magnitude import mag_max
 
     def _vector_compress(builder, v, mask, table):
@@ -126,7 +127,6 @@ if HAVE_NUMBA:
             k0 = [builder.load(at(ka, i)) for i in range(n)]
             src = [builder.gep(arr[0].data, [o_])] + [builder.gep(m.data, [o_]) for m in mas]
             kinds = [bkind] + [kind] * n
-            raw_t = [ir.VectorType(src[0].type.pointee, lanes)] + [ir.VectorType(src[1].type.pointee, lanes)] * n
             bit_t = [ir.VectorType(_bits_type(k), lanes) for k in kinds]
             mag_masks = [ir.Constant(t, [(1 << (t.element.width - 1)) - 1] * lanes) for t in bit_t]
             mask_t = ir.IntType(lanes)
@@ -146,8 +146,7 @@ if HAVE_NUMBA:
                 ges[i].add_incoming(ir.Constant(i64, 0), entry)
             for p, t in zip(tps, bit_t):
                 p.add_incoming(ir.Constant(t, [0] * lanes), entry)
-            raws = [builder.load(builder.bitcast(builder.gep(s, [j]), t.as_pointer()), align=2)
-                    for s, t in zip(src, raw_t)]
+            raws = [load(builder, s, j, lanes) for s in src]
             new_tops = [umax(p, builder.and_(builder.bitcast(r, t), m))
                         for p, r, t, m in zip(tps, raws, bit_t, mag_masks)]
             b = to_float32(builder, raws[0], bkind)
@@ -156,8 +155,7 @@ if HAVE_NUMBA:
                 a = builder.call(fabs, [builder.fsub(to_float32(builder, raws[1 + i], kind), b)])
                 ge = builder.fcmp_ordered(">=", a, los[i])
                 keep = builder.and_(ge, builder.fcmp_ordered("<=", a, his[i]))
-                builder.store(pack(builder, a, keep, tbl), builder.bitcast(builder.gep(rows[i], [ks[i]]), fv.as_pointer()),
-                              align=4)
+                store_vector(builder, pack(builder, a, keep, tbl), rows[i], ks[i])
                 new_k.append(builder.add(ks[i], count(keep)))
                 new_ge.append(builder.add(ges[i], count(ge)))
             end = close(lanes, c_)
