@@ -212,25 +212,32 @@ def test_the_vector_combination_writes_the_loops_bits(dtype, base_dtype, out_dty
     """:func:`ties_combine.combine` (its 16-lane loop written in LLVM IR, numba's loop for the
     last elements of each part) gives bit for bit what numba's per-element loop gives over the
     whole key, for both sign rules, unit and signed weights, DARE's masks with their divisor,
-    nothing trimmed and a quantile's trimming; the key holds positions where every τ is trimmed
-    (nothing agrees: BASE) and where the votes tie."""
+    nothing trimmed, a quantile's trimming and thresholds of 0 and below (zero τ still never
+    vote); the key holds positions where every τ is trimmed (nothing agrees: BASE), where the
+    votes tie, and (bfloat16) where τ overflows float32 to inf."""
     from merger.engine.kernels import ties_combine
     base, models = _pair(1013, 3, dtype, seed=9)
     base = base.to(base_dtype)
     for m in models:
         m[:40] = base[:40].to(dtype)                   # τ = 0 everywhere: nothing kept
     models[1][40:80] = (2 * base[40:80].float() - models[0][40:80].float()).to(dtype)   # ±τ: tied votes
+    if dtype == base_dtype == torch.bfloat16:       # |τ| overflows float32: inf votes, inf − inf, inf means
+        base[80:96] = -3e38
+        for m in models:
+            m[80:96] = 3e38
     b, ms = as_numpy(base), tuple(as_numpy(m) for m in models)
-    mags = np.abs(np.stack([m.float().numpy() - base.float().numpy() for m in models]))
+    with np.errstate(over="ignore"):
+        mags = np.abs(np.stack([m.float().numpy() - base.float().numpy() for m in models]))
     masks = (np.random.default_rng(2).random((3, 1013)) < 0.6).astype(np.uint8)
     for count in (True, False):
-        for w in ((1.0, 1.0, 1.0), (1.0, -0.5, 2.0)):
+        for w in ((1.0, 1.0, 1.0), (1.0, -0.5, 2.0), (0.0, 1.0, 2.0)):
             for mk, div in ((None, None), (masks, 0.7)):
-                for thr in ([-np.inf] * 3, np.quantile(mags, 0.6, axis=1).astype(np.float32).tolist()):
+                q = np.quantile(mags, 0.6, axis=1).astype(np.float32).tolist()
+                for thr in ([-np.inf] * 3, q, [0.0, -1.0, q[2]]):
                     want = as_numpy(torch.empty(1013, dtype=out_dtype))
                     got = as_numpy(torch.empty(1013, dtype=out_dtype))
                     whole = ties_combine._combine_count if count else ties_combine._combine_sum
-                    whole(b, ms, tuple(np.float32(x) for x in thr), None if w[1] == 1 else tuple(np.float32(x) for x in w),
+                    whole(b, ms, tuple(np.float32(x) for x in thr), None if set(w) == {1.0} else tuple(np.float32(x) for x in w),
                           np.float32(0.7), want, None if mk is None else tuple(mk), None if div is None else np.float32(div))
                     ties_combine.combine(b, ms, thr, list(w), 0.7, count, got, [(0, 512), (512, 1013)], map, mk, div)
                     assert np.array_equal(got.view(np.uint8), want.view(np.uint8)), (count, w, div, thr)
