@@ -93,6 +93,26 @@ def _pair(numel, n, dtype, seed=0):
     return base, models
 
 
+
+def test_kth_abs_is_the_sorted_magnitude():
+    """:func:`ties_kth.kth_abs` (one histogram over the raw bits, several ranks, a store's known
+    bounds) gives the sorted values, for ranks in any order, with bounds that hold the values
+    and with bounds that do not (then it scans for them)."""
+    rng = np.random.default_rng(1)
+    cases = [np.abs(rng.standard_normal(5000)), np.abs(rng.integers(-3, 3, 3000)), np.abs(rng.standard_normal(2000)) * 1e-40,
+             0.0125 + 0.0003 * rng.random(100_000), np.full(700, 0.25), [np.inf, 1.0, 0.0, 0.0, 3e38], [2.0]]
+    for vals in cases:
+        v = np.asarray(vals, np.float32)
+        srt = np.sort(v)
+        ranks = [int(r) for r in {v.size, 1, (v.size + 1) // 2, *rng.integers(1, v.size + 1, 5).tolist()}]
+        want = [float(srt[r - 1]) for r in ranks]
+        assert ties_kth.kth_abs(v, ranks) == want
+        finite = v[np.isfinite(v)]
+        if finite.size == v.size:
+            assert ties_kth.kth_abs(v, ranks, float(v.min()), float(v.max())) == want
+            assert ties_kth.kth_abs(v, ranks, float(v.min()) * 1.5 + 1e-30, float(v.max())) == want   # not the bounds
+            assert ties_kth.kth_abs(v, ranks, 0.0, float(v.max()) / 2) == want
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_one_pass_thresholds_are_exact(dtype, monkeypatch):
     base, models = _pair(300_001, 3, dtype)          # odd length: the last part ends mid-block

