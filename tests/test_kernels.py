@@ -182,25 +182,28 @@ def test_an_overflowing_store_falls_back_exactly(monkeypatch):
     b, ms = as_numpy(base), tuple(as_numpy(m) for m in models)
     lo, hi = np.zeros(2, np.float32), np.full(2, np.inf, np.float32)       # everything is inside
     assert ties_kth.split(b, ms, lo, hi, [(0, 150_016), (150_016, 300_000)], 1000, map) is None
-    monkeypatch.setattr(ties_kth, "split", lambda *a: None)
+    monkeypatch.setattr(ties_kth, "split", lambda *a, **k: None)
     assert torch.equal(ties_mod.input_thresholds(base, models, 0.3), want)
 
 
 def test_the_values_of_one_key_survive_the_next_key_on_the_same_thread():
     """The threshold pass stores into one buffer per thread, reused from key to key: what it
     returns for a key is its own, not a view that the thread's next key (perhaps another
-    caller's) overwrites."""
+    caller's) overwrites, unless the caller borrows them (its own next call comes after it is done)."""
     first = _pair(300_001, 2, torch.float16, seed=1)
     second = _pair(300_001, 2, torch.float16, seed=2)
     lo, hi = np.zeros(2, np.float32), np.full(2, 0.004, np.float32)
 
-    def run(pair):
+    def run(pair, borrow=False):
         b, ms = as_numpy(pair[0]), tuple(as_numpy(m) for m in pair[1])
-        return ties_kth.split(b, ms, lo, hi, [(0, 300_001)], 300_001, map)[1]
+        return ties_kth.split(b, ms, lo, hi, [(0, 300_001)], 300_001, map, borrow=borrow)[1]
     got = run(first)
     kept = [v.copy() for v in got]
     run(second)
     assert all(np.array_equal(v, k) for v, k in zip(got, kept)) and got[0].size > 1000
+    lent = run(first, borrow=True)               # the same values, in the thread's store
+    assert all(np.array_equal(v, k) for v, k in zip(lent, kept))
+    assert np.shares_memory(lent[0], run(second, borrow=True)[0])
 
 
 @pytest.mark.parametrize("dtype,out_dtype,sign,weights,density", [

@@ -189,7 +189,7 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], kth: int, run
     lo, hi, frac = _brackets(b, ms, kth)
     step = parts[0][1]
     room = int(step * frac * 1.25 + 8 * math.sqrt(step * frac) + 1024)   # the sample's share, +7 sd
-    got = ties_kth.split(b, ms, lo, hi, parts, room, run)
+    got = ties_kth.split(b, ms, lo, hi, parts, room, run, borrow=len(parts) == 1 and run is map)
     if got is None:
         return None
     below, vals, tops = got
