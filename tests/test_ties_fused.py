@@ -87,7 +87,8 @@ def test_a_missed_bracket_still_gives_the_exact_threshold(monkeypatch):
     sizes = []
     real = ties_mod.select
     monkeypatch.setattr(ties_mod, "select", lambda x, kths: sizes.append(x.numel()) or real(x, kths))
-    for ranks in ((1, 2), (ties_mod.SAMPLE - 3, ties_mod.SAMPLE - 2)):      # below / above the answer
+    size = ties_mod.sample_size(BIG)
+    for ranks in ((1, 2), (size - 3, size - 2)):      # below / above the answer
         monkeypatch.setattr(ties_mod, "_ranks", lambda kth, n, r=ranks: r)
         sizes.clear()
         assert torch.equal(ties_mod.input_thresholds(base, models, 0.3), want)
@@ -100,7 +101,7 @@ def test_open_bracket_ends_give_the_exact_threshold(density):
     (below) it, and the threshold is still the exact k-th smallest."""
     base, models = inputs(BIG, 3, torch.float16)
     kth = max(int((1 - density) * BIG), 1)
-    lo, hi = ties_mod._bracket(torch.rand(ties_mod.SAMPLE).sort().values, kth, BIG)
+    lo, hi = ties_mod._bracket(torch.rand(ties_mod.sample_size(BIG)).sort().values, kth, BIG)
     assert (lo is None) == (density > 0.5) and (hi is None) == (density < 0.5)
     taus = torch.stack([m.float() - base.float() for m in models])
     assert torch.equal(ties_mod.input_thresholds(base, models, density), ties_mod.thresholds(taus, density))
