@@ -113,6 +113,41 @@ def test_kth_abs_is_the_sorted_magnitude():
             assert ties_kth.kth_abs(v, ranks, float(v.min()) * 1.5 + 1e-30, float(v.max())) == want   # not the bounds
             assert ties_kth.kth_abs(v, ranks, 0.0, float(v.max()) / 2) == want
 
+
+def test_a_store_is_selected_through_its_band_exactly(monkeypatch):
+    """:func:`band.kth_in_store` gives the sorted value for every rank, through a band (large
+    stores), when the band misses (a sample that sees one value), when it overflows its room
+    (every value equal), and with AVX2's table permutes packing the band (where the CPU has
+    AVX2), whose pass counts and stores what the vector compress does."""
+    from merger.engine.kernels import band
+    rng = np.random.default_rng(4)
+    lo, hi = 0.0125, 0.0128
+    for m in (1000, band.BAND_MIN + 7, 400_001):
+        v = (lo + (hi - lo) * rng.random(m)).astype(np.float32)
+        srt = np.sort(v)
+        for r in (1, 2, m // 3, m // 2, m - 1, m):
+            assert band.kth_in_store(v, r, lo, hi) == srt[r - 1]
+    v = np.full(200_000, 0.5, np.float32)
+    assert band.kth_in_store(v, 1000, 0.5, 0.5) == 0.5
+    v = (lo + (hi - lo) * rng.random(300_000)).astype(np.float32)
+    srt = np.sort(v)
+    calls = []
+    real = ties_kth.kth_abs
+    monkeypatch.setattr(ties_kth, "kth_abs", lambda x, *a: calls.append(x.size) or real(x, *a))
+    assert band.kth_in_store(v, 150_000, lo, hi) == srt[149_999]
+    assert calls[-1] < 60_000                                # selected from the band
+    monkeypatch.setattr(band, "_UNIFORM", np.zeros(band.BAND_SAMPLE))    # every sample is v[0]
+    calls.clear()
+    assert band.kth_in_store(v, 150_000, lo, hi) == srt[149_999]
+    assert calls[-1] == v.size                               # missed: from the whole store
+    if "avx2" in host_features():
+        for table, lanes in ((None, 16), (ties_kth.LANE_TABLE, 8)):
+            out = np.empty(40_000, np.float32)
+            a, b = srt[140_000], srt[160_000]
+            below, k = band._band(v, a, b, out, table, lanes)
+            assert (below, k) == (np.count_nonzero(v < a), np.count_nonzero((v >= a) & (v <= b))) and k > 19_000
+            assert np.array_equal(out[:k], v[(v >= a) & (v <= b)])
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_one_pass_thresholds_are_exact(dtype, monkeypatch):
     base, models = _pair(300_001, 3, dtype)          # odd length: the last part ends mid-block

@@ -56,26 +56,9 @@ if HAVE_NUMBA:
 
     from .convert import f32 as _f32
     from .convert import to_float32, widen
-    from .vectors import declare, load, loop, splat
+    from .vectors import compress, declare, load, loop, splat, table_permute
     from .vectors import store as store_vector
     from .magnitude import mag_max
-
-    def _vector_compress(builder, v, mask, table):
-        """LLVM's ``vector.compress`` of 16 lanes: ``vcompressps`` with AVX-512, an expansion elsewhere."""
-        vty = v.type
-        fn = declare(builder, f"llvm.experimental.vector.compress.v{vty.count}f32", vty,
-                      [vty, ir.VectorType(ir.IntType(1), vty.count), vty])
-        return builder.call(fn, [v, mask, ir.Constant(vty, ir.Undefined)])
-
-    def _table_permute(builder, v, mask, table):
-        """AVX2's ``vpermps`` of 8 lanes by the row of :data:`LANE_TABLE` that the mask picks.
-        LLVM's own expansion of ``vector.compress`` there (a store per lane, each behind an
-        extract) made the threshold pass 2.9x slower (88 against 30 ms per 16.8 M-element key
-        and 4 models on a Zen 3)."""
-        ity, i64 = ir.VectorType(ir.IntType(32), 8), ir.IntType(64)
-        row = builder.mul(builder.zext(builder.bitcast(mask, ir.IntType(8)), i64), ir.Constant(i64, 8))
-        perm = builder.load(builder.bitcast(builder.gep(table, [row]), ity.as_pointer()), align=4)
-        return builder.call(declare(builder, "llvm.x86.avx2.permps", v.type, [v.type, ity]), [v, perm])
 
     def _bits_type(kind):
         return ir.IntType(32 if kind == types.float32 else 16)
@@ -105,7 +88,7 @@ if HAVE_NUMBA:
         lanes = 8 if permute else LANES
         n, kind, bkind = models.count, models.dtype.dtype, base.dtype
         sig = types.int64(base, models, types.int64, types.int64, lo, hi, store, inside, below, tops, table)
-        pack = _table_permute if permute else _vector_compress
+        pack = table_permute if permute else compress
 
         def gen(context, builder, sig, args):
             i64, fv = ir.IntType(64), ir.VectorType(ir.FloatType(), lanes)

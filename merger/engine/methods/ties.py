@@ -10,7 +10,7 @@ import torch
 from ..compiled import MIN_NUMEL, compiled, enabled, usable
 from ..tensor_ops import is_fp8, scratch
 from .. import kernels
-from ..kernels import magnitude, ties_combine, ties_kth
+from ..kernels import band, magnitude, ties_combine, ties_kth
 from . import INPUT_STATS, MethodArgs, method, remembered, stack_taus
 
 SMALL = 1 << 17        # at most this many elements are selected from directly
@@ -213,7 +213,7 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], kth: int, run
         r = kth - int(below[i])
         if not 1 <= r <= vals[i].size:         # the bracket missed: select from all
             return select((flat_ms[i].float() - flat_b.float()).abs_(), [kth])[0]
-        return ties_kth.kth_abs(vals[i], [r], float(lo[i]), float(hi[i]))[0]
+        return band.kth_in_store(vals[i], r, float(lo[i]), float(hi[i]))
     return list(run(pick, range(len(ms))))
 
 
