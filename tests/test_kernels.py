@@ -319,7 +319,8 @@ def test_only_kernel_formats_take_the_kernels():
 
 
 CPU_DEPENDENT = ("widening or narrowing or thresholds_are_exact or overflowing_store or numba_combination "
-                 "or permutes_store or (counts_stores_and_scans and half) or past_a_store or (vector_combination and half and not single)")
+                 "or permutes_store or (counts_stores_and_scans and half) or past_a_store or (vector_combination and half and not single) "
+                 "or selected_through_its_band")
 
 
 def test_kernels_are_exact_when_compiled_for_a_cpu_without_avx512(tmp_path):
