@@ -19,7 +19,7 @@ was 1.16 s against 1.05 s.
 The bulk of each part (a multiple of 16 elements) now goes through the same operations written
 as one LLVM IR loop of 16-lane vectors with the agreement kept as compare masks and sign bits
 (:func:`_block`): bit for bit the loop's result, about 1.3x its speed on large keys here
-(1.24-1.36 G positions/s on one thread, float16, 4 models, count vote); numba's loop writes the
+(1.14-1.36 G positions/s on one thread, float16, 4 models, count vote); numba's loop writes the
 rest and remains the reference the tests compare it with.
 """
 from __future__ import annotations
@@ -146,8 +146,8 @@ if HAVE_NUMBA:
 
         Against the loop's formulation written as masks (pᵢ = kept ∧ τᵢ > 0, qᵢ = kept ∧ τᵢ < 0,
         agreement (pᵢ ∧ vote > 0) ∨ (qᵢ ∧ vote < 0)): about 58 instead of 78 vector operations
-        per 16 positions for 4 models, 1.24-1.36 against 0.91-1.02 G positions/s on one thread
-        here (float16, count vote, unit weights); that was itself 7-12% faster than the numba
+        per 16 positions for 4 models, 1.14-1.36 against 0.86-1.02 G positions/s on one thread
+        here (float16, count vote, unit weights, 2^16-2^22 positions); that was itself 7-12% faster than the numba
         loop compiled for this CPU, 14-20% compiled for Haswell. The numba loop still writes the
         last < 16 elements of a part."""
         def typer(typingctx, base, models, thr, w, lam, out, masks, div, c):
