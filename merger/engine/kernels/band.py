@@ -10,8 +10,6 @@ threshold pass does, and the histogram then sees a tenth of them.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from . import HAVE_NUMBA
@@ -112,15 +110,11 @@ def kth_in_store(vals: np.ndarray, r: int, lo: float, hi: float) -> float:
     if m < BAND_MIN or not HAVE_NUMBA or not vals.flags.c_contiguous:
         return ties_kth.kth_abs(vals, [r], lo, hi)[0]
     sample = vals[(_UNIFORM * m).astype(np.int64)]
-    size, q = sample.size, r / m
-    margin = 6 * math.sqrt(size * q * (1 - q)) + 32
-    lo_i, hi_i = int(q * size - margin), int(q * size + margin)
-    ranks = [i + 1 for i in (lo_i, hi_i) if 0 < i < size - 1]
-    ends = iter(ties_kth.kth_abs(sample, ranks))
-    band_lo = next(ends) if 0 < lo_i < size - 1 else lo
-    band_hi = next(ends) if 0 < hi_i < size - 1 else hi
-    frac = (min(hi_i, size) - max(lo_i, 0)) / size
-    room = int(m * frac * 1.25 + 8 * math.sqrt(m * frac) + 1024)
+    ranks = ties_kth.bracket_ranks(r, m, sample.size)
+    ends = iter(ties_kth.kth_abs(sample, [x for x in ranks if x is not None]))
+    band_lo, band_hi = (next(ends) if x is not None else end for x, end in zip(ranks, (lo, hi)))
+    first, last = ranks[0] or 1, ranks[1] or sample.size
+    room = ties_kth.room_for(m, (last - first + 1) / sample.size)
     permute = ties_kth.PERMUTE8
     lanes = 8 if permute else LANES
     out = np.empty(room + lanes, np.float32)

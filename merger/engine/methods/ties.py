@@ -69,13 +69,9 @@ def _sample_index_cpu(n: int, size: int) -> torch.Tensor:
 
 
 def _ranks(kth: int, n: int) -> tuple[int | None, int | None]:
-    """The 1-based sample ranks of a bracket that holds the k-th smallest of all ``n`` values with
-    overwhelming probability (6 standard deviations of the sample quantile, plus 32); None for
-    an open end."""
-    q, size = kth / n, sample_size(n)
-    margin = 6 * math.sqrt(size * q * (1 - q)) + 32
-    lo_i, hi_i = int(q * size - margin), int(q * size + margin)
-    return (lo_i + 1 if 0 < lo_i < size - 1 else None), (hi_i + 1 if 0 < hi_i < size - 1 else None)
+    """The sample ranks of the bracket of the k-th smallest of ``n`` values
+    (:func:`.ties_kth.bracket_ranks` for a sample of :func:`sample_size`)."""
+    return ties_kth.bracket_ranks(kth, n, sample_size(n))
 
 
 def _bracket(sample: torch.Tensor, kth: int, n: int) -> tuple[float | None, float | None]:
@@ -201,7 +197,7 @@ def _numba_kths(flat_b: torch.Tensor, flat_ms: list[torch.Tensor], kth: int, run
         return [ties_kth.kth_abs(row, [kth])[0] for row in rows]
     lo, hi, frac = _brackets(b, ms, kth)
     step = parts[0][1]
-    room = int(step * frac * 1.25 + 8 * math.sqrt(step * frac) + 1024)   # the sample's share, +7 sd
+    room = ties_kth.room_for(step, frac)
     got = ties_kth.split(b, ms, lo, hi, parts, room, run, borrow=len(parts) == 1 and run is map)
     if got is None:
         return None
