@@ -53,7 +53,8 @@ def sample_size(n: int) -> int:
 
 def _sample_index(n: int, device) -> torch.Tensor:
     """:func:`sample_size` positions drawn with a generator seeded by ``n`` (the same for every
-    tensor of that size), sorted so that reading them from a memory-mapped file walks its pages in order."""
+    tensor of that size), sorted so that reading them from a memory-mapped file walks its pages
+    in order."""
     return _sample_index_cpu(n, sample_size(n)).to(device)
 
 
