@@ -369,7 +369,7 @@ def main() -> None:
                       ["dare_linear", "dare_ties", "della", "model_stock", "geometric_median"])
         return
     if args.ties:
-        bench_ties(checkpoint_layout("sd1"), min(args.repeat, 2), not args.no_mecha)
+        bench_ties(checkpoint_layout("sd1"), args.repeat, not args.no_mecha)
         return
     if args.xl:
         full = checkpoint_layout("sdxl")
@@ -388,7 +388,7 @@ def main() -> None:
     bench_layout(layout, ["weight_sum", "add_difference"], args.repeat, "SD1.5")
     if not args.no_mecha:
         bench_mecha(layout, args.repeat)
-    bench_ties(layout, min(args.repeat, 2), not args.no_mecha)
+    bench_ties(layout, args.repeat, not args.no_mecha)
     print(f"\npeak RSS of the whole run: {peak_gib():.1f} GiB")
 
 
