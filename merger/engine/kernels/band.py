@@ -24,7 +24,7 @@ if HAVE_NUMBA:
     from numba import njit, types
     from numba.extending import intrinsic
 
-    from .vectors import compress, declare, load, loop, splat, table_permute
+    from .vectors import compress, count, load, loop, splat, table_permute
     from .vectors import store as store_vector
 
     @intrinsic
@@ -49,11 +49,6 @@ if HAVE_NUMBA:
             dst = context.make_array(sig.args[5])(context, builder, oa).data
             tbl = context.make_array(sig.args[7])(context, builder, tb).data if permute else None
             lo_v, hi_v = splat(builder, lo_, lanes), splat(builder, hi_, lanes)
-            mask_t = ir.IntType(lanes)
-            pop = declare(builder, f"llvm.ctpop.i{lanes}", mask_t, [mask_t])
-
-            def count(m):
-                return builder.zext(builder.call(pop, [builder.bitcast(m, mask_t)]), i64)
             entry, j, close = loop(builder, "band_block")
             k, below = builder.phi(i64), builder.phi(i64)
             k.add_incoming(k0, entry)
@@ -62,7 +57,7 @@ if HAVE_NUMBA:
             lt = builder.fcmp_ordered("<", x, lo_v)
             inside = builder.and_(builder.fcmp_ordered(">=", x, lo_v), builder.fcmp_ordered("<=", x, hi_v))
             store_vector(builder, pack(builder, x, inside, tbl), dst, k)
-            k_next, below_next = builder.add(k, count(inside)), builder.add(below, count(lt))
+            k_next, below_next = builder.add(k, count(builder, inside)), builder.add(below, count(builder, lt))
             end = close(lanes, c_)
             k.add_incoming(k_next, end)
             below.add_incoming(below_next, end)

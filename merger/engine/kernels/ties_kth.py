@@ -58,6 +58,7 @@ if HAVE_NUMBA:
     from .convert import f32 as _f32
     from .convert import to_float32, widen
     from .vectors import compress, declare, load, loop, splat, table_permute
+    from .vectors import count as count_lanes
     from .vectors import store as store_vector
     from .magnitude import mag_max
 
@@ -113,12 +114,7 @@ if HAVE_NUMBA:
             kinds = [bkind] + [kind] * n
             bit_t = [ir.VectorType(_bits_type(k), lanes) for k in kinds]
             mag_masks = [ir.Constant(t, [(1 << (t.element.width - 1)) - 1] * lanes) for t in bit_t]
-            mask_t = ir.IntType(lanes)
-            pop = declare(builder, f"llvm.ctpop.i{lanes}", mask_t, [mask_t])
             fabs = declare(builder, f"llvm.fabs.v{lanes}f32", fv, [fv])
-
-            def count(m):
-                return builder.zext(builder.call(pop, [builder.bitcast(m, mask_t)]), i64)
 
             def umax(x, y):
                 return builder.select(builder.icmp_unsigned(">", x, y), x, y)
@@ -140,8 +136,8 @@ if HAVE_NUMBA:
                 ge = builder.fcmp_ordered(">=", a, los[i])
                 keep = builder.and_(ge, builder.fcmp_ordered("<=", a, his[i]))
                 store_vector(builder, pack(builder, a, keep, tbl), rows[i], ks[i])
-                new_k.append(builder.add(ks[i], count(keep)))
-                new_ge.append(builder.add(ges[i], count(ge)))
+                new_k.append(builder.add(ks[i], count_lanes(builder, keep)))
+                new_ge.append(builder.add(ges[i], count_lanes(builder, ge)))
             end = close(lanes, c_)
             for phis, vals in ((ks, new_k), (ges, new_ge), (tps, new_tops)):
                 for p, v in zip(phis, vals):

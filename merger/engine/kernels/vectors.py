@@ -73,3 +73,10 @@ def table_permute(builder, v, mask, table):
     row = builder.mul(builder.zext(builder.bitcast(mask, ir.IntType(8)), i64), ir.Constant(i64, 8))
     perm = builder.load(builder.bitcast(builder.gep(table, [row]), ity.as_pointer()), align=4)
     return builder.call(declare(builder, "llvm.x86.avx2.permps", v.type, [v.type, ity]), [v, perm])
+
+
+def count(builder, mask):
+    """How many lanes of the i1 vector ``mask`` are set, as an i64 (a popcount of its bits)."""
+    mask_t = ir.IntType(mask.type.count)
+    pop = declare(builder, f"llvm.ctpop.i{mask_t.width}", mask_t, [mask_t])
+    return builder.zext(builder.call(pop, [builder.bitcast(mask, mask_t)]), ir.IntType(64))
